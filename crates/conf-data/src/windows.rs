@@ -256,7 +256,7 @@ mod tests {
         ];
         let batch = WindowBatcher.batch(windows, &Device::flex());
         assert_eq!(batch.tokens.dims(), [2, 4]);
-        let ids: Vec<i64> = batch.tokens.into_data().convert::<i64>().to_vec().unwrap();
+        let ids: Vec<i64> = batch.tokens.into_data().try_into_vec_as::<i64>().unwrap();
         assert_eq!(ids, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     }
 }

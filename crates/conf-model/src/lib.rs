@@ -1,1 +1,19 @@
+//! MiniGPT and ConfidenceAwareGPT, written once on Burn's backend-agnostic `Tensor`: the
+//! backend is whatever `Device` the models are built on.
 
+pub mod attention;
+mod config;
+mod confidence_gpt;
+pub mod init;
+pub mod layers;
+mod mini_gpt;
+pub mod presets;
+
+pub use attention::{AttentionMask, CausalSelfAttention, causal_mask};
+pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
+pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
+pub use layers::{AdaptiveLayer, Mlp};
+pub use mini_gpt::{Block, MiniGpt};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,62 @@
+//! The MLP and the AdaptiveLayer that conditions a block on the confidence input.
+
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+
+use crate::init;
+
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// `Linear(d, h) → GELU (exact, erf) → Linear(h, d)`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc: Linear,
+    pub proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(d_model: usize, hidden: usize, device: &Device) -> Self {
+        Self {
+            fc: init::linear(d_model, hidden, true, device),
+            proj: init::linear(hidden, d_model, true, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.proj.forward(gelu(self.fc.forward(x)))
+    }
+}
+
+/// `AdaptiveLayer(x, c) = LN_noaffine(x) · (1 + scale) + shift` with
+/// `[scale | shift] = Linear(1 → 2d)(c)`. The Linear starts at zero, so a fresh block is a
+/// plain pre-norm block with unit LayerNorm gain whatever the confidence input.
+#[derive(Module, Debug)]
+pub struct AdaptiveLayer {
+    pub modulation: Linear,
+    pub d_model: usize,
+}
+
+impl AdaptiveLayer {
+    pub fn new(d_model: usize, device: &Device) -> Self {
+        Self {
+            modulation: init::zero_linear(1, 2 * d_model, device),
+            d_model,
+        }
+    }
+
+    /// `x: [B, T, d]`, `c: [B, T, 1]` → `[B, T, d]`.
+    pub fn forward(&self, x: Tensor<3>, c: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d] = x.dims();
+        let modulation = self.modulation.forward(c); // [B, T, 2d]
+        let scale = modulation.clone().slice([0..batch, 0..seq, 0..d]);
+        let shift = modulation.slice([0..batch, 0..seq, d..2 * d]);
+        normalise(x) * (scale + 1.0) + shift
+    }
+}
+
+/// LayerNorm without affine parameters over the last dimension.
+pub fn normalise(x: Tensor<3>) -> Tensor<3> {
+    let (var, mean) = x.clone().var_mean_bias(2);
+    (x - mean) / (var + LAYER_NORM_EPS).sqrt()
+}

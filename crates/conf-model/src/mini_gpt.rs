@@ -1,0 +1,96 @@
+//! MiniGPT: the standard pre-norm GPT.
+//!
+//! `x = tok_emb(ids) + pos_emb(0..T)`, dropout; per block `x = x + Drop(Attn(LN1(x)))`,
+//! `x = x + Drop(MLP(LN2(x)))`; `LN_f`; logits from the head tied to `tok_emb`.
+
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, LayerNormConfig};
+use burn::prelude::*;
+
+use crate::attention::{AttentionMask, CausalSelfAttention};
+use crate::layers::{LAYER_NORM_EPS, Mlp};
+use crate::{GptConfig, init};
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub ln1: LayerNorm,
+    pub attn: CausalSelfAttention,
+    pub ln2: LayerNorm,
+    pub mlp: Mlp,
+    pub dropout: Dropout,
+}
+
+impl Block {
+    pub fn new(config: &GptConfig, device: &Device) -> Self {
+        Self {
+            ln1: layer_norm(config.d_model, device),
+            attn: CausalSelfAttention::new(config.d_model, config.n_heads, device),
+            ln2: layer_norm(config.d_model, device),
+            mlp: Mlp::new(config.d_model, config.mlp_hidden, device),
+            dropout: DropoutConfig::new(config.dropout).init(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
+        let x = x.clone() + self.dropout.forward(self.attn.forward(self.ln1.forward(x), mask));
+        x.clone() + self.dropout.forward(self.mlp.forward(self.ln2.forward(x)))
+    }
+}
+
+pub(crate) fn layer_norm(d_model: usize, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(d_model)
+        .with_epsilon(LAYER_NORM_EPS)
+        .init(device)
+}
+
+#[derive(Module, Debug)]
+pub struct MiniGpt {
+    pub tok_emb: Embedding,
+    pub pos_emb: Embedding,
+    pub dropout: Dropout,
+    pub blocks: Vec<Block>,
+    pub ln_f: LayerNorm,
+}
+
+impl MiniGpt {
+    pub fn new(config: &GptConfig, device: &Device) -> Self {
+        Self {
+            tok_emb: init::embedding(config.vocab_size, config.d_model, device),
+            pos_emb: init::embedding(config.context_length + 1, config.d_model, device),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            blocks: (0..config.n_layers)
+                .map(|_| Block::new(config, device))
+                .collect(),
+            ln_f: layer_norm(config.d_model, device),
+        }
+        .materialize()
+    }
+
+    /// `ids: [B, T]` → logits `[B, T, V]`.
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: &AttentionMask) -> Tensor<3> {
+        let mut x = embed(&self.tok_emb, &self.pos_emb, ids);
+        x = self.dropout.forward(x);
+        for block in &self.blocks {
+            x = block.forward(x, mask);
+        }
+        tied_logits(self.ln_f.forward(x), &self.tok_emb)
+    }
+}
+
+/// Token plus learned position embeddings: `[B, T] → [B, T, d]`.
+pub(crate) fn embed(tok_emb: &Embedding, pos_emb: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+    let [batch, seq] = ids.dims();
+    let positions = Tensor::<1, Int>::arange(0..seq as i64, &ids.device())
+        .reshape([1, seq])
+        .expand([batch, seq]);
+    tok_emb.forward(ids) + pos_emb.forward(positions)
+}
+
+/// The LM head tied to the token embedding, without bias: `[B, T, d] → [B, T, V]`.
+pub(crate) fn tied_logits(h: Tensor<3>, tok_emb: &Embedding) -> Tensor<3> {
+    let [batch, seq, d] = h.dims();
+    let weight = tok_emb.weight.val(); // [V, d]
+    let vocab = weight.dims()[0];
+    h.reshape([batch * seq, d])
+        .matmul(weight.transpose())
+        .reshape([batch, seq, vocab])
+}

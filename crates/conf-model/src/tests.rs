@@ -1,0 +1,285 @@
+//! Behaviour of both models, asserted with numbers.
+
+use burn::module::{ModuleMapper, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData, Tolerance};
+
+use crate::*;
+
+fn tiny(vocab: usize) -> GptConfig {
+    GptConfig::new(vocab, 16, 32, 2, 4, 128)
+}
+
+fn conf_config(head: ConfHead) -> ConfidenceGptConfig {
+    ConfidenceGptConfig::new(tiny(11)).with_conf_head(head)
+}
+
+fn ids(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let cols = rows[0].len();
+    let flat: Vec<i64> = rows.concat();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), cols]), device)
+}
+
+fn random_ids(batch: usize, seq: usize, vocab: usize, device: &Device) -> Tensor<2, Int> {
+    Tensor::<2>::random([batch, seq], Distribution::Uniform(0.0, vocab as f64), device).int()
+}
+
+/// Adds noise to every parameter, so zero-initialised parts (the AdaptiveLayers) matter too.
+struct Perturb;
+
+impl ModuleMapper for Perturb {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.1), &t.device());
+            t + noise
+        })
+    }
+}
+
+fn values(t: Tensor<3>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().unwrap()
+}
+
+#[test]
+fn both_models_produce_logits_and_confidence_of_the_right_shape() {
+    let device = Device::flex();
+    let x = random_ids(3, 16, 11, &device);
+    let standard = tiny(11).init_minigpt(&device);
+    assert_eq!(standard.forward(x.clone(), &AttentionMask::Causal).dims(), [3, 16, 11]);
+    for head in [ConfHead::Seed, ConfHead::Probe] {
+        let model = conf_config(head).init(&device);
+        let out = model.forward(x.clone(), Tensor::zeros([3, 16], &device), &AttentionMask::Causal);
+        assert_eq!(out.logits.dims(), [3, 16, 11]);
+        assert_eq!(out.confidence.dims(), [3, 16]);
+        // A fresh head predicts roughly its initial bias of 2 nats.
+        let mean = out.confidence.mean().into_scalar::<f64>();
+        assert!((mean - 2.0).abs() < 0.2, "{mean}");
+    }
+}
+
+#[test]
+fn changing_a_future_token_leaves_past_outputs_unchanged() {
+    let device = Device::flex();
+    device.seed(3);
+    let standard = tiny(11).init_minigpt(&device).map(&mut Perturb);
+    let confidence = conf_config(ConfHead::Seed).init(&device).map(&mut Perturb);
+    let base: Vec<i64> = (0..16).map(|i| (i * 7 % 11) as i64).collect();
+    let conf_in = Tensor::<2>::random([1, 16], Distribution::Uniform(0.0, 4.0), &device);
+    for j in [1usize, 8, 15] {
+        let mut changed = base.clone();
+        changed[j] = (changed[j] + 5) % 11;
+        let a = standard.forward(ids(&[base.clone()], &device), &AttentionMask::Causal);
+        let b = standard.forward(ids(&[changed.clone()], &device), &AttentionMask::Causal);
+        let ca = confidence.forward(ids(&[base.clone()], &device), conf_in.clone(), &AttentionMask::Causal);
+        let cb = confidence.forward(ids(&[changed.clone()], &device), conf_in.clone(), &AttentionMask::Causal);
+        for (x, y) in [(a, b), (ca.logits, cb.logits)] {
+            let (x, y) = (values(x), values(y));
+            let past = j * 11;
+            assert_eq!(&x[..past], &y[..past], "position < {j} changed");
+            let max_future_change = x[past..].iter().zip(&y[past..]).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            assert!(max_future_change > 1e-4, "token {j} changed nothing at or after itself");
+        }
+        let (pa, pb) = (values(ca.confidence.unsqueeze()), values(cb.confidence.unsqueeze()));
+        assert_eq!(&pa[..j], &pb[..j]);
+    }
+    // The confidence input is causal too.
+    let mut bumped: Vec<f32> = conf_in.clone().into_data().try_into_vec_as::<f32>().unwrap();
+    bumped[10] += 3.0;
+    let bumped = Tensor::from_data(TensorData::new(bumped, [1, 16]), &device);
+    let a = confidence.forward(ids(&[base.clone()], &device), conf_in, &AttentionMask::Causal);
+    let b = confidence.forward(ids(&[base], &device), bumped, &AttentionMask::Causal);
+    assert_eq!(&values(a.logits.clone())[..10 * 11], &values(b.logits.clone())[..10 * 11]);
+    assert_ne!(&values(a.logits)[10 * 11..], &values(b.logits)[10 * 11..]);
+}
+
+#[test]
+fn an_explicit_causal_mask_equals_the_built_in_causal_path() {
+    let device = Device::flex();
+    let model = conf_config(ConfHead::Seed).init(&device).map(&mut Perturb);
+    let x = random_ids(2, 16, 11, &device);
+    let c = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
+    let a = model.forward(x.clone(), c.clone(), &AttentionMask::Causal);
+    let b = model.forward(x, c, &AttentionMask::Explicit(causal_mask(16, &device)));
+    a.logits.into_data().assert_approx_eq::<f32>(&b.logits.into_data(), Tolerance::absolute(1e-5));
+}
+
+#[test]
+fn a_fresh_confidence_model_computes_exactly_what_minigpt_does_with_the_same_weights() {
+    let device = Device::flex();
+    let conf = conf_config(ConfHead::Seed).init(&device);
+    // Copy every shared weight into a MiniGPT of the same width; its LayerNorms stay at their
+    // fresh gain 1 and shift 0, which is what zero-initialised AdaptiveLayers compute.
+    let mut standard = tiny(11).init_minigpt(&device);
+    standard.tok_emb = conf.tok_emb.clone();
+    standard.pos_emb = conf.pos_emb.clone();
+    standard.ln_f = conf.ln_f.clone();
+    for (s, c) in standard.blocks.iter_mut().zip(&conf.blocks) {
+        s.attn = c.attn.clone();
+        s.mlp = c.mlp.clone();
+    }
+    let x = random_ids(2, 16, 11, &device);
+    let expected = standard.forward(x.clone(), &AttentionMask::Causal).into_data();
+    for scale in [1e-3, 1.0, 7.5] {
+        let c = Tensor::<2>::random([2, 16], Distribution::Uniform(-scale, scale), &device);
+        let logits = conf.forward(x.clone(), c, &AttentionMask::Causal).logits;
+        logits.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+    }
+}
+
+fn confidence_loss_grads(head: ConfHead) -> (ConfidenceAwareGpt, burn::tensor::Gradients) {
+    let device = Device::flex().autodiff();
+    let model = conf_config(head).init(&device);
+    let x = random_ids(2, 16, 11, &device);
+    let c = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
+    let target = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
+    let out = model.forward(x, c, &AttentionMask::Causal);
+    let loss = (out.confidence - target).powi_scalar(2).mean();
+    let grads = loss.backward();
+    (model, grads)
+}
+
+fn grad_norm<const D: usize>(param: &Param<Tensor<D>>, grads: &burn::tensor::Gradients) -> Option<f64> {
+    param
+        .grad(grads)
+        .map(|g| g.powi_scalar(2).sum().sqrt().into_scalar::<f64>())
+}
+
+#[test]
+fn the_seed_heads_confidence_loss_trains_the_trunk() {
+    let (model, grads) = confidence_loss_grads(ConfHead::Seed);
+    let trunk = [
+        grad_norm(&model.tok_emb.weight, &grads),
+        grad_norm(&model.blocks[0].attn.query.weight, &grads),
+        grad_norm(&model.blocks[1].mlp.fc.weight, &grads),
+        grad_norm(&model.blocks[0].adapt1.modulation.weight, &grads),
+    ];
+    for norm in trunk {
+        assert!(norm.is_some_and(|n| n > 1e-8), "{norm:?}");
+    }
+    assert!(grad_norm(&model.confidence_predictor.weight, &grads).unwrap() > 1e-6);
+}
+
+#[test]
+fn the_probes_confidence_loss_trains_the_head_only() {
+    let (model, grads) = confidence_loss_grads(ConfHead::Probe);
+    let trunk = [
+        grad_norm(&model.tok_emb.weight, &grads),
+        grad_norm(&model.pos_emb.weight, &grads),
+        grad_norm(&model.blocks[0].attn.query.weight, &grads),
+        grad_norm(&model.blocks[1].mlp.fc.weight, &grads),
+        grad_norm(&model.blocks[1].adapt2.modulation.weight, &grads),
+        grad_norm(&model.ln_f.gamma, &grads),
+    ];
+    for norm in trunk {
+        assert!(norm.is_none_or(|n| n == 0.0), "trunk got gradient {norm:?}");
+    }
+    assert!(grad_norm(&model.confidence_predictor.weight, &grads).unwrap() > 1e-6);
+    // The probe reads min(3, N) = 2 blocks of width 32.
+    assert_eq!(model.confidence_predictor.weight.dims(), [64, 1]);
+}
+
+#[test]
+fn parameter_counts_equal_the_closed_form() {
+    let device = Device::flex();
+    let (v, l, d, n, h) = (11usize, 16usize, 32usize, 2usize, 128usize);
+    let shared = v * d + (l + 1) * d + n * (4 * (d * d + d) + (d * h + h + h * d + d)) + 2 * d;
+    assert_eq!(tiny(v).init_minigpt(&device).num_params(), shared + n * 4 * d);
+    assert_eq!(tiny(v).minigpt_params(), shared + n * 4 * d);
+    let seed = conf_config(ConfHead::Seed);
+    assert_eq!(seed.init(&device).num_params(), shared + n * 8 * d + d + 1);
+    assert_eq!(seed.params(), shared + n * 8 * d + d + 1);
+    let probe = conf_config(ConfHead::Probe);
+    assert_eq!(probe.init(&device).num_params(), shared + n * 8 * d + 2 * d + 1);
+    assert_eq!(probe.params(), probe.init(&device).num_params());
+}
+
+#[test]
+fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
+    let device = Device::flex();
+    for (shape, head) in [("quick", ConfHead::Seed), ("quick", ConfHead::Probe), ("gpu", ConfHead::Seed)] {
+        let gpt = presets::model_shape(shape).unwrap().gpt(65);
+        let conf = ConfidenceGptConfig::new(gpt).with_conf_head(head);
+        let matched = conf.matched_standard();
+        assert!(matched.relative_gap < 0.005, "{shape}: {}", matched.relative_gap);
+        let count = |h: usize| {
+            let mut g = matched.standard.clone();
+            g.mlp_hidden = h;
+            g.minigpt_params().abs_diff(matched.confidence_params)
+        };
+        let h = matched.standard.mlp_hidden;
+        assert!(count(h) <= count(h - 1) && count(h) <= count(h + 1));
+        assert_eq!(matched.standard_params, matched.standard.minigpt_params());
+    }
+    let conf = conf_config(ConfHead::Seed);
+    let matched = conf.matched_standard();
+    assert_eq!(matched.standard.init_minigpt(&device).num_params(), matched.standard_params);
+    assert_eq!(conf.init(&device).num_params(), matched.confidence_params);
+}
+
+#[test]
+fn seeding_the_device_makes_initialisation_reproducible() {
+    let device = Device::flex();
+    let weights = |seed| {
+        device.seed(seed);
+        let m = tiny(11).init_minigpt(&device);
+        m.blocks[1].mlp.proj.weight.val().into_data().try_into_vec_as::<f32>().unwrap()
+    };
+    assert_eq!(weights(5), weights(5));
+    assert_ne!(weights(5), weights(6));
+}
+
+#[test]
+fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataset::Dataset;
+    use conf_data::{CorpusRequest, EvalWindows, Split, TrainWindows, WindowBatcher, load_corpus};
+
+    let cache = std::env::temp_dir();
+    let corpus = load_corpus(&CorpusRequest::new("synthetic", cache)).unwrap();
+    let oracle = corpus.oracle.clone().unwrap();
+    let seq = 32;
+    let (batch, steps) = (32, 300);
+    let split = Split::contiguous(&corpus, 0.1, seq).unwrap();
+    let train = TrainWindows::new(corpus.tokens.clone(), split.train, seq, 7, steps * batch);
+    let eval = EvalWindows::new(corpus.tokens.clone(), split.val, seq, Some(128));
+
+    let device = Device::flex().autodiff();
+    device.seed(7);
+    let mut model = GptConfig::new(corpus.vocab_size(), seq, 64, 2, 4, 256).init_minigpt(&device);
+    let mut optim = AdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init();
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let lm_loss = |model: &MiniGpt, tokens: Tensor<2, Int>| {
+        let [b, _] = tokens.dims();
+        let inputs = tokens.clone().slice([0..b, 0..seq]);
+        let targets = tokens.slice([0..b, 1..seq + 1]);
+        let logits = model.forward(inputs, &AttentionMask::Causal);
+        ce.forward(logits.reshape([b * seq, corpus.vocab_size()]), targets.reshape([b * seq]))
+    };
+    for step in 0..steps {
+        let items = (0..batch).map(|i| train.get(step * batch + i).unwrap()).collect();
+        let tokens = WindowBatcher.batch(items, &device).tokens;
+        let loss = lm_loss(&model, tokens);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = 3e-3 * ((step + 1) as f64 / 30.0).min(1.0);
+        model = optim.step(lr, model, grads);
+    }
+
+    let valid = model.valid();
+    let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
+    let floor: f64 = items
+        .iter()
+        .map(|w| oracle.token_losses(&w.tokens[..seq + 1])[1..].iter().sum::<f64>())
+        .sum::<f64>()
+        / (items.len() * seq) as f64;
+    let tokens = WindowBatcher.batch(items, &Device::flex()).tokens;
+    let loss = lm_loss(&valid, tokens).into_scalar::<f64>();
+    eprintln!("eval loss {loss:.3}, entropy floor {floor:.3}");
+    assert!(loss - floor < 0.3, "eval loss {loss:.3} vs floor {floor:.3}");
+    assert!(loss > floor - 0.05, "a model cannot beat the exact source");
+}
