@@ -165,7 +165,10 @@ fn read_utf8(path: &Path) -> Result<String, DataError> {
     String::from_utf8(bytes).map_err(|e| {
         let offset = e.utf8_error().valid_up_to();
         let before = &e.as_bytes()[..offset];
-        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
         DataError::InvalidUtf8 {
             path: path.into(),
             offset,
@@ -327,7 +330,6 @@ fn chunk_end(text: &str, target: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tokenizer::Tokenizer;
 
     fn shakespeare() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt")
@@ -359,7 +361,10 @@ mod tests {
         let second = load_corpus(&req).unwrap();
         assert!(matches!(*second.tokens, TokenStore::Mapped { .. }));
         assert_eq!(first.len(), second.len());
-        assert_eq!(first.tokens.slice(0..first.len()), second.tokens.slice(0..second.len()));
+        assert_eq!(
+            first.tokens.slice(0..first.len()),
+            second.tokens.slice(0..second.len())
+        );
         assert_eq!(second.tokenizer, TokenizerSpec::Gpt2);
     }
 
@@ -389,12 +394,19 @@ mod tests {
         fs::write(docs.join("a.txt"), "first").unwrap();
         fs::write(docs.join("skip.md"), "ignored").unwrap();
         let jsonl = dir.path().join("docs.jsonl");
-        fs::write(&jsonl, "{\"text\": \"first\"}\n\n{\"text\": \"second\", \"id\": 2}\n").unwrap();
+        fs::write(
+            &jsonl,
+            "{\"text\": \"first\"}\n\n{\"text\": \"second\", \"id\": 2}\n",
+        )
+        .unwrap();
         for source in [docs, jsonl] {
             let mut req = request(source.to_str().unwrap(), dir.path());
             req.tokenizer = Some(TokenizerKind::Byte);
             let corpus = load_corpus(&req).unwrap();
-            let text = corpus.tokenizer.build().decode(&corpus.tokens.slice(0..corpus.len()));
+            let text = corpus
+                .tokenizer
+                .build()
+                .decode(&corpus.tokens.slice(0..corpus.len()));
             assert_eq!(text, "first\n\nsecond");
         }
     }
@@ -432,7 +444,10 @@ mod tests {
         .unwrap();
         let err = error_of(bin.to_str().unwrap(), dir.path());
         assert!(
-            err.contains("ids.bin") && err.contains("300") && err.contains("position 2") && err.contains("256"),
+            err.contains("ids.bin")
+                && err.contains("300")
+                && err.contains("position 2")
+                && err.contains("256"),
             "{err}"
         );
     }
@@ -450,14 +465,20 @@ mod tests {
         )
         .unwrap();
         let err = error_of(bin.to_str().unwrap(), dir.path());
-        assert!(err.contains("ids.bin") && err.contains("3 bytes") && err.contains("2-byte"), "{err}");
+        assert!(
+            err.contains("ids.bin") && err.contains("3 bytes") && err.contains("2-byte"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_empty_and_non_utf8_files_name_the_file_and_place() {
         let dir = tempfile::tempdir().unwrap();
         let missing = error_of("no/such/corpus.txt", dir.path());
-        assert!(missing.contains("--dataset") && missing.contains("no/such/corpus.txt"), "{missing}");
+        assert!(
+            missing.contains("--dataset") && missing.contains("no/such/corpus.txt"),
+            "{missing}"
+        );
 
         let empty = dir.path().join("empty.txt");
         fs::write(&empty, "").unwrap();
@@ -468,14 +489,20 @@ mod tests {
         fs::write(&bad, b"line one\nab\xffcd").unwrap();
         let err = error_of(bad.to_str().unwrap(), dir.path());
         assert!(
-            err.contains("bad.txt") && err.contains("byte 11") && err.contains("line 2") && err.contains("column 3"),
+            err.contains("bad.txt")
+                && err.contains("byte 11")
+                && err.contains("line 2")
+                && err.contains("column 3"),
             "{err}"
         );
 
         let jsonl = dir.path().join("bad.jsonl");
         fs::write(&jsonl, "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n").unwrap();
         let err = error_of(jsonl.to_str().unwrap(), dir.path());
-        assert!(err.contains("bad.jsonl:2") && err.contains("\"text\""), "{err}");
+        assert!(
+            err.contains("bad.jsonl:2") && err.contains("\"text\""),
+            "{err}"
+        );
 
         let empty_dir = dir.path().join("nothing");
         fs::create_dir(&empty_dir).unwrap();
@@ -492,6 +519,9 @@ mod tests {
         assert!(corpus.oracle.is_some());
         req.tokenizer = Some(TokenizerKind::Gpt2);
         let err = load_corpus(&req).unwrap_err().to_string();
-        assert!(err.contains("--tokenizer") && err.contains("gpt2") && err.contains("32"), "{err}");
+        assert!(
+            err.contains("--tokenizer") && err.contains("gpt2") && err.contains("32"),
+            "{err}"
+        );
     }
 }

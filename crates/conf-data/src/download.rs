@@ -78,7 +78,12 @@ impl RemoteCorpus {
             url: self.url.to_string(),
             message,
         };
-        tracing::info!(url = self.url, resume_from = have, "downloading {}", self.name);
+        tracing::info!(
+            url = self.url,
+            resume_from = have,
+            "downloading {}",
+            self.name
+        );
         let mut request = ureq::get(self.url);
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
@@ -119,7 +124,8 @@ impl RemoteCorpus {
             if n == 0 {
                 break;
             }
-            file.write_all(&buf[..n]).map_err(|e| DataError::io(&part, e))?;
+            file.write_all(&buf[..n])
+                .map_err(|e| DataError::io(&part, e))?;
             bar.inc(n as u64);
         }
         file.sync_all().map_err(|e| DataError::io(&part, e))?;
@@ -181,14 +187,20 @@ mod tests {
     #[test]
     fn a_corrupted_cached_download_is_rejected_and_removed() {
         let cache = tempfile::tempdir().unwrap();
-        let dest = cache.path().join("downloads").join(TINYSHAKESPEARE.file_name);
+        let dest = cache
+            .path()
+            .join("downloads")
+            .join(TINYSHAKESPEARE.file_name);
         fs::create_dir_all(dest.parent().unwrap()).unwrap();
         fs::write(&dest, b"not shakespeare").unwrap();
         let err = TINYSHAKESPEARE
             .locate_or_fetch(None, cache.path())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("does not match") && err.contains("tinyshakespeare.txt"), "{err}");
+        assert!(
+            err.contains("does not match") && err.contains("tinyshakespeare.txt"),
+            "{err}"
+        );
         assert!(!dest.exists());
     }
 

@@ -12,7 +12,9 @@ pub enum DataError {
         "--dataset: '{name}' is neither a built-in dataset (synthetic, tinyshakespeare, tinystories) nor an existing file or directory"
     )]
     UnknownDataset { name: String },
-    #[error("--tokenizer: the synthetic corpus has its own {vocab}-symbol vocabulary and only works with the 'char' tokenizer, not '{tokenizer}'")]
+    #[error(
+        "--tokenizer: the synthetic corpus has its own {vocab}-symbol vocabulary and only works with the 'char' tokenizer, not '{tokenizer}'"
+    )]
     SyntheticTokenizer { tokenizer: String, vocab: usize },
     #[error("{path}: cannot read: {source}")]
     Io {
@@ -68,7 +70,9 @@ pub enum DataError {
     ValFraction { value: f64 },
     #[error("download of {url} failed: {message}")]
     Download { url: String, message: String },
-    #[error("{path}: sha256 {found} does not match the expected {expected}; the file was removed, run again to download it afresh")]
+    #[error(
+        "{path}: sha256 {found} does not match the expected {expected}; the file was removed, run again to download it afresh"
+    )]
     Checksum {
         path: PathBuf,
         found: String,

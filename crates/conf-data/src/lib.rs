@@ -26,7 +26,12 @@ pub use windows::{EvalWindows, Split, TrainWindows, Window, WindowBatch, WindowB
 pub fn default_cache_dir() -> std::path::PathBuf {
     std::env::var_os("LOOKAHEAD_CACHE")
         .map(Into::into)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| std::path::PathBuf::from(d).join("lookahead")))
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lookahead")))
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|d| std::path::PathBuf::from(d).join("lookahead"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lookahead"))
+        })
         .unwrap_or_else(|| std::path::PathBuf::from(".lookahead-cache"))
 }

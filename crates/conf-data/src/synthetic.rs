@@ -261,8 +261,15 @@ mod tests {
         let cross_entropy: f64 = source.token_losses(&tokens).iter().sum::<f64>() / n;
         // On data drawn from the source, the Bayes predictor's loss equals its mean predictive
         // entropy (up to sampling noise): the floor is self-consistent.
-        let mean_entropy: f64 = dists[..tokens.len()].iter().map(|d| entropy(d)).sum::<f64>() / n;
-        assert!((cross_entropy - mean_entropy).abs() < 0.03, "{cross_entropy} vs {mean_entropy}");
+        let mean_entropy: f64 = dists[..tokens.len()]
+            .iter()
+            .map(|d| entropy(d))
+            .sum::<f64>()
+            / n;
+        assert!(
+            (cross_entropy - mean_entropy).abs() < 0.03,
+            "{cross_entropy} vs {mean_entropy}"
+        );
 
         let mut counts = vec![0.0; 32];
         tokens.iter().for_each(|&t| counts[t as usize] += 1.0);
@@ -271,7 +278,10 @@ mod tests {
             .map(|&t| -(counts[t as usize] / n).ln())
             .sum::<f64>()
             / n;
-        assert!(cross_entropy < unigram - 0.3, "{cross_entropy} vs unigram {unigram}");
+        assert!(
+            cross_entropy < unigram - 0.3,
+            "{cross_entropy} vs unigram {unigram}"
+        );
         // Difficulty varies: some positions are nearly certain, others close to uniform.
         let entropies: Vec<f64> = dists.iter().map(|d| entropy(d)).collect();
         let lo = entropies.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -285,7 +295,9 @@ mod tests {
         let source = HiddenMarkovSource::new(small());
         let n = source.initial.len();
         for j in 0..n {
-            let next: f64 = (0..n).map(|i| source.initial[i] * source.transition[i][j]).sum();
+            let next: f64 = (0..n)
+                .map(|i| source.initial[i] * source.transition[i][j])
+                .sum();
             assert!((next - source.initial[j]).abs() < 1e-12);
         }
     }

@@ -135,7 +135,10 @@ impl CharTokenizer {
             let id = self.ascii_ids[ch as usize];
             return (id != u32::MAX).then_some(id);
         }
-        self.vocabulary.iter().position(|&c| c == ch).map(|i| i as u32)
+        self.vocabulary
+            .iter()
+            .position(|&c| c == ch)
+            .map(|i| i as u32)
     }
 }
 
@@ -232,7 +235,8 @@ impl Tokenizer for Gpt2Tokenizer {
 mod tests {
     use super::*;
 
-    const TEXT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\nÆsop — naïve café ✓";
+    const TEXT: &str =
+        "First Citizen:\nBefore we proceed any further, hear me speak.\nÆsop — naïve café ✓";
 
     #[test]
     fn char_tokenizer_round_trips_and_sorts_its_vocabulary() {
@@ -261,7 +265,10 @@ mod tests {
         let json = serde_json::to_string(&spec).unwrap();
         let back: TokenizerSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, spec);
-        assert_eq!(back.build().decode(&back.build().encode(TEXT).unwrap()), TEXT);
+        assert_eq!(
+            back.build().decode(&back.build().encode(TEXT).unwrap()),
+            TEXT
+        );
     }
 
     #[test]
@@ -287,6 +294,9 @@ mod tests {
     #[test]
     fn unknown_tokenizer_name_lists_the_valid_ones() {
         let err = "bpe".parse::<TokenizerKind>().unwrap_err().to_string();
-        assert!(err.contains("bpe") && err.contains("char, byte, gpt2"), "{err}");
+        assert!(
+            err.contains("bpe") && err.contains("char, byte, gpt2"),
+            "{err}"
+        );
     }
 }

@@ -29,9 +29,15 @@ pub struct Split {
 
 impl Split {
     /// Splits `corpus` and checks that each side holds at least one window of `seq_len + 2`.
-    pub fn contiguous(corpus: &Corpus, val_fraction: f64, seq_len: usize) -> Result<Self, DataError> {
+    pub fn contiguous(
+        corpus: &Corpus,
+        val_fraction: f64,
+        seq_len: usize,
+    ) -> Result<Self, DataError> {
         if !(val_fraction > 0.0 && val_fraction < 1.0) {
-            return Err(DataError::ValFraction { value: val_fraction });
+            return Err(DataError::ValFraction {
+                value: val_fraction,
+            });
         }
         let n = corpus.len();
         let val_len = (n as f64 * val_fraction).round() as usize;
@@ -81,7 +87,10 @@ impl TrainWindows {
         seed: u64,
         len: usize,
     ) -> Self {
-        assert!(range.len() >= seq_len + 2, "Split::contiguous checks the length");
+        assert!(
+            range.len() >= seq_len + 2,
+            "Split::contiguous checks the length"
+        );
         Self {
             tokens,
             range,
@@ -207,7 +216,10 @@ mod tests {
         let corpus = counting_corpus(100);
         let err = Split::contiguous(&corpus, 0.1, 16).unwrap_err().to_string();
         assert!(
-            err.contains("counting") && err.contains("validation") && err.contains("10 tokens") && err.contains("18"),
+            err.contains("counting")
+                && err.contains("validation")
+                && err.contains("10 tokens")
+                && err.contains("18"),
             "{err}"
         );
         let err = Split::contiguous(&corpus, 1.5, 16).unwrap_err().to_string();
@@ -245,14 +257,21 @@ mod tests {
         assert_eq!(eval.len(), 1000 / 32);
         assert_eq!(eval.starts()[0], 9000);
         assert!(eval.starts().windows(2).all(|s| s[1] - s[0] == 32));
-        assert_eq!(EvalWindows::new(corpus.tokens, split.val, 30, Some(5)).len(), 5);
+        assert_eq!(
+            EvalWindows::new(corpus.tokens, split.val, 30, Some(5)).len(),
+            5
+        );
     }
 
     #[test]
     fn the_batcher_stacks_windows_row_by_row() {
         let windows = vec![
-            Window { tokens: vec![1, 2, 3, 4] },
-            Window { tokens: vec![5, 6, 7, 8] },
+            Window {
+                tokens: vec![1, 2, 3, 4],
+            },
+            Window {
+                tokens: vec![5, 6, 7, 8],
+            },
         ];
         let batch = WindowBatcher.batch(windows, &Device::flex());
         assert_eq!(batch.tokens.dims(), [2, 4]);

@@ -13,7 +13,7 @@ pub enum AttentionMask {
     /// Query t attends to keys 0..=t.
     Causal,
     /// `mask[q, k] = true` hides key k from query q; shared by every row and head. `[T, T]`
-    Explicit(Tensor<2, Bool>),
+    Explicit(Box<Tensor<2, Bool>>),
 }
 
 #[derive(Module, Debug)]
@@ -45,7 +45,10 @@ impl CausalSelfAttention {
         let (mask, is_causal) = match mask {
             AttentionMask::Causal => (None, true),
             AttentionMask::Explicit(m) => {
-                let m = m.clone().unsqueeze::<4>().expand([batch, self.n_heads, seq, seq]);
+                let m = m
+                    .clone()
+                    .unsqueeze::<4>()
+                    .expand([batch, self.n_heads, seq, seq]);
                 (Some(m), false)
             }
         };

@@ -32,9 +32,14 @@ impl MetaAwareBlock {
 
     /// `x: [B, T, d]`, `c: [B, T, 1]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
-        let attended = self.attn.forward(self.adapt1.forward(x.clone(), c.clone()), mask);
+        let attended = self
+            .attn
+            .forward(self.adapt1.forward(x.clone(), c.clone()), mask);
         let x = x + self.dropout.forward(attended);
-        x.clone() + self.dropout.forward(self.mlp.forward(self.adapt2.forward(x, c)))
+        x.clone()
+            + self
+                .dropout
+                .forward(self.mlp.forward(self.adapt2.forward(x, c)))
     }
 }
 
@@ -62,10 +67,12 @@ impl ConfidenceAwareGpt {
         let gpt = &config.gpt;
         let head_in = config.conf_head.input_width(gpt.d_model, gpt.n_layers);
         let mut predictor = init::linear(head_in, 1, true, device);
-        predictor.bias = Some(burn::nn::Initializer::Constant {
-            value: config.confidence_init_bias,
-        }
-        .init([1], device));
+        predictor.bias = Some(
+            burn::nn::Initializer::Constant {
+                value: config.confidence_init_bias,
+            }
+            .init([1], device),
+        );
         Self {
             tok_emb: init::embedding(gpt.vocab_size, gpt.d_model, device),
             pos_emb: init::embedding(gpt.context_length + 1, gpt.d_model, device),
@@ -96,7 +103,9 @@ impl ConfidenceAwareGpt {
         mask: &AttentionMask,
     ) -> ConfidenceOutput {
         let c = confidence_input.unsqueeze_dim::<3>(2); // [B, T, 1]
-        let mut x = self.dropout.forward(embed(&self.tok_emb, &self.pos_emb, ids));
+        let mut x = self
+            .dropout
+            .forward(embed(&self.tok_emb, &self.pos_emb, ids));
         let first_probed = self.blocks.len() - self.probe_blocks;
         let mut probed = Vec::with_capacity(self.probe_blocks);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -112,7 +121,10 @@ impl ConfidenceAwareGpt {
             // Detached: the confidence loss trains the probe only, never the trunk.
             Tensor::cat(probed, 2).detach() // [B, T, k·d]
         };
-        let confidence = self.confidence_predictor.forward(head_input).squeeze_dim::<2>(2);
+        let confidence = self
+            .confidence_predictor
+            .forward(head_input)
+            .squeeze_dim::<2>(2);
         ConfidenceOutput {
             logits: tied_logits(h, &self.tok_emb),
             confidence,

@@ -58,7 +58,9 @@ impl std::str::FromStr for ConfHead {
         match s {
             "seed" => Ok(Self::Seed),
             "probe" => Ok(Self::Probe),
-            other => Err(format!("--conf-head: unknown head '{other}' (expected seed or probe)")),
+            other => Err(format!(
+                "--conf-head: unknown head '{other}' (expected seed or probe)"
+            )),
         }
     }
 }
@@ -96,7 +98,7 @@ impl GptConfig {
                 return Err(ModelConfigError::Zero { field });
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ModelConfigError::HeadsDoNotDivide {
                 d_model: self.d_model,
                 n_heads: self.n_heads,
@@ -107,7 +109,12 @@ impl GptConfig {
 
     /// Parameters shared by both models: embeddings, attention, MLP and the final LayerNorm.
     fn shared_params(&self) -> usize {
-        let (v, d, h, n) = (self.vocab_size, self.d_model, self.mlp_hidden, self.n_layers);
+        let (v, d, h, n) = (
+            self.vocab_size,
+            self.d_model,
+            self.mlp_hidden,
+            self.n_layers,
+        );
         let embeddings = v * d + (self.context_length + 1) * d;
         let attention = 4 * (d * d + d);
         let mlp = d * h + h + h * d + d;

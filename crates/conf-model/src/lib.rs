@@ -2,16 +2,16 @@
 //! backend is whatever `Device` the models are built on.
 
 pub mod attention;
-mod config;
 mod confidence_gpt;
+mod config;
 pub mod init;
 pub mod layers;
 mod mini_gpt;
 pub mod presets;
 
 pub use attention::{AttentionMask, CausalSelfAttention, causal_mask};
-pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
+pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use layers::{AdaptiveLayer, Mlp};
 pub use mini_gpt::{Block, MiniGpt};
 

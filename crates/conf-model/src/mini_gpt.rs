@@ -31,7 +31,10 @@ impl Block {
     }
 
     pub fn forward(&self, x: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
-        let x = x.clone() + self.dropout.forward(self.attn.forward(self.ln1.forward(x), mask));
+        let x = x.clone()
+            + self
+                .dropout
+                .forward(self.attn.forward(self.ln1.forward(x), mask));
         x.clone() + self.dropout.forward(self.mlp.forward(self.ln2.forward(x)))
     }
 }

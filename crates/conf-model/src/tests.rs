@@ -16,14 +16,18 @@ fn conf_config(head: ConfHead) -> ConfidenceGptConfig {
     ConfidenceGptConfig::new(tiny(11)).with_conf_head(head)
 }
 
-fn ids(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
-    let cols = rows[0].len();
-    let flat: Vec<i64> = rows.concat();
-    Tensor::from_data(TensorData::new(flat, [rows.len(), cols]), device)
+/// One row of ids: `[1, T]`.
+fn row(ids: &[i64], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
 }
 
 fn random_ids(batch: usize, seq: usize, vocab: usize, device: &Device) -> Tensor<2, Int> {
-    Tensor::<2>::random([batch, seq], Distribution::Uniform(0.0, vocab as f64), device).int()
+    Tensor::<2>::random(
+        [batch, seq],
+        Distribution::Uniform(0.0, vocab as f64),
+        device,
+    )
+    .int()
 }
 
 /// Adds noise to every parameter, so zero-initialised parts (the AdaptiveLayers) matter too.
@@ -47,10 +51,17 @@ fn both_models_produce_logits_and_confidence_of_the_right_shape() {
     let device = Device::flex();
     let x = random_ids(3, 16, 11, &device);
     let standard = tiny(11).init_minigpt(&device);
-    assert_eq!(standard.forward(x.clone(), &AttentionMask::Causal).dims(), [3, 16, 11]);
+    assert_eq!(
+        standard.forward(x.clone(), &AttentionMask::Causal).dims(),
+        [3, 16, 11]
+    );
     for head in [ConfHead::Seed, ConfHead::Probe] {
         let model = conf_config(head).init(&device);
-        let out = model.forward(x.clone(), Tensor::zeros([3, 16], &device), &AttentionMask::Causal);
+        let out = model.forward(
+            x.clone(),
+            Tensor::zeros([3, 16], &device),
+            &AttentionMask::Causal,
+        );
         assert_eq!(out.logits.dims(), [3, 16, 11]);
         assert_eq!(out.confidence.dims(), [3, 16]);
         // A fresh head predicts roughly its initial bias of 2 nats.
@@ -70,27 +81,48 @@ fn changing_a_future_token_leaves_past_outputs_unchanged() {
     for j in [1usize, 8, 15] {
         let mut changed = base.clone();
         changed[j] = (changed[j] + 5) % 11;
-        let a = standard.forward(ids(&[base.clone()], &device), &AttentionMask::Causal);
-        let b = standard.forward(ids(&[changed.clone()], &device), &AttentionMask::Causal);
-        let ca = confidence.forward(ids(&[base.clone()], &device), conf_in.clone(), &AttentionMask::Causal);
-        let cb = confidence.forward(ids(&[changed.clone()], &device), conf_in.clone(), &AttentionMask::Causal);
+        let a = standard.forward(row(&base, &device), &AttentionMask::Causal);
+        let b = standard.forward(row(&changed, &device), &AttentionMask::Causal);
+        let ca = confidence.forward(row(&base, &device), conf_in.clone(), &AttentionMask::Causal);
+        let cb = confidence.forward(
+            row(&changed, &device),
+            conf_in.clone(),
+            &AttentionMask::Causal,
+        );
         for (x, y) in [(a, b), (ca.logits, cb.logits)] {
             let (x, y) = (values(x), values(y));
             let past = j * 11;
             assert_eq!(&x[..past], &y[..past], "position < {j} changed");
-            let max_future_change = x[past..].iter().zip(&y[past..]).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
-            assert!(max_future_change > 1e-4, "token {j} changed nothing at or after itself");
+            let max_future_change = x[past..]
+                .iter()
+                .zip(&y[past..])
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                max_future_change > 1e-4,
+                "token {j} changed nothing at or after itself"
+            );
         }
-        let (pa, pb) = (values(ca.confidence.unsqueeze()), values(cb.confidence.unsqueeze()));
+        let (pa, pb) = (
+            values(ca.confidence.unsqueeze()),
+            values(cb.confidence.unsqueeze()),
+        );
         assert_eq!(&pa[..j], &pb[..j]);
     }
     // The confidence input is causal too.
-    let mut bumped: Vec<f32> = conf_in.clone().into_data().try_into_vec_as::<f32>().unwrap();
+    let mut bumped: Vec<f32> = conf_in
+        .clone()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
     bumped[10] += 3.0;
     let bumped = Tensor::from_data(TensorData::new(bumped, [1, 16]), &device);
-    let a = confidence.forward(ids(&[base.clone()], &device), conf_in, &AttentionMask::Causal);
-    let b = confidence.forward(ids(&[base], &device), bumped, &AttentionMask::Causal);
-    assert_eq!(&values(a.logits.clone())[..10 * 11], &values(b.logits.clone())[..10 * 11]);
+    let a = confidence.forward(row(&base, &device), conf_in, &AttentionMask::Causal);
+    let b = confidence.forward(row(&base, &device), bumped, &AttentionMask::Causal);
+    assert_eq!(
+        &values(a.logits.clone())[..10 * 11],
+        &values(b.logits.clone())[..10 * 11]
+    );
     assert_ne!(&values(a.logits)[10 * 11..], &values(b.logits)[10 * 11..]);
 }
 
@@ -101,8 +133,14 @@ fn an_explicit_causal_mask_equals_the_built_in_causal_path() {
     let x = random_ids(2, 16, 11, &device);
     let c = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
     let a = model.forward(x.clone(), c.clone(), &AttentionMask::Causal);
-    let b = model.forward(x, c, &AttentionMask::Explicit(causal_mask(16, &device)));
-    a.logits.into_data().assert_approx_eq::<f32>(&b.logits.into_data(), Tolerance::absolute(1e-5));
+    let b = model.forward(
+        x,
+        c,
+        &AttentionMask::Explicit(Box::new(causal_mask(16, &device))),
+    );
+    a.logits
+        .into_data()
+        .assert_approx_eq::<f32>(&b.logits.into_data(), Tolerance::absolute(1e-5));
 }
 
 #[test]
@@ -120,11 +158,15 @@ fn a_fresh_confidence_model_computes_exactly_what_minigpt_does_with_the_same_wei
         s.mlp = c.mlp.clone();
     }
     let x = random_ids(2, 16, 11, &device);
-    let expected = standard.forward(x.clone(), &AttentionMask::Causal).into_data();
+    let expected = standard
+        .forward(x.clone(), &AttentionMask::Causal)
+        .into_data();
     for scale in [1e-3, 1.0, 7.5] {
         let c = Tensor::<2>::random([2, 16], Distribution::Uniform(-scale, scale), &device);
         let logits = conf.forward(x.clone(), c, &AttentionMask::Causal).logits;
-        logits.into_data().assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+        logits
+            .into_data()
+            .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
     }
 }
 
@@ -140,7 +182,10 @@ fn confidence_loss_grads(head: ConfHead) -> (ConfidenceAwareGpt, burn::tensor::G
     (model, grads)
 }
 
-fn grad_norm<const D: usize>(param: &Param<Tensor<D>>, grads: &burn::tensor::Gradients) -> Option<f64> {
+fn grad_norm<const D: usize>(
+    param: &Param<Tensor<D>>,
+    grads: &burn::tensor::Gradients,
+) -> Option<f64> {
     param
         .grad(grads)
         .map(|g| g.powi_scalar(2).sum().sqrt().into_scalar::<f64>())
@@ -185,24 +230,38 @@ fn parameter_counts_equal_the_closed_form() {
     let device = Device::flex();
     let (v, l, d, n, h) = (11usize, 16usize, 32usize, 2usize, 128usize);
     let shared = v * d + (l + 1) * d + n * (4 * (d * d + d) + (d * h + h + h * d + d)) + 2 * d;
-    assert_eq!(tiny(v).init_minigpt(&device).num_params(), shared + n * 4 * d);
+    assert_eq!(
+        tiny(v).init_minigpt(&device).num_params(),
+        shared + n * 4 * d
+    );
     assert_eq!(tiny(v).minigpt_params(), shared + n * 4 * d);
     let seed = conf_config(ConfHead::Seed);
     assert_eq!(seed.init(&device).num_params(), shared + n * 8 * d + d + 1);
     assert_eq!(seed.params(), shared + n * 8 * d + d + 1);
     let probe = conf_config(ConfHead::Probe);
-    assert_eq!(probe.init(&device).num_params(), shared + n * 8 * d + 2 * d + 1);
+    assert_eq!(
+        probe.init(&device).num_params(),
+        shared + n * 8 * d + 2 * d + 1
+    );
     assert_eq!(probe.params(), probe.init(&device).num_params());
 }
 
 #[test]
 fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
     let device = Device::flex();
-    for (shape, head) in [("quick", ConfHead::Seed), ("quick", ConfHead::Probe), ("gpu", ConfHead::Seed)] {
+    for (shape, head) in [
+        ("quick", ConfHead::Seed),
+        ("quick", ConfHead::Probe),
+        ("gpu", ConfHead::Seed),
+    ] {
         let gpt = presets::model_shape(shape).unwrap().gpt(65);
         let conf = ConfidenceGptConfig::new(gpt).with_conf_head(head);
         let matched = conf.matched_standard();
-        assert!(matched.relative_gap < 0.005, "{shape}: {}", matched.relative_gap);
+        assert!(
+            matched.relative_gap < 0.005,
+            "{shape}: {}",
+            matched.relative_gap
+        );
         let count = |h: usize| {
             let mut g = matched.standard.clone();
             g.mlp_hidden = h;
@@ -214,7 +273,10 @@ fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
     }
     let conf = conf_config(ConfHead::Seed);
     let matched = conf.matched_standard();
-    assert_eq!(matched.standard.init_minigpt(&device).num_params(), matched.standard_params);
+    assert_eq!(
+        matched.standard.init_minigpt(&device).num_params(),
+        matched.standard_params
+    );
     assert_eq!(conf.init(&device).num_params(), matched.confidence_params);
 }
 
@@ -224,7 +286,14 @@ fn seeding_the_device_makes_initialisation_reproducible() {
     let weights = |seed| {
         device.seed(seed);
         let m = tiny(11).init_minigpt(&device);
-        m.blocks[1].mlp.proj.weight.val().into_data().try_into_vec_as::<f32>().unwrap()
+        m.blocks[1]
+            .mlp
+            .proj
+            .weight
+            .val()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
     };
     assert_eq!(weights(5), weights(5));
     assert_ne!(weights(5), weights(6));
@@ -259,10 +328,15 @@ fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
         let inputs = tokens.clone().slice([0..b, 0..seq]);
         let targets = tokens.slice([0..b, 1..seq + 1]);
         let logits = model.forward(inputs, &AttentionMask::Causal);
-        ce.forward(logits.reshape([b * seq, corpus.vocab_size()]), targets.reshape([b * seq]))
+        ce.forward(
+            logits.reshape([b * seq, corpus.vocab_size()]),
+            targets.reshape([b * seq]),
+        )
     };
     for step in 0..steps {
-        let items = (0..batch).map(|i| train.get(step * batch + i).unwrap()).collect();
+        let items = (0..batch)
+            .map(|i| train.get(step * batch + i).unwrap())
+            .collect();
         let tokens = WindowBatcher.batch(items, &device).tokens;
         let loss = lm_loss(&model, tokens);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -274,12 +348,38 @@ fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
     let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
     let floor: f64 = items
         .iter()
-        .map(|w| oracle.token_losses(&w.tokens[..seq + 1])[1..].iter().sum::<f64>())
+        .map(|w| {
+            oracle.token_losses(&w.tokens[..seq + 1])[1..]
+                .iter()
+                .sum::<f64>()
+        })
         .sum::<f64>()
         / (items.len() * seq) as f64;
     let tokens = WindowBatcher.batch(items, &Device::flex()).tokens;
     let loss = lm_loss(&valid, tokens).into_scalar::<f64>();
     eprintln!("eval loss {loss:.3}, entropy floor {floor:.3}");
-    assert!(loss - floor < 0.3, "eval loss {loss:.3} vs floor {floor:.3}");
+    assert!(
+        loss - floor < 0.3,
+        "eval loss {loss:.3} vs floor {floor:.3}"
+    );
     assert!(loss > floor - 0.05, "a model cannot beat the exact source");
+}
+
+#[test]
+fn invalid_shapes_are_rejected_naming_the_field() {
+    let mut config = tiny(11);
+    assert_eq!(config.validate(), Ok(()));
+    config.n_heads = 5;
+    assert_eq!(
+        config.validate().unwrap_err().to_string(),
+        "d_model 32 is not divisible by n_heads 5"
+    );
+    config.n_layers = 0;
+    assert!(
+        config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("n_layers")
+    );
 }

@@ -1,0 +1,89 @@
+//! The command-line contract (DESIGN §10): command and flag names here are relied on by
+//! scripts and docs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use conf_data::TokenizerKind;
+use conf_model::ConfHead;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lookahead",
+    version,
+    about = "Train a standard GPT and a confidence-aware GPT side by side and measure whether predicting its own future loss helps a model learn.",
+    after_help = "Exit codes: 0 ok, 1 run failed, 2 bad usage or input."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prepare a corpus and describe it: tokens, vocabulary, split sizes, windows and, for the
+    /// synthetic corpus, its entropy floor.
+    Data(DataArgs),
+    /// Build both architectures of a preset and print them with their parameter counts.
+    Model(ModelArgs),
+}
+
+/// Where the corpus comes from and how it is tokenized.
+#[derive(Debug, Clone, Args)]
+pub struct CorpusArgs {
+    /// `synthetic` (built in), `tinyshakespeare`, `tinystories`, or a path: a .txt file, a
+    /// directory of .txt files, a .jsonl file with a "text" field, or a token .bin with its
+    /// .json meta.
+    #[arg(long, default_value = "synthetic")]
+    pub dataset: String,
+    /// Tokenizer: char, byte or gpt2 (default: char, or the one recorded for a .bin).
+    #[arg(long, value_parser = parse_tokenizer)]
+    pub tokenizer: Option<TokenizerKind>,
+    /// A directory holding local copies of the named corpora (tinyshakespeare.txt, ...).
+    #[arg(long, env = "LOOKAHEAD_DATA")]
+    pub data_dir: Option<PathBuf>,
+    /// Where downloads and token caches are kept.
+    #[arg(long, env = "LOOKAHEAD_CACHE")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn parse_tokenizer(s: &str) -> Result<TokenizerKind, String> {
+    s.parse().map_err(|e: conf_data::DataError| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Context length L; windows hold L + 2 tokens.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Fraction of the corpus, taken from its end, used for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model preset: quick, seed or gpu.
+    #[arg(long, default_value = "quick")]
+    pub preset: String,
+    /// Confidence head: seed (reads the final state; trains the trunk) or probe (reads the
+    /// last blocks, detached).
+    #[arg(long, default_value = "seed")]
+    pub conf_head: ConfHead,
+    /// Confidence head bias at initialisation (nats).
+    #[arg(long, default_value_t = 2.0)]
+    pub confidence_init_bias: f64,
+    /// Vocabulary size; defaults to that of --dataset.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

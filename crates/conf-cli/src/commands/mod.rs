@@ -1,0 +1,33 @@
+pub mod data;
+pub mod model;
+
+use anyhow::Context;
+use conf_data::{Corpus, CorpusRequest, DataError, load_corpus};
+
+use crate::Failure;
+use crate::cli::CorpusArgs;
+
+/// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
+pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
+    let request = CorpusRequest {
+        dataset: args.dataset.clone(),
+        tokenizer: args.tokenizer,
+        data_dir: args.data_dir.clone(),
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(conf_data::default_cache_dir),
+        synthetic: Default::default(),
+    };
+    load_corpus(&request).map_err(|e| match e {
+        DataError::Download { .. } => Failure::Run(e.into()),
+        _ => Failure::BadInput(e.into()),
+    })
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value).context("serialising the output")?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! End to end: the `lookahead` binary as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shared_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+fn lookahead(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lookahead"))
+        .args(args)
+        .env("LOOKAHEAD_CACHE", cache)
+        .env_remove("LOOKAHEAD_DATA")
+        .output()
+        .expect("the binary runs")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("stdout is JSON")
+}
+
+fn fails_with(output: &Output, code: i32, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
+    assert!(output.stdout.is_empty(), "no partial output on failure");
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = lookahead(&["--help"], cache.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("data") && text.contains("model"), "{text}");
+}
+
+#[test]
+fn data_describes_the_synthetic_corpus_with_its_entropy_floor() {
+    let cache = tempfile::tempdir().unwrap();
+    let summary = json(&lookahead(
+        &["data", "--json", "--seq-len", "64"],
+        cache.path(),
+    ));
+    assert_eq!(summary["vocab_size"], 32);
+    assert_eq!(summary["tokens"], 262_144);
+    let (train, val) = (
+        summary["train_tokens"].as_u64().unwrap(),
+        summary["val_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(train + val, 262_144);
+    assert_eq!(val, 26_214);
+    assert_eq!(summary["eval_windows"], 26_214 / 66);
+    let floor = summary["entropy_floor"].as_f64().unwrap();
+    assert!((1.0..2.0).contains(&floor), "{floor}");
+}
+
+#[test]
+fn data_reads_tinyshakespeare_from_the_data_dir() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = shared_data();
+    let args = [
+        "data",
+        "--json",
+        "--dataset",
+        "tinyshakespeare",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    let summary = json(&lookahead(&args, cache.path()));
+    assert_eq!(summary["vocab_size"], 65);
+    assert_eq!(summary["tokens"], 1_115_394);
+    assert!(summary["entropy_floor"].is_null());
+    assert!(
+        summary["sample"]
+            .as_str()
+            .unwrap()
+            .starts_with("First Citizen:")
+    );
+}
+
+#[test]
+fn bad_data_flags_exit_with_code_2_and_name_the_flag() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path();
+    fails_with(
+        &lookahead(&["data", "--dataset", "nonexistent.txt"], c),
+        2,
+        &["--dataset", "nonexistent.txt"],
+    );
+    fails_with(
+        &lookahead(&["data", "--tokenizer", "bpe"], c),
+        2,
+        &["--tokenizer", "bpe"],
+    );
+    fails_with(
+        &lookahead(&["data", "--tokenizer", "gpt2"], c),
+        2,
+        &["--tokenizer", "synthetic"],
+    );
+    fails_with(
+        &lookahead(&["data", "--seq-len", "30000"], c),
+        2,
+        &["validation", "26214 tokens", "30002"],
+    );
+    fails_with(
+        &lookahead(&["data", "--val-fraction", "0"], c),
+        2,
+        &["val_fraction"],
+    );
+}
+
+#[test]
+fn model_reports_both_parameter_counts_within_half_a_percent() {
+    let cache = tempfile::tempdir().unwrap();
+    let summary = json(&lookahead(
+        &["model", "--preset", "quick", "--json"],
+        cache.path(),
+    ));
+    let counts = &summary["parameter_counts"];
+    let (s, c) = (
+        counts["standard_params"].as_f64().unwrap(),
+        counts["confidence_params"].as_f64().unwrap(),
+    );
+    assert!(((s - c) / c).abs() < 0.005);
+    assert_eq!(summary["confidence"]["gpt"]["vocab_size"], 32);
+    assert_eq!(summary["confidence"]["gpt"]["d_model"], 128);
+    assert_eq!(summary["confidence"]["conf_head"], "seed");
+
+    let text = lookahead(
+        &[
+            "model",
+            "--preset",
+            "quick",
+            "--conf-head",
+            "probe",
+            "--vocab-size",
+            "65",
+        ],
+        cache.path(),
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("MiniGPT")
+            && text.contains("ConfidenceAwareGPT")
+            && text.contains("AdaptiveLayer")
+    );
+    assert!(
+        text.contains("d_input: 384, d_output: 1"),
+        "probe reads 3 blocks of 128"
+    );
+
+    fails_with(
+        &lookahead(&["model", "--preset", "huge"], cache.path()),
+        2,
+        &["--preset", "huge", "quick"],
+    );
+}
