@@ -61,9 +61,11 @@ impl Split {
     }
 }
 
-/// `L + 2` consecutive token ids.
+/// `L + 2` consecutive token ids and the window's index in its dataset (which seeds any
+/// randomness tied to the window, such as sampling noise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
+    pub index: usize,
     pub tokens: Vec<u32>,
 }
 
@@ -111,6 +113,7 @@ impl Dataset<Window> for TrainWindows {
     fn get(&self, index: usize) -> Result<Window, DatasetError> {
         let start = self.offset(index);
         Ok(Window {
+            index,
             tokens: self.tokens.slice(start..start + self.window_len),
         })
     }
@@ -156,6 +159,7 @@ impl Dataset<Window> for EvalWindows {
     fn get(&self, index: usize) -> Result<Window, DatasetError> {
         let start = self.starts[index];
         Ok(Window {
+            index,
             tokens: self.tokens.slice(start..start + self.window_len),
         })
     }
@@ -267,9 +271,11 @@ mod tests {
     fn the_batcher_stacks_windows_row_by_row() {
         let windows = vec![
             Window {
+                index: 0,
                 tokens: vec![1, 2, 3, 4],
             },
             Window {
+                index: 1,
                 tokens: vec![5, 6, 7, 8],
             },
         ];

@@ -1,4 +1,5 @@
-//! Causal multi-head self-attention with separate q, k, v and output projections.
+//! Causal multi-head self-attention with separate q, k, v and output projections, and the
+//! key/value cache that lets a later pass extend an earlier one.
 
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -12,8 +13,34 @@ use crate::init;
 pub enum AttentionMask {
     /// Query t attends to keys 0..=t.
     Causal,
-    /// `mask[q, k] = true` hides key k from query q; shared by every row and head. `[T, T]`
+    /// `mask[q, k] = true` hides key k from query q; shared by every row and head.
+    /// `[T_query, T_key]`, where the keys are any cached ones followed by the new ones.
     Explicit(Box<Tensor<2, Bool>>),
+    /// Every query attends to every key.
+    Unmasked,
+}
+
+impl AttentionMask {
+    pub fn explicit(mask: Tensor<2, Bool>) -> Self {
+        Self::Explicit(Box::new(mask))
+    }
+}
+
+/// One layer's keys and values: `[B, H, T, d/H]` each.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    pub key: Tensor<4>,
+    pub value: Tensor<4>,
+}
+
+impl LayerKv {
+    /// The same keys and values without autodiff, for a pass that builds no graph.
+    pub fn without_autodiff(self) -> Self {
+        Self {
+            key: self.key.without_autodiff(),
+            value: self.value.without_autodiff(),
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -38,17 +65,39 @@ impl CausalSelfAttention {
 
     /// `[B, T, d] → [B, T, d]`; scores scaled by 1/sqrt(d / heads), masked to −inf.
     pub fn forward(&self, x: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
+        self.forward_kv(x, mask, None).0
+    }
+
+    /// Attends from the new tokens `x: [B, S, d]` to `past` keys/values (if any) followed by
+    /// their own; returns the output and the new tokens' keys/values.
+    pub fn forward_kv(
+        &self,
+        x: Tensor<3>,
+        mask: &AttentionMask,
+        past: Option<&LayerKv>,
+    ) -> (Tensor<3>, LayerKv) {
         let [batch, seq, d_model] = x.dims();
-        let q = self.split_heads(self.query.forward(x.clone())); // [B, H, T, dh]
-        let k = self.split_heads(self.key.forward(x.clone()));
-        let v = self.split_heads(self.value.forward(x));
+        let q = self.split_heads(self.query.forward(x.clone())); // [B, H, S, dh]
+        let own = LayerKv {
+            key: self.split_heads(self.key.forward(x.clone())),
+            value: self.split_heads(self.value.forward(x)),
+        };
+        let (k, v) = match past {
+            Some(p) => (
+                Tensor::cat(vec![p.key.clone(), own.key.clone()], 2),
+                Tensor::cat(vec![p.value.clone(), own.value.clone()], 2),
+            ),
+            None => (own.key.clone(), own.value.clone()),
+        };
+        let keys = k.dims()[2];
         let (mask, is_causal) = match mask {
             AttentionMask::Causal => (None, true),
+            AttentionMask::Unmasked => (None, false),
             AttentionMask::Explicit(m) => {
                 let m = m
                     .clone()
                     .unsqueeze::<4>()
-                    .expand([batch, self.n_heads, seq, seq]);
+                    .expand([batch, self.n_heads, seq, keys]);
                 (Some(m), false)
             }
         };
@@ -57,9 +106,9 @@ impl CausalSelfAttention {
             softcap: None,
             is_causal,
         };
-        let context = attention(q, k, v, mask, None, options); // [B, H, T, dh]
+        let context = attention(q, k, v, mask, None, options); // [B, H, S, dh]
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.output.forward(context)
+        (self.output.forward(context), own)
     }
 
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {

@@ -4,9 +4,9 @@
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
-use crate::attention::{AttentionMask, CausalSelfAttention};
+use crate::attention::{AttentionMask, CausalSelfAttention, LayerKv};
 use crate::layers::{AdaptiveLayer, Mlp};
-use crate::mini_gpt::{embed, layer_norm, tied_logits};
+use crate::mini_gpt::{embed_at, layer_norm, positions, tied_logits};
 use crate::{ConfHead, ConfidenceGptConfig, GptConfig, init};
 
 /// A pre-norm block whose two LayerNorms are AdaptiveLayers driven by the confidence input.
@@ -30,16 +30,20 @@ impl MetaAwareBlock {
         }
     }
 
-    /// `x: [B, T, d]`, `c: [B, T, 1]`.
-    pub fn forward(&self, x: Tensor<3>, c: Tensor<3>, mask: &AttentionMask) -> Tensor<3> {
-        let attended = self
-            .attn
-            .forward(self.adapt1.forward(x.clone(), c.clone()), mask);
+    /// `x: [B, T, d]`, `c: [B, T, 1]`; attends to `past` keys/values first when given.
+    /// Returns the block output and the keys/values of `x`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        c: Tensor<3>,
+        mask: &AttentionMask,
+        past: Option<&LayerKv>,
+    ) -> (Tensor<3>, LayerKv) {
+        let normed = self.adapt1.forward(x.clone(), c.clone());
+        let (attended, kv) = self.attn.forward_kv(normed, mask, past);
         let x = x + self.dropout.forward(attended);
-        x.clone()
-            + self
-                .dropout
-                .forward(self.mlp.forward(self.adapt2.forward(x, c)))
+        let mlp = self.mlp.forward(self.adapt2.forward(x.clone(), c));
+        (x + self.dropout.forward(mlp), kv)
     }
 }
 
@@ -95,21 +99,73 @@ impl ConfidenceAwareGpt {
         }
     }
 
-    /// `ids: [B, T]`, `confidence_input: [B, T]` (the confidence history every block reads).
+    /// `ids: [B, T]`, `confidence_input: [B, T]` (the confidence history every block reads),
+    /// at positions `0..T`.
     pub fn forward(
         &self,
         ids: Tensor<2, Int>,
         confidence_input: Tensor<2>,
         mask: &AttentionMask,
     ) -> ConfidenceOutput {
+        let pos = positions(&ids, 0);
+        self.run(ids, confidence_input, pos, mask, None).0
+    }
+
+    /// Like [`forward`](Self::forward), at explicit positions `[B, T]`.
+    pub fn forward_at(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+        positions: Tensor<2, Int>,
+        mask: &AttentionMask,
+    ) -> ConfidenceOutput {
+        self.run(ids, confidence_input, positions, mask, None).0
+    }
+
+    /// A causal pass that also returns every layer's keys and values, so a later pass can
+    /// extend it without recomputing it.
+    pub fn forward_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+    ) -> (ConfidenceOutput, Vec<LayerKv>) {
+        let pos = positions(&ids, 0);
+        self.run(ids, confidence_input, pos, &AttentionMask::Causal, None)
+    }
+
+    /// New tokens `ids: [B, S]` at `positions: [B, S]` attending to the cached keys/values of
+    /// an earlier pass (`P` tokens) and to each other as `mask: [S, P + S]` allows.
+    pub fn extend(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+        positions: Tensor<2, Int>,
+        past: &[LayerKv],
+        mask: &AttentionMask,
+    ) -> ConfidenceOutput {
+        self.run(ids, confidence_input, positions, mask, Some(past))
+            .0
+    }
+
+    fn run(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+        positions: Tensor<2, Int>,
+        mask: &AttentionMask,
+        past: Option<&[LayerKv]>,
+    ) -> (ConfidenceOutput, Vec<LayerKv>) {
         let c = confidence_input.unsqueeze_dim::<3>(2); // [B, T, 1]
         let mut x = self
             .dropout
-            .forward(embed(&self.tok_emb, &self.pos_emb, ids));
+            .forward(embed_at(&self.tok_emb, &self.pos_emb, ids, positions));
         let first_probed = self.blocks.len() - self.probe_blocks;
         let mut probed = Vec::with_capacity(self.probe_blocks);
+        let mut cache = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, c.clone(), mask);
+            let (out, kv) = block.forward(x, c.clone(), mask, past.map(|p| &p[i]));
+            x = out;
+            cache.push(kv);
             if i >= first_probed {
                 probed.push(x.clone());
             }
@@ -125,9 +181,10 @@ impl ConfidenceAwareGpt {
             .confidence_predictor
             .forward(head_input)
             .squeeze_dim::<2>(2);
-        ConfidenceOutput {
+        let output = ConfidenceOutput {
             logits: tied_logits(h, &self.tok_emb),
             confidence,
-        }
+        };
+        (output, cache)
     }
 }

@@ -9,11 +9,11 @@ pub mod layers;
 mod mini_gpt;
 pub mod presets;
 
-pub use attention::{AttentionMask, CausalSelfAttention, causal_mask};
+pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
 pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use layers::{AdaptiveLayer, Mlp};
-pub use mini_gpt::{Block, MiniGpt};
+pub use mini_gpt::{Block, MiniGpt, positions};
 
 #[cfg(test)]
 mod tests;

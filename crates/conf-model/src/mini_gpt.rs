@@ -70,7 +70,8 @@ impl MiniGpt {
 
     /// `ids: [B, T]` → logits `[B, T, V]`.
     pub fn forward(&self, ids: Tensor<2, Int>, mask: &AttentionMask) -> Tensor<3> {
-        let mut x = embed(&self.tok_emb, &self.pos_emb, ids);
+        let pos = positions(&ids, 0);
+        let mut x = embed_at(&self.tok_emb, &self.pos_emb, ids, pos);
         x = self.dropout.forward(x);
         for block in &self.blocks {
             x = block.forward(x, mask);
@@ -79,12 +80,21 @@ impl MiniGpt {
     }
 }
 
-/// Token plus learned position embeddings: `[B, T] → [B, T, d]`.
-pub(crate) fn embed(tok_emb: &Embedding, pos_emb: &Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+/// Positions `start..start + T` for every row of `ids: [B, T]`.
+pub fn positions(ids: &Tensor<2, Int>, start: usize) -> Tensor<2, Int> {
     let [batch, seq] = ids.dims();
-    let positions = Tensor::<1, Int>::arange(0..seq as i64, &ids.device())
+    Tensor::<1, Int>::arange(start as i64..(start + seq) as i64, &ids.device())
         .reshape([1, seq])
-        .expand([batch, seq]);
+        .expand([batch, seq])
+}
+
+/// Token plus learned position embeddings: `[B, T] → [B, T, d]`.
+pub(crate) fn embed_at(
+    tok_emb: &Embedding,
+    pos_emb: &Embedding,
+    ids: Tensor<2, Int>,
+    positions: Tensor<2, Int>,
+) -> Tensor<3> {
     tok_emb.forward(ids) + pos_emb.forward(positions)
 }
 

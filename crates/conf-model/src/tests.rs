@@ -133,11 +133,7 @@ fn an_explicit_causal_mask_equals_the_built_in_causal_path() {
     let x = random_ids(2, 16, 11, &device);
     let c = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
     let a = model.forward(x.clone(), c.clone(), &AttentionMask::Causal);
-    let b = model.forward(
-        x,
-        c,
-        &AttentionMask::Explicit(Box::new(causal_mask(16, &device))),
-    );
+    let b = model.forward(x, c, &AttentionMask::explicit(causal_mask(16, &device)));
     a.logits
         .into_data()
         .assert_approx_eq::<f32>(&b.logits.into_data(), Tolerance::absolute(1e-5));

@@ -1,1 +1,16 @@
+//! Training of both models: objectives, the no-gradient lookahead passes, metrics and the
+//! wiring into burn-train's Learner.
 
+pub mod batch;
+pub mod lookahead;
+pub mod objective;
+
+pub use batch::{LookaheadBatch, LookaheadBatcher};
+pub use lookahead::ConfInput;
+pub use objective::{
+    ConfidenceSettings, DenseObjective, LookaheadStats, Objective, ObjectiveKind, ObjectiveOutput,
+    SeedObjective, StandardObjective, TeacherObjective, TokenStats, WindowParts,
+};
+
+#[cfg(test)]
+mod objective_tests;

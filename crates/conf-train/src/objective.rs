@@ -1,0 +1,337 @@
+//! Training objectives: one trait, four implementations (`--objective`).
+//!
+//! Every objective reads a batch of `L + 2` token windows: `x = w[0..L]`, `y1 = w[1..L+1]`,
+//! `y2 = w[2..L+2]`. Only pass 1 builds an autodiff graph; the history pass and pass 2 run on
+//! `model.valid()` with inputs without autodiff.
+
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, softmax};
+use conf_model::{ConfidenceAwareGpt, MiniGpt};
+
+use crate::batch::LookaheadBatch;
+use crate::lookahead::{ConfInput, confidence_history, dense_pass2, seed_pass2};
+
+/// Per-token statistics of pass 1's next-token predictions, without autodiff, `[B, L]` each.
+#[derive(Debug, Clone)]
+pub struct TokenStats {
+    /// Cross-entropy of the real next token (nats).
+    pub loss: Tensor<2>,
+    /// Largest predicted probability.
+    pub max_prob: Tensor<2>,
+    /// 1 where the arg-max is the real next token, else 0.
+    pub correct: Tensor<2>,
+    /// Entropy of the predicted distribution (nats).
+    pub entropy: Tensor<2>,
+}
+
+/// The self-prediction against what happened, without autodiff, `[B, K]` each.
+#[derive(Debug, Clone)]
+pub struct LookaheadStats {
+    /// Predicted future loss.
+    pub predicted: Tensor<2>,
+    /// Actual future loss (the confidence target).
+    pub actual: Tensor<2>,
+    /// The zero-cost baseline: pass 1's entropy at the position of the prediction.
+    pub entropy: Tensor<2>,
+}
+
+/// What one objective step produces.
+#[derive(Debug, Clone)]
+pub struct ObjectiveOutput {
+    /// `lm + alpha · conf`, the loss to differentiate. `[1]`
+    pub total: Tensor<1>,
+    /// The LM loss the objective trains. `[1]`
+    pub lm_loss: Tensor<1>,
+    /// MSE of the confidence prediction. `[1]`
+    pub conf_loss: Option<Tensor<1>>,
+    /// Pass 1 at all L positions (LM metrics always cover them all).
+    pub tokens: TokenStats,
+    pub lookahead: Option<LookaheadStats>,
+}
+
+/// A training objective for model type `M`.
+pub trait Objective<M>: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    /// Losses and statistics for a batch of windows.
+    fn compute(&self, model: &M, batch: LookaheadBatch) -> ObjectiveOutput;
+}
+
+/// The objective names accepted by `--objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    Standard,
+    Seed,
+    Dense,
+    Teacher,
+}
+
+impl std::str::FromStr for ObjectiveKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "standard" => Ok(Self::Standard),
+            "seed" => Ok(Self::Seed),
+            "dense" => Ok(Self::Dense),
+            "teacher" => Ok(Self::Teacher),
+            other => Err(format!(
+                "--objective: unknown objective '{other}' (expected standard, seed, dense or teacher)"
+            )),
+        }
+    }
+}
+
+/// The three slices of a window batch.
+pub struct WindowParts {
+    pub x: Tensor<2, Int>,  // [B, L]
+    pub y1: Tensor<2, Int>, // [B, L]
+    pub y2: Tensor<2, Int>, // [B, L]
+}
+
+impl WindowParts {
+    pub fn new(tokens: Tensor<2, Int>) -> Self {
+        let [batch, len] = tokens.dims();
+        let seq = len - 2;
+        Self {
+            x: tokens.clone().slice([0..batch, 0..seq]),
+            y1: tokens.clone().slice([0..batch, 1..seq + 1]),
+            y2: tokens.slice([0..batch, 2..seq + 2]),
+        }
+    }
+}
+
+/// Cross-entropy of each position: `logits [B, T, V]`, `targets [B, T]` → `[B, T]`.
+pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let log_probs = log_softmax(logits, 2);
+    -log_probs
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2)
+}
+
+/// Mean next-token cross-entropy: the LM loss of every objective. `[1]`
+pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    token_cross_entropy(logits, targets).mean()
+}
+
+fn mse(predicted: Tensor<2>, target: Tensor<2>) -> Tensor<1> {
+    (predicted - target).powi_scalar(2).mean()
+}
+
+/// Statistics of `logits [B, T, V]` against `targets [B, T]`, computed without autodiff.
+pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
+    let logits = logits.without_autodiff();
+    let targets = targets.without_autodiff();
+    let log_probs = log_softmax(logits, 2);
+    let probs = log_probs.clone().exp();
+    let entropy = -(probs.clone() * log_probs.clone())
+        .sum_dim(2)
+        .squeeze_dim::<2>(2);
+    let loss = -log_probs
+        .gather(2, targets.clone().unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2);
+    let (max_prob, argmax) = probs.max_dim_with_indices(2);
+    let correct = argmax.squeeze_dim::<2>(2).equal(targets).float();
+    TokenStats {
+        loss,
+        max_prob: max_prob.squeeze_dim::<2>(2),
+        correct,
+        entropy,
+    }
+}
+
+/// One draw per (row, position) from `softmax(logits)` at temperature 1 by inverting the
+/// cumulative distribution at the given uniforms: `[B, T, V]`, `[B, T] → [B, T]`.
+pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+    let vocab = logits.dims()[2];
+    let cdf = softmax(logits.without_autodiff(), 2).cumsum(2);
+    let below = cdf.lower(uniforms.without_autodiff().unsqueeze_dim::<3>(2));
+    below
+        .int()
+        .sum_dim(2)
+        .clamp_max(vocab as i64 - 1)
+        .squeeze_dim::<2>(2)
+}
+
+/// `standard`: mean next-token cross-entropy over all L positions (MiniGPT), on the first
+/// `L + 1` tokens of the window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StandardObjective;
+
+impl Objective<MiniGpt> for StandardObjective {
+    fn name(&self) -> &'static str {
+        "standard"
+    }
+
+    fn compute(&self, model: &MiniGpt, batch: LookaheadBatch) -> ObjectiveOutput {
+        let parts = WindowParts::new(batch.tokens);
+        let logits = model.forward(parts.x, &conf_model::AttentionMask::Causal);
+        let loss = lm_loss(logits.clone(), parts.y1.clone());
+        ObjectiveOutput {
+            total: loss.clone(),
+            lm_loss: loss,
+            conf_loss: None,
+            tokens: token_stats(logits, parts.y1),
+            lookahead: None,
+        }
+    }
+}
+
+/// Settings shared by the confidence objectives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConfidenceSettings {
+    pub alpha: f64,
+    pub conf_input: ConfInput,
+}
+
+/// `seed`: the seed's two-pass step, exactly. LM loss and confidence at the last position; a
+/// sample of the next token; pass 2 on `[tokens_t, s]` with the history extended by the last
+/// prediction; its last logits scored against the real `t+2`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedObjective(pub ConfidenceSettings);
+
+impl Objective<ConfidenceAwareGpt> for SeedObjective {
+    fn name(&self) -> &'static str {
+        "seed"
+    }
+
+    fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
+        let WindowParts { x, y1, y2 } = WindowParts::new(input.tokens);
+        let [batch, seq] = x.dims();
+        let history = confidence_history(model, &x, self.0.conf_input);
+        let (out, cache) = model.forward_cached(x, history);
+        let vocab = out.logits.dims()[2];
+        let last = |t: Tensor<2, Int>| t.slice([0..batch, seq - 1..seq]);
+        let last_logits = out.logits.clone().slice([0..batch, seq - 1..seq, 0..vocab]);
+        let lm = lm_loss(last_logits.clone(), last(y1.clone()));
+        let conf_last = out.confidence.clone().slice([0..batch, seq - 1..seq]); // [B, 1]
+
+        let sample = sample_tokens(last_logits, input.uniforms.slice([0..batch, seq - 1..seq]));
+        let cache: Vec<_> = cache.into_iter().map(|kv| kv.without_autodiff()).collect();
+        let future_logits = seed_pass2(
+            &model.valid(),
+            &cache,
+            sample,
+            conf_last.clone().without_autodiff(),
+        );
+        let future = token_cross_entropy(future_logits, last(y2).without_autodiff()); // [B, 1]
+        let conf_loss = mse(conf_last.clone(), future.clone());
+        let tokens = token_stats(out.logits, y1);
+        let entropy = tokens.entropy.clone().slice([0..batch, seq - 1..seq]);
+        finish(
+            self.0.alpha,
+            lm,
+            conf_loss,
+            tokens,
+            conf_last,
+            future,
+            entropy,
+        )
+    }
+}
+
+/// `dense`: the lookahead at every position in one extra pass. Sample `s_k` sits at position
+/// k + 1, reads confidence `conf[:, k]`, attends to `x_0..x_k` and itself, and is scored
+/// against the real `w[k + 2]`. LM and confidence losses over all L positions.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseObjective(pub ConfidenceSettings);
+
+impl Objective<ConfidenceAwareGpt> for DenseObjective {
+    fn name(&self) -> &'static str {
+        "dense"
+    }
+
+    fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
+        let WindowParts { x, y1, y2 } = WindowParts::new(input.tokens);
+        let history = confidence_history(model, &x, self.0.conf_input);
+        let (out, cache) = model.forward_cached(x, history);
+        let lm = lm_loss(out.logits.clone(), y1.clone());
+
+        let samples = sample_tokens(out.logits.clone(), input.uniforms);
+        let cache: Vec<_> = cache.into_iter().map(|kv| kv.without_autodiff()).collect();
+        let future_logits = dense_pass2(
+            &model.valid(),
+            &cache,
+            samples,
+            out.confidence.clone().without_autodiff(),
+        );
+        let future = token_cross_entropy(future_logits, y2.without_autodiff()); // [B, L]
+        let conf_loss = mse(out.confidence.clone(), future.clone());
+        let tokens = token_stats(out.logits, y1);
+        let entropy = tokens.entropy.clone();
+        finish(
+            self.0.alpha,
+            lm,
+            conf_loss,
+            tokens,
+            out.confidence,
+            future,
+            entropy,
+        )
+    }
+}
+
+/// `teacher`: the cheap control. The confidence target at k is pass 1's own loss at k + 1 (the
+/// real next token instead of a sampled one); no pass 2. Pass 1 runs on `L + 1` tokens so that
+/// k = L − 1 has a target (scored against `w[L + 1]`); the LM loss covers the first L positions.
+#[derive(Debug, Clone, Copy)]
+pub struct TeacherObjective(pub ConfidenceSettings);
+
+impl Objective<ConfidenceAwareGpt> for TeacherObjective {
+    fn name(&self) -> &'static str {
+        "teacher"
+    }
+
+    fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
+        let tokens = input.tokens;
+        let [batch, len] = tokens.dims();
+        let seq = len - 2;
+        let x = tokens.clone().slice([0..batch, 0..seq + 1]);
+        let targets = tokens.slice([0..batch, 1..seq + 2]); // [B, L + 1]
+        let history = confidence_history(model, &x, self.0.conf_input);
+        let out = model.forward(x, history, &conf_model::AttentionMask::Causal);
+        let vocab = out.logits.dims()[2];
+        // Pass 1's own loss at every one of the L + 1 positions; the target at k is that at k + 1.
+        let all_losses =
+            token_cross_entropy(out.logits.clone().without_autodiff(), targets.clone());
+        let future = all_losses.slice([0..batch, 1..seq + 1]);
+        let logits = out.logits.slice([0..batch, 0..seq, 0..vocab]);
+        let y1 = targets.slice([0..batch, 0..seq]);
+        let lm = lm_loss(logits.clone(), y1.clone());
+        let predicted = out.confidence.slice([0..batch, 0..seq]);
+        let conf_loss = mse(predicted.clone(), future.clone());
+        let tokens = token_stats(logits, y1);
+        let entropy = tokens.entropy.clone();
+        finish(
+            self.0.alpha,
+            lm,
+            conf_loss,
+            tokens,
+            predicted,
+            future,
+            entropy,
+        )
+    }
+}
+
+fn finish(
+    alpha: f64,
+    lm: Tensor<1>,
+    conf_loss: Tensor<1>,
+    tokens: TokenStats,
+    predicted: Tensor<2>,
+    actual: Tensor<2>,
+    entropy: Tensor<2>,
+) -> ObjectiveOutput {
+    ObjectiveOutput {
+        total: lm.clone() + conf_loss.clone() * alpha,
+        lm_loss: lm,
+        conf_loss: Some(conf_loss),
+        tokens,
+        lookahead: Some(LookaheadStats {
+            predicted: predicted.without_autodiff(),
+            actual: actual.without_autodiff(),
+            entropy,
+        }),
+    }
+}
