@@ -4,7 +4,10 @@
 pub mod batch;
 pub mod calibration;
 pub mod lookahead;
+pub mod metrics;
 pub mod objective;
+pub mod optim;
+pub mod step;
 
 pub use batch::{LookaheadBatch, LookaheadBatcher};
 pub use lookahead::ConfInput;

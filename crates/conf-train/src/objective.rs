@@ -314,6 +314,18 @@ impl Objective<ConfidenceAwareGpt> for TeacherObjective {
     }
 }
 
+impl ObjectiveOutput {
+    /// The same values, detached from any graph, for the metrics thread.
+    pub fn without_autodiff(self) -> Self {
+        Self {
+            total: self.total.without_autodiff(),
+            lm_loss: self.lm_loss.without_autodiff(),
+            conf_loss: self.conf_loss.map(Tensor::without_autodiff),
+            ..self
+        }
+    }
+}
+
 fn finish(
     alpha: f64,
     lm: Tensor<1>,

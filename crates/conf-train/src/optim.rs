@@ -1,0 +1,228 @@
+//! AdamW as PyTorch's: betas (0.9, 0.95), eps 1e-8, decoupled weight decay on every parameter
+//! with two or more dimensions, global gradient-norm clipping, warmup then cosine.
+
+use burn::lr_scheduler::LrSchedulerConfig;
+use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+
+/// Optimizer settings of a run.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptimizerSettings {
+    pub learning_rate: f64,
+    pub min_learning_rate: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Maximum global L2 norm of the gradient (PyTorch's `clip_grad_norm_`).
+    pub grad_clip: f64,
+}
+
+/// Paths of the parameters with fewer than two dimensions (biases, gains, the probe bias):
+/// the ones AdamW does not decay.
+struct VectorParams {
+    path: Vec<String>,
+    found: Vec<String>,
+}
+
+impl ModuleVisitor for VectorParams {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+        if D < 2 {
+            self.found.push(self.path.join("."));
+        }
+    }
+}
+
+pub fn vector_param_paths<M: Module>(module: &M) -> Vec<String> {
+    let mut visitor = VectorParams {
+        path: Vec::new(),
+        found: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.found
+}
+
+/// AdamW with weight decay on matrices only; clipping is global, done before the step.
+pub fn adamw<M: Module>(module: &M, settings: &OptimizerSettings) -> ModuleOptimizer {
+    let config = |decay: f64| {
+        AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_epsilon(1e-8)
+            .with_weight_decay(decay as f32)
+    };
+    let no_decay = ParamGroup::from_paths(vector_param_paths(module));
+    config(settings.weight_decay)
+        .init()
+        .with_group(no_decay, config(0.0).build(), None)
+}
+
+/// Linear warmup to the peak (step k of W gives `peak · (k + 1) / W`), then cosine decay to
+/// `min_learning_rate` at the last step. One scheduler step per optimizer step.
+pub fn warmup_cosine(
+    settings: &OptimizerSettings,
+    total_steps: usize,
+) -> Result<ModuleLrScheduler, String> {
+    let peak = settings.learning_rate;
+    let warmup = settings.warmup_steps.min(total_steps.saturating_sub(1));
+    let cosine = CosineAnnealingLrSchedulerConfig::new(peak, total_steps - warmup)
+        .with_min_lr(settings.min_learning_rate);
+    if warmup < 2 {
+        return cosine.init();
+    }
+    let linear = LinearLrSchedulerConfig::new(peak / warmup as f64, peak, warmup - 1);
+    SequentialLrSchedulerConfig::new(
+        vec![
+            LrSchedulerConfig::Linear(linear),
+            LrSchedulerConfig::Cosine(cosine),
+        ],
+        vec![warmup],
+    )
+    .init()
+}
+
+/// Scales every gradient so their joint L2 norm is at most `max_norm`; returns the norm before
+/// clipping.
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    struct Norm<'a> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                let sq = g.powi_scalar(2).sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(s) => s + sq,
+                    None => sq,
+                });
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g * self.factor);
+            }
+        }
+    }
+    let mut norm = Norm { grads, sum: None };
+    module.visit(&mut norm);
+    let total = norm.sum.map_or(0.0, |s| s.sqrt().into_scalar::<f64>());
+    if total > max_norm {
+        module.visit(&mut Scale {
+            grads,
+            factor: max_norm / (total + 1e-6),
+        });
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> OptimizerSettings {
+        OptimizerSettings {
+            learning_rate: 1e-3,
+            min_learning_rate: 1e-4,
+            warmup_steps: 4,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_schedule_warms_up_linearly_then_decays_by_cosine_to_the_minimum() {
+        let mut scheduler = warmup_cosine(&settings(), 20).unwrap();
+        let lrs: Vec<f64> = (0..20).map(|_| scheduler.step().base()).collect();
+        for (k, expected) in [0.25e-3, 0.5e-3, 0.75e-3, 1e-3].iter().enumerate() {
+            assert!((lrs[k] - expected).abs() < 1e-12, "step {k}: {}", lrs[k]);
+        }
+        assert!(lrs[4..].windows(2).all(|w| w[1] < w[0]), "{lrs:?}");
+        let last = 1e-4 + 0.5 * 0.9e-3 * (1.0 + (15.0 / 16.0 * std::f64::consts::PI).cos());
+        assert!((lrs[19] - last).abs() < 1e-12);
+        assert!(lrs[19] > 1e-4);
+    }
+
+    #[test]
+    fn weight_decay_shrinks_matrices_and_spares_vectors() {
+        let device = Device::flex().autodiff();
+        let model = conf_model::GptConfig::new(7, 8, 16, 2, 2, 32).init_minigpt(&device);
+        let ids = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5, 6, 0, 1]], &device);
+        // All-zero gradients: AdamW's update is then the decay alone.
+        let loss = model.forward(ids, &conf_model::AttentionMask::Causal).sum() * 0.0;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let before_w = model.blocks[0].mlp.fc.weight.val();
+        let before_g = model.blocks[0].ln1.gamma.val();
+        let mut optim = adamw(&model, &settings());
+        let model = optim.step(0.5, model, grads);
+        let ratio = (model.blocks[0].mlp.fc.weight.val() / before_w)
+            .mean()
+            .into_scalar::<f64>();
+        assert!((ratio - (1.0 - 0.5 * 0.1)).abs() < 1e-5, "{ratio}");
+        let gain = (model.blocks[0].ln1.gamma.val() - before_g)
+            .abs()
+            .max()
+            .into_scalar::<f64>();
+        assert_eq!(gain, 0.0);
+    }
+
+    #[test]
+    fn vector_parameters_are_found_by_path() {
+        let device = Device::flex();
+        let model = conf_model::GptConfig::new(7, 8, 16, 2, 2, 32).init_minigpt(&device);
+        let paths = vector_param_paths(&model);
+        // Per block: 2 LayerNorms × 2 + 4 attention biases + 2 MLP biases; plus ln_f's 2.
+        assert_eq!(paths.len(), 2 * (4 + 4 + 2) + 2, "{paths:?}");
+        assert!(
+            paths.iter().any(|p| p.ends_with("attn.query.bias")),
+            "{paths:?}"
+        );
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.ends_with("weight") && !p.contains("ln")),
+            "{paths:?}"
+        );
+    }
+
+    #[test]
+    fn global_clipping_scales_all_gradients_by_one_factor() {
+        let device = Device::flex().autodiff();
+        let model = conf_model::GptConfig::new(7, 8, 16, 2, 2, 32).init_minigpt(&device);
+        let ids = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5, 6, 0, 1]], &device);
+        let loss = model
+            .forward(ids, &conf_model::AttentionMask::Causal)
+            .powi_scalar(2)
+            .sum()
+            * 100.0;
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let before = grads.get::<2>(model.tok_emb.weight.id).unwrap();
+        let norm = clip_global_norm(&model, &mut grads, 1.0);
+        assert!(norm > 1.0, "{norm}");
+        let after = grads.get::<2>(model.tok_emb.weight.id).unwrap();
+        let ratio = (after / before).mean().into_scalar::<f64>();
+        assert!(
+            (ratio - 1.0 / norm).abs() < 1e-4,
+            "{ratio} vs {}",
+            1.0 / norm
+        );
+        assert!((clip_global_norm(&model, &mut grads, 1.0) - 1.0).abs() < 1e-3);
+    }
+}
