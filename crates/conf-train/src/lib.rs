@@ -3,11 +3,15 @@
 
 pub mod batch;
 pub mod calibration;
+pub mod history;
+pub mod loader;
 pub mod lookahead;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod step;
+pub mod trainee;
+pub mod training;
 
 pub use batch::{LookaheadBatch, LookaheadBatcher};
 pub use lookahead::ConfInput;

@@ -1,0 +1,124 @@
+//! Iteration-based training on burn-train's epoch loop: one "epoch" is `eval_interval`
+//! optimizer steps, each the next batch of the run's window sequence, so the data order is a
+//! function of (seed, step) alone.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
+use burn::data::dataset::{Dataset, DatasetError};
+use burn::prelude::*;
+use conf_data::TrainWindows;
+
+use crate::batch::{LookaheadBatch, LookaheadBatcher};
+
+/// Yields the next `steps_per_epoch` batches of a fixed sequence each time it is iterated.
+#[derive(Clone)]
+pub struct StepLoader {
+    windows: Arc<TrainWindows>,
+    batcher: LookaheadBatcher,
+    batch_size: usize,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    /// The next optimizer step; shared by clones, so a copy moved to another device continues.
+    next_step: Arc<AtomicUsize>,
+    device: Device,
+}
+
+impl StepLoader {
+    pub fn new(
+        windows: TrainWindows,
+        batcher: LookaheadBatcher,
+        batch_size: usize,
+        steps_per_epoch: usize,
+        total_steps: usize,
+        device: Device,
+    ) -> Self {
+        Self {
+            windows: Arc::new(windows),
+            batcher,
+            batch_size,
+            steps_per_epoch,
+            total_steps,
+            next_step: Arc::new(AtomicUsize::new(0)),
+            device,
+        }
+    }
+
+    /// Moves the cursor, e.g. to continue a resumed run.
+    pub fn set_next_step(&self, step: usize) {
+        self.next_step.store(step, Ordering::SeqCst);
+    }
+
+    pub fn next_step(&self) -> usize {
+        self.next_step.load(Ordering::SeqCst)
+    }
+
+    fn batch(&self, step: usize) -> Result<LookaheadBatch, DatasetError> {
+        let items = (step * self.batch_size..(step + 1) * self.batch_size)
+            .map(|i| self.windows.get(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.batcher.batch(items, &self.device))
+    }
+}
+
+struct StepIterator<'a> {
+    loader: &'a StepLoader,
+    end: usize,
+    done: usize,
+    total: usize,
+}
+
+impl Iterator for StepIterator<'_> {
+    type Item = Result<LookaheadBatch, DatasetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let step = self.loader.next_step();
+        if step >= self.end {
+            return None;
+        }
+        self.loader.next_step.store(step + 1, Ordering::SeqCst);
+        self.done += 1;
+        Some(self.loader.batch(step))
+    }
+}
+
+impl DataLoaderIterator<LookaheadBatch> for StepIterator<'_> {
+    fn progress(&self) -> Progress {
+        Progress::new(
+            self.done * self.loader.batch_size,
+            self.total * self.loader.batch_size,
+            Some("items".into()),
+        )
+    }
+}
+
+impl DataLoader<LookaheadBatch> for StepLoader {
+    fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<LookaheadBatch> + 'a> {
+        let start = self.next_step();
+        let end = (start + self.steps_per_epoch).min(self.total_steps);
+        Box::new(StepIterator {
+            loader: self,
+            end,
+            done: 0,
+            total: end.saturating_sub(start),
+        })
+    }
+
+    fn num_items(&self) -> usize {
+        self.steps_per_epoch * self.batch_size
+    }
+
+    fn to_device(&self, device: &Device) -> Arc<dyn DataLoader<LookaheadBatch>> {
+        Arc::new(Self {
+            device: device.clone(),
+            ..self.clone()
+        })
+    }
+
+    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<LookaheadBatch>> {
+        // Training here runs on one device; the loader is never split across workers.
+        Arc::new(self.clone())
+    }
+}

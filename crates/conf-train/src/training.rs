@@ -1,0 +1,328 @@
+//! One training run of one model through burn-train's Learner.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::DataLoaderBuilder;
+use burn::train::logger::FileMetricLogger;
+use burn::train::renderer::CliMetricsRenderer;
+use burn::train::{Learner, LearnerModel, SupervisedTraining, TrainStep};
+use conf_data::{Corpus, EvalWindows, Split, TrainWindows};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{LookaheadBatch, LookaheadBatcher};
+use crate::history::{EvalRecord, HistoryLogger, RunLog};
+use crate::loader::StepLoader;
+use crate::metrics::{LookaheadMetric, MetricKind};
+use crate::optim::{OptimizerSettings, adamw, warmup_cosine};
+use crate::step::StepOutput;
+
+/// The schedule and data of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub training_steps: usize,
+    pub eval_interval: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Evaluation windows used at each evaluation (all that fit when `None`).
+    pub eval_windows: Option<usize>,
+    pub seed: u64,
+    pub optimizer: OptimizerSettings,
+    /// Where burn-train writes its logs for this run.
+    pub artifact_dir: PathBuf,
+    /// Burn's dashboard when stdout is a terminal, unless this is set.
+    pub no_tui: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Settings(String),
+    #[error("{0}")]
+    NonFinite(String),
+    #[error("training stopped: {0}")]
+    Interrupted(String),
+}
+
+/// What a run returns besides the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub history: Vec<EvalRecord>,
+    pub train_seconds: f64,
+    pub ms_per_step: f64,
+    pub tokens_per_second: f64,
+}
+
+pub struct TrainedModel<M> {
+    pub model: M,
+    pub report: RunReport,
+}
+
+impl RunSettings {
+    fn validate(&self) -> Result<(), TrainError> {
+        for (name, value) in [
+            ("training_steps", self.training_steps),
+            ("eval_interval", self.eval_interval),
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+        ] {
+            if value == 0 {
+                return Err(TrainError::Settings(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trains `trainee` (built on an autodiff device) on `corpus` and evaluates it every
+/// `eval_interval` steps on the fixed evaluation windows, showing `metrics`.
+pub fn fit<M>(
+    trainee: M,
+    metrics: &[MetricKind],
+    corpus: &Corpus,
+    split: &Split,
+    settings: &RunSettings,
+) -> Result<TrainedModel<M>, TrainError>
+where
+    M: LearnerModel + TrainStep<Input = LookaheadBatch, Output = StepOutput>,
+    M: burn::train::InferenceStep<Input = LookaheadBatch, Output = StepOutput>,
+{
+    settings.validate()?;
+    let device = trainee.devices()[0].clone();
+    let batcher = LookaheadBatcher {
+        seed: settings.seed,
+    };
+    let windows = TrainWindows::new(
+        corpus.tokens.clone(),
+        split.train.clone(),
+        settings.seq_len,
+        settings.seed,
+        settings.training_steps * settings.batch_size,
+    );
+    let train_loader = StepLoader::new(
+        windows,
+        batcher,
+        settings.batch_size,
+        settings.eval_interval,
+        settings.training_steps,
+        device.clone(),
+    );
+    let eval = EvalWindows::new(
+        corpus.tokens.clone(),
+        split.val.clone(),
+        settings.seq_len,
+        settings.eval_windows,
+    );
+    let valid_loader = DataLoaderBuilder::new(batcher)
+        .batch_size(settings.batch_size)
+        .build(eval);
+
+    let num_epochs = settings.training_steps.div_ceil(settings.eval_interval);
+    let optim = adamw(&trainee, &settings.optimizer);
+    let scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
+        .map_err(TrainError::Settings)?;
+
+    let dashboard = !settings.no_tui && std::io::stdout().is_terminal();
+    let log = Arc::new(Mutex::new(RunLog::default()));
+    let mut training =
+        SupervisedTraining::new(&settings.artifact_dir, Arc::new(train_loader), valid_loader)
+            .num_epochs(num_epochs);
+    let history = HistoryLogger::new(
+        log.clone(),
+        settings.eval_interval,
+        settings.training_steps,
+        0,
+        !dashboard,
+        training.interrupter(),
+    );
+    training = training
+        .with_metric_logger(FileMetricLogger::new(&settings.artifact_dir))
+        .with_metric_logger(history);
+    if !dashboard {
+        training = training.renderer(Box::new(CliMetricsRenderer::new()));
+    }
+    for &kind in metrics {
+        training = training
+            .metric_train_numeric(LookaheadMetric::new(kind))
+            .metric_valid_numeric(LookaheadMetric::new(kind));
+    }
+
+    let started = Instant::now();
+    let result = training.launch(Learner::new(trainee, optim, scheduler));
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let log = std::mem::take(&mut *log.lock().expect("run log lock"));
+    if let Some(failure) = log.failure {
+        return Err(TrainError::NonFinite(failure));
+    }
+    if let Some(interruption) = result.interrupted {
+        return Err(TrainError::Interrupted(
+            interruption.reason.unwrap_or_default(),
+        ));
+    }
+    let steps = settings.training_steps as f64;
+    let tokens = steps * (settings.batch_size * settings.seq_len) as f64;
+    Ok(TrainedModel {
+        model: result.model,
+        report: RunReport {
+            history: log.records,
+            train_seconds,
+            ms_per_step: train_seconds * 1000.0 / steps,
+            tokens_per_second: tokens / train_seconds,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lookahead::ConfInput;
+    use crate::objective::{ConfidenceSettings, DenseObjective, Objective, StandardObjective};
+    use crate::trainee::{ConfidenceTrainee, StandardTrainee};
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataset::Dataset;
+    use burn::prelude::*;
+    use conf_data::{CorpusRequest, load_corpus};
+    use conf_model::{ConfidenceGptConfig, GptConfig};
+
+    const SEQ: usize = 32;
+
+    fn settings(dir: &std::path::Path, steps: usize, eval_interval: usize) -> RunSettings {
+        RunSettings {
+            training_steps: steps,
+            eval_interval,
+            batch_size: 16,
+            seq_len: SEQ,
+            eval_windows: Some(32),
+            seed: 42,
+            optimizer: OptimizerSettings {
+                learning_rate: 3e-3,
+                min_learning_rate: 3e-4,
+                warmup_steps: 10,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+            },
+            artifact_dir: dir.to_path_buf(),
+            no_tui: true,
+        }
+    }
+
+    fn corpus() -> (Corpus, Split) {
+        let corpus = load_corpus(&CorpusRequest::new("synthetic", std::env::temp_dir())).unwrap();
+        let split = Split::contiguous(&corpus, 0.1, SEQ).unwrap();
+        (corpus, split)
+    }
+
+    fn gpt(vocab: usize) -> GptConfig {
+        GptConfig::new(vocab, SEQ, 32, 2, 4, 128)
+    }
+
+    #[test]
+    fn the_standard_model_closes_a_third_of_the_gap_to_the_entropy_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (corpus, split) = corpus();
+        let oracle = corpus.oracle.clone().unwrap();
+        let run = settings(dir.path(), 120, 40);
+        let device = Device::flex().autodiff();
+        device.seed(42);
+        let trainee = StandardTrainee {
+            model: gpt(corpus.vocab_size()).init_minigpt(&device),
+        };
+
+        // Loss before training and the exact source's floor, on the evaluation windows.
+        let eval = EvalWindows::new(corpus.tokens.clone(), split.val.clone(), SEQ, Some(32));
+        let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
+        let floor = items
+            .iter()
+            .map(|w| {
+                oracle.token_losses(&w.tokens[..SEQ + 1])[1..]
+                    .iter()
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / (items.len() * SEQ) as f64;
+        let batch = LookaheadBatcher { seed: 42 }.batch(items, &Device::flex());
+        let initial = StandardObjective
+            .compute(&trainee.model.valid(), batch)
+            .lm_loss
+            .into_scalar::<f64>();
+
+        let trained = fit(trainee, &MetricKind::STANDARD, &corpus, &split, &run).unwrap();
+        let history = &trained.report.history;
+        assert_eq!(
+            history.iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![40, 80, 120]
+        );
+        let last = history.last().unwrap().valid[MetricKind::LmLoss.name()];
+        eprintln!("initial {initial:.3} final {last:.3} floor {floor:.3}");
+        assert!(
+            initial - last >= 0.3 * (initial - floor),
+            "{initial} → {last}, floor {floor}"
+        );
+        let ppl = history.last().unwrap().valid[MetricKind::Perplexity.name()];
+        assert!((ppl - last.exp()).abs() < 1e-6 * ppl);
+        for record in history {
+            for kind in MetricKind::STANDARD {
+                assert!(
+                    record.valid[kind.name()].is_finite(),
+                    "{} at {}",
+                    kind.name(),
+                    record.step
+                );
+            }
+        }
+        assert!(trained.report.tokens_per_second > 0.0);
+    }
+
+    #[test]
+    fn the_confidence_model_trains_with_the_dense_objective_and_reports_calibration() {
+        let dir = tempfile::tempdir().unwrap();
+        let (corpus, split) = corpus();
+        let run = settings(dir.path(), 50, 25);
+        let device = Device::flex().autodiff();
+        device.seed(42);
+        let trainee = ConfidenceTrainee {
+            model: ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
+            objective: Arc::new(DenseObjective(ConfidenceSettings {
+                alpha: 1.0,
+                conf_input: ConfInput::SelfConditioned,
+            })) as Arc<dyn Objective<_>>,
+        };
+        let metrics: Vec<MetricKind> = MetricKind::STANDARD
+            .into_iter()
+            .chain(MetricKind::CONFIDENCE)
+            .collect();
+        let trained = fit(trainee, &metrics, &corpus, &split, &run).unwrap();
+        let history = &trained.report.history;
+        assert_eq!(history.len(), 2);
+        let first = &history[0].valid;
+        let last = &history[1].valid;
+        for kind in &metrics {
+            assert!(
+                last.contains_key(kind.name()),
+                "{} missing: {last:?}",
+                kind.name()
+            );
+        }
+        assert!(last[MetricKind::LmLoss.name()] < first[MetricKind::LmLoss.name()]);
+        for record in history {
+            let v = &record.valid;
+            for kind in [MetricKind::Auroc, MetricKind::EntropyAuroc] {
+                assert!((0.0..=1.0).contains(&v[kind.name()]));
+            }
+            for kind in [
+                MetricKind::Pearson,
+                MetricKind::Spearman,
+                MetricKind::EntropySpearman,
+            ] {
+                assert!((-1.0..=1.0).contains(&v[kind.name()]));
+            }
+            // total = lm + alpha · conf with alpha = 1; the batches are equal in size, so the
+            // epoch means add up exactly.
+            let parts = v[MetricKind::LmLoss.name()] + v[MetricKind::ConfidenceLoss.name()];
+            assert!((v[MetricKind::TotalLoss.name()] - parts).abs() < 1e-4, "{v:?}");
+        }
+    }
+}
