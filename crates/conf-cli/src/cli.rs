@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use conf_data::TokenizerKind;
 use conf_model::ConfHead;
+use conf_train::{ConfInput, ObjectiveKind};
+
+use crate::backend::BackendChoice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +29,8 @@ pub enum Command {
     Data(DataArgs),
     /// Build both architectures of a preset and print them with their parameter counts.
     Model(ModelArgs),
+    /// Train one model with one seed through burn-train's Learner and save its history.
+    Train(TrainArgs),
 }
 
 /// Where the corpus comes from and how it is tokenized.
@@ -86,4 +91,58 @@ pub struct ModelArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags shared by the training commands; unset ones come from the preset.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Preset: quick, seed or gpu.
+    #[arg(long, default_value = "quick")]
+    pub preset: String,
+    #[arg(long, value_enum, default_value = "flex")]
+    pub backend: BackendChoice,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    #[arg(long)]
+    pub training_steps: Option<usize>,
+    /// Comma-separated seeds; `train` uses the first.
+    #[arg(long, value_delimiter = ',', default_value = "42")]
+    pub seeds: Vec<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub eval_interval: Option<usize>,
+    #[arg(long, default_value = "results/confidence_experiments")]
+    pub results_dir: PathBuf,
+    /// Plain log lines instead of the dashboard.
+    #[arg(long)]
+    pub no_tui: bool,
+    #[arg(long, default_value_t = 1.0)]
+    pub confidence_alpha: f64,
+    #[arg(long, default_value = "seed")]
+    pub conf_head: ConfHead,
+    /// Confidence history: self (previous predictions) or zeros.
+    #[arg(long, default_value = "self")]
+    pub conf_input: ConfInput,
+    #[arg(long, default_value_t = 2.0)]
+    pub confidence_init_bias: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelKind {
+    Standard,
+    Confidence,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[arg(long, value_enum)]
+    pub model: ModelKind,
+    /// standard (for --model standard), or seed, dense (default) or teacher.
+    #[arg(long)]
+    pub objective: Option<ObjectiveKind>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }

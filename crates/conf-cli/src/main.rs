@@ -1,5 +1,6 @@
 //! `lookahead`: parses the command line and dispatches; the work lives in the library crates.
 
+mod backend;
 mod cli;
 mod commands;
 
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Data(args) => commands::data::run(args),
         Command::Model(args) => commands::model::run(args),
+        Command::Train(args) => commands::train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

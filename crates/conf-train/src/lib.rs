@@ -9,6 +9,8 @@ pub mod lookahead;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod presets;
+pub mod renderer;
 pub mod step;
 pub mod trainee;
 pub mod training;

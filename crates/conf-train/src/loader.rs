@@ -2,8 +2,9 @@
 //! optimizer steps, each the next batch of the run's window sequence, so the data order is a
 //! function of (seed, step) alone.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
@@ -12,6 +13,21 @@ use burn::prelude::*;
 use conf_data::TrainWindows;
 
 use crate::batch::{LookaheadBatch, LookaheadBatcher};
+
+/// Time spent inside training epochs: from the request of an epoch's first batch to the end of
+/// its last step.
+#[derive(Debug, Clone, Default)]
+pub struct StepTimer(Arc<Mutex<Duration>>);
+
+impl StepTimer {
+    pub fn seconds(&self) -> f64 {
+        self.0.lock().expect("timer lock").as_secs_f64()
+    }
+
+    fn add(&self, elapsed: Duration) {
+        *self.0.lock().expect("timer lock") += elapsed;
+    }
+}
 
 /// Yields the next `steps_per_epoch` batches of a fixed sequence each time it is iterated.
 #[derive(Clone)]
@@ -24,6 +40,7 @@ pub struct StepLoader {
     /// The next optimizer step; shared by clones, so a copy moved to another device continues.
     next_step: Arc<AtomicUsize>,
     device: Device,
+    timer: StepTimer,
 }
 
 impl StepLoader {
@@ -43,7 +60,12 @@ impl StepLoader {
             total_steps,
             next_step: Arc::new(AtomicUsize::new(0)),
             device,
+            timer: StepTimer::default(),
         }
+    }
+
+    pub fn with_timer(self, timer: StepTimer) -> Self {
+        Self { timer, ..self }
     }
 
     /// Moves the cursor, e.g. to continue a resumed run.
@@ -68,6 +90,7 @@ struct StepIterator<'a> {
     end: usize,
     done: usize,
     total: usize,
+    started: Option<Instant>,
 }
 
 impl Iterator for StepIterator<'_> {
@@ -76,8 +99,12 @@ impl Iterator for StepIterator<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         let step = self.loader.next_step();
         if step >= self.end {
+            if let Some(started) = self.started.take() {
+                self.loader.timer.add(started.elapsed());
+            }
             return None;
         }
+        self.started.get_or_insert_with(Instant::now);
         self.loader.next_step.store(step + 1, Ordering::SeqCst);
         self.done += 1;
         Some(self.loader.batch(step))
@@ -103,6 +130,7 @@ impl DataLoader<LookaheadBatch> for StepLoader {
             end,
             done: 0,
             total: end.saturating_sub(start),
+            started: None,
         })
     }
 

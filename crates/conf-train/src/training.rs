@@ -7,16 +7,16 @@ use std::time::Instant;
 
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::train::logger::FileMetricLogger;
-use burn::train::renderer::CliMetricsRenderer;
 use burn::train::{Learner, LearnerModel, SupervisedTraining, TrainStep};
 use conf_data::{Corpus, EvalWindows, Split, TrainWindows};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{LookaheadBatch, LookaheadBatcher};
 use crate::history::{EvalRecord, HistoryLogger, RunLog};
-use crate::loader::StepLoader;
+use crate::loader::{StepLoader, StepTimer};
 use crate::metrics::{LookaheadMetric, MetricKind};
 use crate::optim::{OptimizerSettings, adamw, warmup_cosine};
+use crate::renderer::QuietRenderer;
 use crate::step::StepOutput;
 
 /// The schedule and data of one run.
@@ -50,6 +50,9 @@ pub enum TrainError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub history: Vec<EvalRecord>,
+    /// The whole run, evaluations included.
+    pub wall_seconds: f64,
+    /// Training steps only (from the first batch request of each epoch to its end).
     pub train_seconds: f64,
     pub ms_per_step: f64,
     pub tokens_per_second: f64,
@@ -101,6 +104,7 @@ where
         settings.seed,
         settings.training_steps * settings.batch_size,
     );
+    let step_timer = StepTimer::default();
     let train_loader = StepLoader::new(
         windows,
         batcher,
@@ -108,7 +112,8 @@ where
         settings.eval_interval,
         settings.training_steps,
         device.clone(),
-    );
+    )
+    .with_timer(step_timer.clone());
     let eval = EvalWindows::new(
         corpus.tokens.clone(),
         split.val.clone(),
@@ -141,7 +146,7 @@ where
         .with_metric_logger(FileMetricLogger::new(&settings.artifact_dir))
         .with_metric_logger(history);
     if !dashboard {
-        training = training.renderer(Box::new(CliMetricsRenderer::new()));
+        training = training.renderer(Box::new(QuietRenderer));
     }
     for &kind in metrics {
         training = training
@@ -151,7 +156,8 @@ where
 
     let started = Instant::now();
     let result = training.launch(Learner::new(trainee, optim, scheduler));
-    let train_seconds = started.elapsed().as_secs_f64();
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = step_timer.seconds();
 
     let log = std::mem::take(&mut *log.lock().expect("run log lock"));
     if let Some(failure) = log.failure {
@@ -168,6 +174,7 @@ where
         model: result.model,
         report: RunReport {
             history: log.records,
+            wall_seconds,
             train_seconds,
             ms_per_step: train_seconds * 1000.0 / steps,
             tokens_per_second: tokens / train_seconds,
@@ -322,7 +329,10 @@ mod tests {
             // total = lm + alpha · conf with alpha = 1; the batches are equal in size, so the
             // epoch means add up exactly.
             let parts = v[MetricKind::LmLoss.name()] + v[MetricKind::ConfidenceLoss.name()];
-            assert!((v[MetricKind::TotalLoss.name()] - parts).abs() < 1e-4, "{v:?}");
+            assert!(
+                (v[MetricKind::TotalLoss.name()] - parts).abs() < 1e-4,
+                "{v:?}"
+            );
         }
     }
 }

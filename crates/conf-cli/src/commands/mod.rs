@@ -1,5 +1,6 @@
 pub mod data;
 pub mod model;
+pub mod train;
 
 use anyhow::Context;
 use conf_data::{Corpus, CorpusRequest, DataError, load_corpus};
