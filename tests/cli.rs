@@ -164,3 +164,95 @@ fn model_reports_both_parameter_counts_within_half_a_percent() {
         &["--preset", "huge", "quick"],
     );
 }
+
+#[test]
+fn train_runs_one_model_and_saves_its_history() {
+    let cache = tempfile::tempdir().unwrap();
+    let results = tempfile::tempdir().unwrap();
+    let dir = results.path().to_str().unwrap();
+    let common = [
+        "--preset",
+        "quick",
+        "--training-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-tui",
+        "--results-dir",
+        dir,
+    ];
+    for (model, objective, file) in [
+        ("standard", "standard", "standard-standard-seed42"),
+        ("confidence", "seed", "confidence-seed-seed42"),
+    ] {
+        let mut args = vec!["train", "--model", model, "--objective", objective];
+        args.extend(common);
+        let out = lookahead(&args, cache.path());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.lines().filter(|l| l.starts_with("step")).count(),
+            2,
+            "{stdout}"
+        );
+        let history = results.path().join("train").join(file).join("history.json");
+        let history: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&history).unwrap()).unwrap();
+        let records = history["report"]["history"].as_array().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1]["step"], 4);
+        assert!(records[1]["valid"]["LM Loss"].as_f64().unwrap().is_finite());
+        assert_eq!(history["settings"]["seq_len"], 32);
+        if model == "confidence" {
+            assert!(records[1]["valid"]["Confidence MSE"].as_f64().is_some());
+        }
+    }
+}
+
+#[test]
+fn bad_train_flags_exit_with_code_2() {
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path();
+    fails_with(
+        &lookahead(&["train", "--model", "standard", "--objective", "dense"], c),
+        2,
+        &["--objective"],
+    );
+    fails_with(
+        &lookahead(
+            &["train", "--model", "confidence", "--objective", "standard"],
+            c,
+        ),
+        2,
+        &["--objective"],
+    );
+    fails_with(
+        &lookahead(
+            &["train", "--model", "confidence", "--objective", "lookahead"],
+            c,
+        ),
+        2,
+        &["lookahead"],
+    );
+    fails_with(
+        &lookahead(&["train", "--model", "standard", "--backend", "wgpu"], c),
+        2,
+        &["--backend wgpu"],
+    );
+    fails_with(
+        &lookahead(
+            &["train", "--model", "standard", "--conf-input", "maybe"],
+            c,
+        ),
+        2,
+        &["--conf-input"],
+    );
+}

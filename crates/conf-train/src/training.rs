@@ -335,4 +335,65 @@ mod tests {
             );
         }
     }
+
+    /// Dense, but the loss turns to NaN from the `after`-th call on.
+    #[derive(Debug)]
+    struct NanAfter {
+        inner: DenseObjective,
+        after: usize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Objective<conf_model::ConfidenceAwareGpt> for NanAfter {
+        fn name(&self) -> &'static str {
+            "nan-after"
+        }
+
+        fn compute(
+            &self,
+            model: &conf_model::ConfidenceAwareGpt,
+            batch: LookaheadBatch,
+        ) -> crate::ObjectiveOutput {
+            let mut out = self.inner.compute(model, batch);
+            let calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if calls >= self.after {
+                out.total = out.total * f64::NAN;
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run_naming_the_step_and_the_loss_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (corpus, split) = corpus();
+        let run = settings(dir.path(), 40, 10);
+        let device = Device::flex().autodiff();
+        let trainee = ConfidenceTrainee {
+            model: ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
+            objective: Arc::new(NanAfter {
+                inner: DenseObjective(ConfidenceSettings {
+                    alpha: 1.0,
+                    conf_input: ConfInput::SelfConditioned,
+                }),
+                after: 5,
+                calls: Default::default(),
+            }),
+        };
+        let metrics: Vec<MetricKind> = MetricKind::STANDARD
+            .into_iter()
+            .chain(MetricKind::CONFIDENCE)
+            .collect();
+        let err = match fit(trainee, &metrics, &corpus, &split, &run) {
+            Ok(_) => panic!("a NaN loss must stop the run"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("non-finite loss at step 6"), "{err}");
+        assert!(
+            err.contains("Total Loss = NaN")
+                && err.contains("LM Loss")
+                && err.contains("Confidence MSE"),
+            "{err}"
+        );
+    }
 }
