@@ -119,6 +119,12 @@ pub struct RunArgs {
     /// Plain log lines instead of the dashboard.
     #[arg(long)]
     pub no_tui: bool,
+    /// Optimizer steps between checkpoints (one is also written at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_interval: usize,
+    /// Continue from the run's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
     #[arg(long, default_value_t = 1.0)]
     pub confidence_alpha: f64,
     #[arg(long, default_value = "seed")]

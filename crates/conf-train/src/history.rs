@@ -36,7 +36,7 @@ pub struct HistoryLogger {
     current: EvalRecord,
     eval_interval: usize,
     total_steps: usize,
-    first_epoch_step: usize,
+    start_step: usize,
     train_updates: usize,
     print: bool,
     interrupter: Interrupter,
@@ -47,7 +47,7 @@ impl HistoryLogger {
         log: Arc<Mutex<RunLog>>,
         eval_interval: usize,
         total_steps: usize,
-        first_epoch_step: usize,
+        start_step: usize,
         print: bool,
         interrupter: Interrupter,
     ) -> Self {
@@ -57,15 +57,18 @@ impl HistoryLogger {
             current: EvalRecord::default(),
             eval_interval,
             total_steps,
-            first_epoch_step,
+            start_step,
             train_updates: 0,
             print,
             interrupter,
         }
     }
 
+    /// Evaluation `epoch` (from 1) of this launch; a resumed run's first epoch ends on the next
+    /// multiple of `eval_interval`.
     fn step_of(&self, epoch: usize) -> usize {
-        (self.first_epoch_step + epoch * self.eval_interval).min(self.total_steps)
+        let base = self.start_step / self.eval_interval * self.eval_interval;
+        (base + epoch * self.eval_interval).min(self.total_steps)
     }
 
     fn check_finite(&mut self, values: &BTreeMap<&str, f64>) {
@@ -73,7 +76,7 @@ impl HistoryLogger {
         if total.is_none_or(f64::is_finite) {
             return;
         }
-        let step = self.first_epoch_step + self.train_updates;
+        let step = self.start_step + self.train_updates;
         let parts: Vec<String> = values.iter().map(|(k, v)| format!("{k} = {v}")).collect();
         let message = format!("non-finite loss at step {step}: {}", parts.join(", "));
         let mut log = self.log.lock().expect("run log lock");

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod calibration;
+pub mod checkpoint;
 pub mod history;
 pub mod loader;
 pub mod lookahead;

@@ -123,8 +123,9 @@ impl DataLoaderIterator<LookaheadBatch> for StepIterator<'_> {
 
 impl DataLoader<LookaheadBatch> for StepLoader {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<LookaheadBatch> + 'a> {
+        // Epochs end on multiples of `steps_per_epoch`, also after a resume mid-epoch.
         let start = self.next_step();
-        let end = (start + self.steps_per_epoch).min(self.total_steps);
+        let end = ((start / self.steps_per_epoch + 1) * self.steps_per_epoch).min(self.total_steps);
         Box::new(StepIterator {
             loader: self,
             end,

@@ -10,6 +10,7 @@ use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use conf_model::{ConfidenceAwareGpt, MiniGpt};
 
 use crate::batch::LookaheadBatch;
+use crate::checkpoint::Checkpointer;
 use crate::objective::{Objective, StandardObjective};
 use crate::optim::clip_global_norm;
 use crate::step::StepOutput;
@@ -21,6 +22,17 @@ pub const GRAD_CLIP: f64 = 1.0;
 #[derive(Module, Debug)]
 pub struct StandardTrainee {
     pub model: MiniGpt,
+    #[module(skip)]
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+impl StandardTrainee {
+    pub fn new(model: MiniGpt) -> Self {
+        Self {
+            model,
+            checkpointer: None,
+        }
+    }
 }
 
 /// ConfidenceAwareGPT trained with one of the confidence objectives.
@@ -29,6 +41,38 @@ pub struct ConfidenceTrainee {
     pub model: ConfidenceAwareGpt,
     #[module(skip)]
     pub objective: Arc<dyn Objective<ConfidenceAwareGpt>>,
+    #[module(skip)]
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+impl ConfidenceTrainee {
+    pub fn new(
+        model: ConfidenceAwareGpt,
+        objective: Arc<dyn Objective<ConfidenceAwareGpt>>,
+    ) -> Self {
+        Self {
+            model,
+            objective,
+            checkpointer: None,
+        }
+    }
+}
+
+/// A learner model that saves checkpoints after its optimizer steps.
+pub trait Checkpointed {
+    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>);
+}
+
+impl Checkpointed for StandardTrainee {
+    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>) {
+        self.checkpointer = Some(checkpointer);
+    }
+}
+
+impl Checkpointed for ConfidenceTrainee {
+    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>) {
+        self.checkpointer = Some(checkpointer);
+    }
 }
 
 fn train_output<M: Module>(module: &M, output: crate::ObjectiveOutput) -> TrainOutput<StepOutput> {
@@ -41,9 +85,14 @@ fn clipped_step<M: Module>(
     optim: &mut ModuleOptimizer,
     lr: ModuleLearningRate,
     mut grads: GradientsParams,
+    checkpointer: Option<Arc<Checkpointer>>,
 ) -> M {
     clip_global_norm(&module, &mut grads, GRAD_CLIP);
-    optim.step(lr, module, grads)
+    let module = optim.step(lr, module, grads);
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.after_step(&module, optim);
+    }
+    module
 }
 
 impl TrainStep for StandardTrainee {
@@ -60,7 +109,8 @@ impl TrainStep for StandardTrainee {
         lr: ModuleLearningRate,
         grads: GradientsParams,
     ) -> Self {
-        clipped_step(self, optim, lr, grads)
+        let checkpointer = self.checkpointer.clone();
+        clipped_step(self, optim, lr, grads, checkpointer)
     }
 }
 
@@ -87,7 +137,8 @@ impl TrainStep for ConfidenceTrainee {
         lr: ModuleLearningRate,
         grads: GradientsParams,
     ) -> Self {
-        clipped_step(self, optim, lr, grads)
+        let checkpointer = self.checkpointer.clone();
+        clipped_step(self, optim, lr, grads, checkpointer)
     }
 }
 

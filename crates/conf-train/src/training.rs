@@ -6,18 +6,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::module::Module;
 use burn::train::logger::FileMetricLogger;
-use burn::train::{Learner, LearnerModel, SupervisedTraining, TrainStep};
+use burn::train::{InferenceStep, Learner, LearnerModel, SupervisedTraining, TrainStep};
 use conf_data::{Corpus, EvalWindows, Split, TrainWindows};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::batch::{LookaheadBatch, LookaheadBatcher};
+use crate::checkpoint::Checkpointer;
 use crate::history::{EvalRecord, HistoryLogger, RunLog};
 use crate::loader::{StepLoader, StepTimer};
+use crate::metrics::Samples;
 use crate::metrics::{LookaheadMetric, MetricKind};
 use crate::optim::{OptimizerSettings, adamw, warmup_cosine};
 use crate::renderer::QuietRenderer;
 use crate::step::StepOutput;
+use crate::trainee::Checkpointed;
 
 /// The schedule and data of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +41,10 @@ pub struct RunSettings {
     pub artifact_dir: PathBuf,
     /// Burn's dashboard when stdout is a terminal, unless this is set.
     pub no_tui: bool,
+    /// Optimizer steps between checkpoints (one is also written at the end).
+    pub save_interval: usize,
+    /// Continue from the latest checkpoint in `artifact_dir/checkpoints` when there is one.
+    pub resume: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +55,8 @@ pub enum TrainError {
     NonFinite(String),
     #[error("training stopped: {0}")]
     Interrupted(String),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
 /// What a run returns besides the model.
@@ -61,6 +74,8 @@ pub struct RunReport {
 pub struct TrainedModel<M> {
     pub model: M,
     pub report: RunReport,
+    /// The step of the last checkpoint written, if any.
+    pub checkpoint_step: Option<usize>,
 }
 
 impl RunSettings {
@@ -70,6 +85,7 @@ impl RunSettings {
             ("eval_interval", self.eval_interval),
             ("batch_size", self.batch_size),
             ("seq_len", self.seq_len),
+            ("save_interval", self.save_interval),
         ] {
             if value == 0 {
                 return Err(TrainError::Settings(format!("{name} must be at least 1")));
@@ -89,10 +105,11 @@ pub fn fit<M>(
     settings: &RunSettings,
 ) -> Result<TrainedModel<M>, TrainError>
 where
-    M: LearnerModel + TrainStep<Input = LookaheadBatch, Output = StepOutput>,
-    M: burn::train::InferenceStep<Input = LookaheadBatch, Output = StepOutput>,
+    M: LearnerModel + TrainStep<Input = LookaheadBatch, Output = StepOutput> + Checkpointed,
+    M: InferenceStep<Input = LookaheadBatch, Output = StepOutput>,
 {
     settings.validate()?;
+    let mut trainee = trainee;
     let device = trainee.devices()[0].clone();
     let batcher = LookaheadBatcher {
         seed: settings.seed,
@@ -124,13 +141,65 @@ where
         .batch_size(settings.batch_size)
         .build(eval);
 
-    let num_epochs = settings.training_steps.div_ceil(settings.eval_interval);
-    let optim = adamw(&trainee, &settings.optimizer);
-    let scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
+    let mut optim = adamw(&trainee, &settings.optimizer);
+    let mut scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
         .map_err(TrainError::Settings)?;
+    let log = Arc::new(Mutex::new(RunLog::default()));
+
+    let checkpoints = settings.artifact_dir.join("checkpoints");
+    let restored = if settings.resume {
+        crate::checkpoint::restore(&checkpoints)?
+    } else {
+        // A fresh run never mixes with the checkpoints of an earlier one.
+        let _ = std::fs::remove_dir_all(&checkpoints);
+        None
+    };
+    let start = restored.as_ref().map_or(0, |r| r.state.step);
+    if let Some(restored) = restored {
+        tracing::info!(step = start, "resuming from {}", checkpoints.display());
+        trainee = trainee.load_record(restored.model);
+        optim = optim
+            .from_bytes(restored.optimizer)
+            .map_err(|e| TrainError::Settings(format!("{}: {e}", checkpoints.display())))?;
+        for _ in 0..start {
+            scheduler.step();
+        }
+        train_loader.set_next_step(start);
+        log.lock().expect("run log lock").records = restored.state.history;
+    }
+    let checkpointer = Arc::new(Checkpointer::new(
+        checkpoints,
+        settings.save_interval,
+        settings.training_steps,
+        start,
+        log.clone(),
+    ));
+    trainee.set_checkpointer(checkpointer.clone());
+    let spe = settings.eval_interval;
+    let num_epochs = settings.training_steps.div_ceil(spe) - start / spe;
+
+    // A checkpoint taken at an evaluation step precedes that evaluation: redo it.
+    let evaluated = |log: &Arc<Mutex<RunLog>>| {
+        log.lock()
+            .expect("run log lock")
+            .records
+            .iter()
+            .any(|r| r.step == start)
+    };
+    if start > 0
+        && (start.is_multiple_of(spe) || start == settings.training_steps)
+        && !evaluated(&log)
+    {
+        let (valid, _) = evaluate(&trainee.valid(), metrics, corpus, split, settings);
+        let record = EvalRecord {
+            step: start,
+            valid,
+            ..EvalRecord::default()
+        };
+        log.lock().expect("run log lock").records.push(record);
+    }
 
     let dashboard = !settings.no_tui && std::io::stdout().is_terminal();
-    let log = Arc::new(Mutex::new(RunLog::default()));
     let mut training =
         SupervisedTraining::new(&settings.artifact_dir, Arc::new(train_loader), valid_loader)
             .num_epochs(num_epochs);
@@ -138,7 +207,7 @@ where
         log.clone(),
         settings.eval_interval,
         settings.training_steps,
-        0,
+        start,
         !dashboard,
         training.interrupter(),
     );
@@ -155,23 +224,36 @@ where
     }
 
     let started = Instant::now();
-    let result = training.launch(Learner::new(trainee, optim, scheduler));
+    let (model, interrupted) = if num_epochs == 0 {
+        (trainee.valid(), None)
+    } else {
+        let result = training.launch(Learner::new(trainee, optim, scheduler));
+        (result.model, result.interrupted)
+    };
     let wall_seconds = started.elapsed().as_secs_f64();
     let train_seconds = step_timer.seconds();
 
     let log = std::mem::take(&mut *log.lock().expect("run log lock"));
     if let Some(failure) = log.failure {
-        return Err(TrainError::NonFinite(failure));
+        let kept = match checkpointer.last_saved() {
+            Some(step) => format!(
+                "the last good checkpoint (step {step}) is in {}",
+                settings.artifact_dir.join("checkpoints").display()
+            ),
+            None => "no checkpoint was written before it".to_string(),
+        };
+        return Err(TrainError::NonFinite(format!("{failure}; {kept}")));
     }
-    if let Some(interruption) = result.interrupted {
+    if let Some(interruption) = interrupted {
         return Err(TrainError::Interrupted(
             interruption.reason.unwrap_or_default(),
         ));
     }
-    let steps = settings.training_steps as f64;
+    let steps = (settings.training_steps - start).max(1) as f64;
     let tokens = steps * (settings.batch_size * settings.seq_len) as f64;
     Ok(TrainedModel {
-        model: result.model,
+        checkpoint_step: checkpointer.last_saved(),
+        model,
         report: RunReport {
             history: log.records,
             wall_seconds,
@@ -182,6 +264,41 @@ where
     })
 }
 
+/// Every metric of `kinds` on the fixed evaluation windows, with the samples they came from,
+/// computed by the model's inference step (the same conditioning and lookahead as training).
+pub fn evaluate<M>(
+    model: &M,
+    kinds: &[MetricKind],
+    corpus: &Corpus,
+    split: &Split,
+    settings: &RunSettings,
+) -> (BTreeMap<String, f64>, Samples)
+where
+    M: InferenceStep<Input = LookaheadBatch, Output = StepOutput> + Module,
+{
+    let device = model.devices()[0].clone();
+    let batcher = LookaheadBatcher {
+        seed: settings.seed,
+    };
+    let eval = EvalWindows::new(
+        corpus.tokens.clone(),
+        split.val.clone(),
+        settings.seq_len,
+        settings.eval_windows,
+    );
+    let mut samples = Samples::default();
+    let indices: Vec<usize> = (0..eval.len()).collect();
+    for chunk in indices.chunks(settings.batch_size) {
+        let items = chunk.iter().filter_map(|&i| eval.get(i).ok()).collect();
+        let output = model.step(batcher.batch(items, &device));
+        samples.push(&output.summary());
+    }
+    let values = kinds
+        .iter()
+        .filter_map(|&k| k.evaluate(&samples).ok().map(|v| (k.name().to_string(), v)))
+        .collect();
+    (values, samples)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +330,8 @@ mod tests {
             },
             artifact_dir: dir.to_path_buf(),
             no_tui: true,
+            save_interval: 20,
+            resume: false,
         }
     }
 
@@ -234,9 +353,7 @@ mod tests {
         let run = settings(dir.path(), 120, 40);
         let device = Device::flex().autodiff();
         device.seed(42);
-        let trainee = StandardTrainee {
-            model: gpt(corpus.vocab_size()).init_minigpt(&device),
-        };
+        let trainee = StandardTrainee::new(gpt(corpus.vocab_size()).init_minigpt(&device));
 
         // Loss before training and the exact source's floor, on the evaluation windows.
         let eval = EvalWindows::new(corpus.tokens.clone(), split.val.clone(), SEQ, Some(32));
@@ -290,13 +407,13 @@ mod tests {
         let run = settings(dir.path(), 50, 25);
         let device = Device::flex().autodiff();
         device.seed(42);
-        let trainee = ConfidenceTrainee {
-            model: ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
-            objective: Arc::new(DenseObjective(ConfidenceSettings {
+        let trainee = ConfidenceTrainee::new(
+            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
+            Arc::new(DenseObjective(ConfidenceSettings {
                 alpha: 1.0,
                 conf_input: ConfInput::SelfConditioned,
-            })) as Arc<dyn Objective<_>>,
-        };
+            })),
+        );
         let metrics: Vec<MetricKind> = MetricKind::STANDARD
             .into_iter()
             .chain(MetricKind::CONFIDENCE)
@@ -369,9 +486,9 @@ mod tests {
         let (corpus, split) = corpus();
         let run = settings(dir.path(), 40, 10);
         let device = Device::flex().autodiff();
-        let trainee = ConfidenceTrainee {
-            model: ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
-            objective: Arc::new(NanAfter {
+        let trainee = ConfidenceTrainee::new(
+            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
+            Arc::new(NanAfter {
                 inner: DenseObjective(ConfidenceSettings {
                     alpha: 1.0,
                     conf_input: ConfInput::SelfConditioned,
@@ -379,7 +496,7 @@ mod tests {
                 after: 5,
                 calls: Default::default(),
             }),
-        };
+        );
         let metrics: Vec<MetricKind> = MetricKind::STANDARD
             .into_iter()
             .chain(MetricKind::CONFIDENCE)
@@ -395,5 +512,119 @@ mod tests {
                 && err.contains("Confidence MSE"),
             "{err}"
         );
+    }
+
+    fn params(model: &conf_model::ConfidenceAwareGpt) -> Vec<f32> {
+        let mut all = Vec::new();
+        for t in [
+            model.tok_emb.weight.val(),
+            model.blocks[1].mlp.fc.weight.val(),
+        ] {
+            all.extend(t.into_data().try_into_vec_as::<f32>().unwrap());
+        }
+        all.extend(
+            model
+                .confidence_predictor
+                .weight
+                .val()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        );
+        all
+    }
+
+    #[test]
+    fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
+        let (corpus, split) = corpus();
+        let dense = DenseObjective(ConfidenceSettings {
+            alpha: 1.0,
+            conf_input: ConfInput::SelfConditioned,
+        });
+        let metrics: Vec<MetricKind> = MetricKind::STANDARD
+            .into_iter()
+            .chain(MetricKind::CONFIDENCE)
+            .collect();
+        let fresh = |device: &Device| {
+            device.seed(7);
+            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(device)
+        };
+        let device = Device::flex().autodiff();
+
+        // The reference: 60 steps in one go.
+        let reference_dir = tempfile::tempdir().unwrap();
+        let run = settings(reference_dir.path(), 60, 20);
+        let reference = fit(
+            ConfidenceTrainee::new(fresh(&device), Arc::new(dense)),
+            &metrics,
+            &corpus,
+            &split,
+            &run,
+        )
+        .unwrap();
+        assert_eq!(reference.checkpoint_step, Some(60));
+
+        // The same run, but its loss turns NaN at step 41 (after 40 steps and two evaluations
+        // of two batches each): it stops, naming the step and the checkpoint it keeps.
+        let dir = tempfile::tempdir().unwrap();
+        let run = settings(dir.path(), 60, 20);
+        let diverging = Arc::new(NanAfter {
+            inner: dense,
+            after: 44,
+            calls: Default::default(),
+        });
+        let err = match fit(
+            ConfidenceTrainee::new(fresh(&device), diverging),
+            &metrics,
+            &corpus,
+            &split,
+            &run,
+        ) {
+            Ok(_) => panic!("must stop"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("step 41") && err.contains("step 40") && err.contains("checkpoints"),
+            "{err}"
+        );
+
+        // Resumed with a healthy objective, it ends exactly where the reference did.
+        let resume = RunSettings {
+            resume: true,
+            ..run
+        };
+        let resumed = fit(
+            ConfidenceTrainee::new(fresh(&device), Arc::new(dense)),
+            &metrics,
+            &corpus,
+            &split,
+            &resume,
+        )
+        .unwrap();
+        let (a, b) = (params(&resumed.model.model), params(&reference.model.model));
+        let max_diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            max_diff == 0.0,
+            "resumed weights differ from the reference by up to {max_diff}"
+        );
+        let steps = |h: &[EvalRecord]| h.iter().map(|r| r.step).collect::<Vec<_>>();
+        assert_eq!(steps(&resumed.report.history), vec![20, 40, 60]);
+        // Equal up to the last digit of the decimal text the history is stored in.
+        let same = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+            a.len() == b.len()
+                && a.iter()
+                    .all(|(k, v)| (v - b[k]).abs() <= 1e-12 * v.abs().max(1.0))
+        };
+        for (a, b) in resumed.report.history.iter().zip(&reference.report.history) {
+            assert!(same(&a.valid, &b.valid), "evaluation at step {}", a.step);
+        }
+        assert!(same(
+            &resumed.report.history[0].train,
+            &reference.report.history[0].train
+        ));
     }
 }

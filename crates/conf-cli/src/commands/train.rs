@@ -86,6 +86,8 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         optimizer: plan.optimizer,
         artifact_dir: run_dir.clone(),
         no_tui: r.no_tui,
+        save_interval: r.save_interval,
+        resume: r.resume,
     };
     let mut gpt = shape.gpt(corpus.vocab_size());
     gpt.context_length = seq_len;
@@ -108,7 +110,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
             let model = confidence.matched_standard().standard.init_minigpt(&device);
             let params = burn::module::Module::num_params(&model);
             let trained = fit(
-                StandardTrainee { model },
+                StandardTrainee::new(model),
                 &MetricKind::STANDARD,
                 &corpus,
                 &split,
@@ -129,7 +131,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
                 .chain(MetricKind::CONFIDENCE)
                 .collect();
             let trained = fit(
-                ConfidenceTrainee { model, objective },
+                ConfidenceTrainee::new(model, objective),
                 &metrics,
                 &corpus,
                 &split,
