@@ -27,7 +27,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // burn-train logs every iteration at info; RUST_LOG=burn_train=info shows it.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,burn_train=warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -10,6 +10,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::Module;
 use burn::train::logger::FileMetricLogger;
+use burn::train::metric::IterationSpeedMetric;
 use burn::train::{InferenceStep, Learner, LearnerModel, SupervisedTraining, TrainStep};
 use conf_data::{Corpus, EvalWindows, Split, TrainWindows};
 use serde::{Deserialize, Serialize};
@@ -211,12 +212,15 @@ where
         !dashboard,
         training.interrupter(),
     );
+    // The binary owns the process-wide logger; burn's would replace it with a file.
     training = training
+        .with_application_logger(None)
         .with_metric_logger(FileMetricLogger::new(&settings.artifact_dir))
         .with_metric_logger(history);
     if !dashboard {
         training = training.renderer(Box::new(QuietRenderer));
     }
+    training = training.metric_train_numeric(IterationSpeedMetric::new());
     for &kind in metrics {
         training = training
             .metric_train_numeric(LookaheadMetric::new(kind))
