@@ -132,12 +132,7 @@ where
         device.clone(),
     )
     .with_timer(step_timer.clone());
-    let eval = EvalWindows::new(
-        corpus.tokens.clone(),
-        split.val.clone(),
-        settings.seq_len,
-        settings.eval_windows,
-    );
+    let eval = eval_windows(corpus, split, settings);
     let valid_loader = DataLoaderBuilder::new(batcher)
         .batch_size(settings.batch_size)
         .build(eval);
@@ -177,7 +172,11 @@ where
     ));
     trainee.set_checkpointer(checkpointer.clone());
     let spe = settings.eval_interval;
-    let num_epochs = settings.training_steps.div_ceil(spe) - start / spe;
+    let num_epochs = if start >= settings.training_steps {
+        0
+    } else {
+        settings.training_steps.div_ceil(spe) - start / spe
+    };
 
     // A checkpoint taken at an evaluation step precedes that evaluation: redo it.
     let evaluated = |log: &Arc<Mutex<RunLog>>| {
@@ -268,6 +267,16 @@ where
     })
 }
 
+/// The fixed evaluation windows of a run.
+fn eval_windows(corpus: &Corpus, split: &Split, settings: &RunSettings) -> EvalWindows {
+    EvalWindows::new(
+        corpus.tokens.clone(),
+        split.val.clone(),
+        settings.seq_len,
+        settings.eval_windows,
+    )
+}
+
 /// Every metric of `kinds` on the fixed evaluation windows, with the samples they came from,
 /// computed by the model's inference step (the same conditioning and lookahead as training).
 pub fn evaluate<M>(
@@ -284,12 +293,7 @@ where
     let batcher = LookaheadBatcher {
         seed: settings.seed,
     };
-    let eval = EvalWindows::new(
-        corpus.tokens.clone(),
-        split.val.clone(),
-        settings.seq_len,
-        settings.eval_windows,
-    );
+    let eval = eval_windows(corpus, split, settings);
     let mut samples = Samples::default();
     let indices: Vec<usize> = (0..eval.len()).collect();
     for chunk in indices.chunks(settings.batch_size) {
