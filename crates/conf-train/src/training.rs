@@ -553,11 +553,11 @@ mod tests {
             .into_iter()
             .chain(MetricKind::CONFIDENCE)
             .collect();
-        let fresh = |device: &Device| {
-            device.seed(7);
-            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(device)
-        };
         let device = Device::flex().autodiff();
+        // One initial model for all three runs: tests share the process-wide generator, so
+        // re-seeding it would not guarantee equal initialisations.
+        let initial = ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device);
+        let fresh = |_: &Device| initial.clone();
 
         // The reference: 60 steps in one go.
         let reference_dir = tempfile::tempdir().unwrap();
@@ -622,9 +622,11 @@ mod tests {
         let steps = |h: &[EvalRecord]| h.iter().map(|r| r.step).collect::<Vec<_>>();
         assert_eq!(steps(&resumed.report.history), vec![20, 40, 60]);
         // Equal up to the last digit of the decimal text the history is stored in.
+        // Iteration speed is a timing, the one train metric that may differ.
         let same = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
             a.len() == b.len()
                 && a.iter()
+                    .filter(|(k, _)| k.as_str() != "Iteration Speed")
                     .all(|(k, v)| (v - b[k]).abs() <= 1e-12 * v.abs().max(1.0))
         };
         for (a, b) in resumed.report.history.iter().zip(&reference.report.history) {
