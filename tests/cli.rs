@@ -256,3 +256,62 @@ fn bad_train_flags_exit_with_code_2() {
         &["--conf-input"],
     );
 }
+
+#[test]
+fn train_reads_a_config_file_that_flags_override_and_rejects_unknown_keys() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("exp.toml");
+    let results = dir.path().join("out");
+    std::fs::write(
+        &config,
+        format!(
+            "training_steps = 2\neval_interval = 1\nseq_len = 16\nbatch_size = 2\nseeds = [7, 8]\nresults_dir = {:?}\n",
+            results.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "train",
+        "--model",
+        "standard",
+        "--config",
+        config.to_str().unwrap(),
+        "--eval-interval",
+        "2",
+        "--no-tui",
+    ];
+    let out = lookahead(&args, cache.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = results.join("train/standard-standard-seed7/history.json");
+    let history: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(history).unwrap()).unwrap();
+    assert_eq!(history["config"]["training_steps"], 2);
+    assert_eq!(
+        history["config"]["eval_interval"], 2,
+        "the flag overrides the file"
+    );
+    assert_eq!(history["report"]["history"].as_array().unwrap().len(), 1);
+
+    std::fs::write(&config, "training_stepz = 2\n").unwrap();
+    let out = lookahead(
+        &[
+            "train",
+            "--model",
+            "standard",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    fails_with(&out, 2, &["training_stepz", "exp.toml"]);
+    let out = lookahead(
+        &["train", "--model", "standard", "--training-steps", "0"],
+        cache.path(),
+    );
+    fails_with(&out, 2, &["training_steps"]);
+}

@@ -36,11 +36,11 @@ pub enum Command {
 /// Where the corpus comes from and how it is tokenized.
 #[derive(Debug, Clone, Args)]
 pub struct CorpusArgs {
-    /// `synthetic` (built in), `tinyshakespeare`, `tinystories`, or a path: a .txt file, a
+    /// `synthetic` (built in, default), `tinyshakespeare`, `tinystories`, or a path: a .txt file, a
     /// directory of .txt files, a .jsonl file with a "text" field, or a token .bin with its
     /// .json meta.
-    #[arg(long, default_value = "synthetic")]
-    pub dataset: String,
+    #[arg(long)]
+    pub dataset: Option<String>,
     /// Tokenizer: char, byte or gpt2 (default: char, or the one recorded for a .bin).
     #[arg(long, value_parser = parse_tokenizer)]
     pub tokenizer: Option<TokenizerKind>,
@@ -93,9 +93,13 @@ pub struct ModelArgs {
     pub json: bool,
 }
 
-/// Flags shared by the training commands; unset ones come from the preset.
+/// Flags shared by the training commands. Each overrides the same key of `--config`, which
+/// overrides the preset (docs/experiments.md lists every key).
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// TOML file with any of the experiment's keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Preset: quick, seed or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
@@ -106,34 +110,34 @@ pub struct RunArgs {
     #[arg(long)]
     pub training_steps: Option<usize>,
     /// Comma-separated seeds; `train` uses the first.
-    #[arg(long, value_delimiter = ',', default_value = "42")]
-    pub seeds: Vec<u64>,
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Option<Vec<u64>>,
     #[arg(long)]
     pub batch_size: Option<usize>,
     #[arg(long)]
     pub seq_len: Option<usize>,
     #[arg(long)]
     pub eval_interval: Option<usize>,
-    #[arg(long, default_value = "results/confidence_experiments")]
-    pub results_dir: PathBuf,
+    #[arg(long)]
+    pub results_dir: Option<PathBuf>,
     /// Plain log lines instead of the dashboard.
     #[arg(long)]
     pub no_tui: bool,
     /// Optimizer steps between checkpoints (one is also written at the end).
-    #[arg(long, default_value_t = 100)]
-    pub save_interval: usize,
+    #[arg(long)]
+    pub save_interval: Option<usize>,
     /// Continue from the run's latest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    #[arg(long, default_value_t = 1.0)]
-    pub confidence_alpha: f64,
-    #[arg(long, default_value = "seed")]
-    pub conf_head: ConfHead,
+    #[arg(long)]
+    pub confidence_alpha: Option<f64>,
+    #[arg(long)]
+    pub conf_head: Option<ConfHead>,
     /// Confidence history: self (previous predictions) or zeros.
-    #[arg(long, default_value = "self")]
-    pub conf_input: ConfInput,
-    #[arg(long, default_value_t = 2.0)]
-    pub confidence_init_bias: f64,
+    #[arg(long)]
+    pub conf_input: Option<ConfInput>,
+    #[arg(long)]
+    pub confidence_init_bias: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -3,6 +3,7 @@
 mod backend;
 mod cli;
 mod commands;
+mod config;
 
 use std::process::ExitCode;
 

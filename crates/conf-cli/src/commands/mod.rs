@@ -11,7 +11,7 @@ use crate::cli::CorpusArgs;
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
 pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
     let request = CorpusRequest {
-        dataset: args.dataset.clone(),
+        dataset: args.dataset.clone().unwrap_or_else(|| "synthetic".into()),
         tokenizer: args.tokenizer,
         data_dir: args.data_dir.clone(),
         cache_dir: args

@@ -4,11 +4,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use conf_data::{Split, write_atomic};
-use conf_model::presets::{PRESET_NAMES, model_shape};
-use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig};
+use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
 use conf_train::metrics::MetricKind;
-use conf_train::presets::schedule;
-use conf_train::trainee::{ConfidenceTrainee, StandardTrainee};
+use conf_train::optim::OptimizerSettings;
+use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
 use conf_train::training::{RunReport, RunSettings, fit};
 use conf_train::{
     ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, TeacherObjective,
@@ -17,7 +16,8 @@ use serde::Serialize;
 
 use crate::Failure;
 use crate::backend;
-use crate::cli::{ModelKind, TrainArgs};
+use crate::cli::{CorpusArgs, ModelKind, TrainArgs};
+use crate::config::ConfidenceExperimentConfig;
 
 fn bad(message: String) -> Failure {
     Failure::BadInput(anyhow!(message))
@@ -29,19 +29,14 @@ struct TrainRecord<'a> {
     objective: ObjectiveKind,
     seed: u64,
     parameters: usize,
+    config: &'a ConfidenceExperimentConfig,
     settings: &'a RunSettings,
     report: &'a RunReport,
 }
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
-    let r = &args.run;
-    let shape = model_shape(&r.preset).ok_or_else(|| {
-        bad(format!(
-            "--preset: unknown preset '{}' (expected one of: {PRESET_NAMES})",
-            r.preset
-        ))
-    })?;
-    let plan = schedule(&r.preset).expect("every model preset has a schedule");
+    let config = ConfidenceExperimentConfig::from_args(&args.run)
+        .map_err(|e| Failure::BadInput(e.into()))?;
     let objective = match (args.model, args.objective) {
         (ModelKind::Standard, None | Some(ObjectiveKind::Standard)) => ObjectiveKind::Standard,
         (ModelKind::Standard, Some(other)) => {
@@ -49,7 +44,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
                 "--objective {other:?}: the standard model trains only with 'standard'"
             )));
         }
-        (ModelKind::Confidence, None) => ObjectiveKind::Dense,
+        (ModelKind::Confidence, None) => config.objective,
         (ModelKind::Confidence, Some(ObjectiveKind::Standard)) => {
             return Err(bad(
                 "--objective standard: the confidence model needs seed, dense or teacher".into(),
@@ -57,50 +52,57 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         }
         (ModelKind::Confidence, Some(kind)) => kind,
     };
-    let seed = *r
-        .seeds
-        .first()
-        .ok_or_else(|| bad("--seeds: give at least one seed".into()))?;
-    let device = backend::device(r.backend).map_err(bad)?;
-    let corpus = super::load(&r.corpus)?;
-    let seq_len = r.seq_len.unwrap_or(shape.context_length);
-    let split =
-        Split::contiguous(&corpus, 0.1, seq_len).map_err(|e| Failure::BadInput(e.into()))?;
-    let run_dir = r.results_dir.join("train").join(
-        format!(
-            "{}-{objective:?}-seed{seed}",
-            match args.model {
-                ModelKind::Standard => "standard",
-                ModelKind::Confidence => "confidence",
-            }
-        )
-        .to_lowercase(),
-    );
-    let settings = RunSettings {
-        training_steps: r.training_steps.unwrap_or(plan.training_steps),
-        eval_interval: r.eval_interval.unwrap_or(plan.eval_interval),
-        batch_size: r.batch_size.unwrap_or(plan.batch_size),
-        seq_len,
-        eval_windows: Some(plan.eval_windows),
-        seed,
-        optimizer: plan.optimizer,
-        artifact_dir: run_dir.clone(),
-        no_tui: r.no_tui,
-        save_interval: r.save_interval,
-        resume: r.resume,
-    };
-    let mut gpt = shape.gpt(corpus.vocab_size());
-    gpt.context_length = seq_len;
-    let confidence = ConfidenceGptConfig::new(gpt)
-        .with_conf_head(r.conf_head)
-        .with_confidence_init_bias(r.confidence_init_bias);
-    confidence
-        .gpt
-        .validate()
+    let seed = config.seeds[0];
+    let device = backend::device(args.run.backend).map_err(bad)?;
+    let corpus = super::load(&CorpusArgs {
+        dataset: Some(config.dataset.clone()),
+        tokenizer: config.tokenizer,
+        ..args.run.corpus.clone()
+    })?;
+    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
         .map_err(|e| Failure::BadInput(e.into()))?;
+    let model_name = match args.model {
+        ModelKind::Standard => "standard",
+        ModelKind::Confidence => "confidence",
+    };
+    let run_dir = config
+        .results_dir
+        .join("train")
+        .join(format!("{model_name}-{objective:?}-seed{seed}").to_lowercase());
+    let settings = RunSettings {
+        training_steps: config.training_steps,
+        eval_interval: config.eval_interval,
+        batch_size: config.batch_size,
+        seq_len: config.seq_len,
+        eval_windows: Some(config.eval_windows),
+        seed,
+        optimizer: OptimizerSettings {
+            learning_rate: config.learning_rate,
+            min_learning_rate: config.min_learning_rate,
+            warmup_steps: config.warmup_steps,
+            weight_decay: config.weight_decay,
+            grad_clip: GRAD_CLIP,
+        },
+        artifact_dir: run_dir.clone(),
+        no_tui: args.run.no_tui,
+        save_interval: config.save_interval,
+        resume: args.run.resume,
+    };
+    let gpt = GptConfig::new(
+        corpus.vocab_size(),
+        config.seq_len,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        4 * config.d_model,
+    )
+    .with_dropout(config.dropout);
+    let confidence = ConfidenceGptConfig::new(gpt)
+        .with_conf_head(config.conf_head)
+        .with_confidence_init_bias(config.confidence_init_bias);
     let conf = ConfidenceSettings {
-        alpha: r.confidence_alpha,
-        conf_input: r.conf_input,
+        alpha: config.confidence_alpha,
+        conf_input: config.conf_input,
     };
 
     let device = device.autodiff();
@@ -141,13 +143,11 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         }
     };
     let record = TrainRecord {
-        model: match args.model {
-            ModelKind::Standard => "standard",
-            ModelKind::Confidence => "confidence",
-        },
+        model: model_name,
         objective,
         seed,
         parameters,
+        config: &config,
         settings: &settings,
         report: &report,
     };
@@ -155,8 +155,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     let json = serde_json::to_vec_pretty(&record).context("serialising the history")?;
     write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "trained {} ({objective:?}) for {} steps: {:.1} ms/step, {:.0} tokens/s; history in {}",
-        record.model,
+        "trained {model_name} ({objective:?}) for {} steps: {:.1} ms/step, {:.0} tokens/s; history in {}",
         settings.training_steps,
         report.ms_per_step,
         report.tokens_per_second,
