@@ -76,6 +76,7 @@ impl RemoteCorpus {
         let have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
         let fail = |message: String| DataError::Download {
             url: self.url.to_string(),
+            file_name: self.file_name.to_string(),
             message,
         };
         tracing::info!(
@@ -213,5 +214,70 @@ mod tests {
         TINYSTORIES.locate_or_fetch(None, cache.path()).unwrap();
         fs::write(&dest, b"Once upon a tine").unwrap();
         assert!(TINYSTORIES.locate_or_fetch(None, cache.path()).is_err());
+    }
+
+    /// Serves `body` on loopback for `requests` connections, honouring `Range: bytes=N-`.
+    fn serve(
+        body: &'static [u8],
+        requests: usize,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/corpus.txt", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut ranges = Vec::new();
+            for stream in listener.incoming().take(requests) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut start = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        start = v.trim().trim_end_matches('-').parse().unwrap();
+                        ranges.push(line.trim().to_ascii_lowercase());
+                    }
+                }
+                let part = &body[start..];
+                let status = if start > 0 {
+                    "206 Partial Content"
+                } else {
+                    "200 OK"
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    part.len()
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                stream.write_all(part).unwrap();
+            }
+            ranges
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn a_download_resumes_from_its_part_file_and_is_checked() {
+        const BODY: &[u8] = b"To be, or not to be, that is the question.\n";
+        let (url, server) = serve(BODY, 1);
+        let corpus = RemoteCorpus {
+            name: "hamlet",
+            url: Box::leak(url.into_boxed_str()),
+            file_name: "hamlet.txt",
+            sha256: Some(Box::leak(sha256_hex(BODY).into_boxed_str())),
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let part = cache.path().join("downloads/hamlet.part");
+        fs::create_dir_all(part.parent().unwrap()).unwrap();
+        fs::write(&part, &BODY[..10]).unwrap(); // an interrupted earlier download
+        let path = corpus.locate_or_fetch(None, cache.path()).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), BODY);
+        assert!(!part.exists());
+        assert_eq!(server.join().unwrap(), vec!["range: bytes=10-".to_string()]);
+        // Found in the cache the second time: no server needed.
+        assert_eq!(corpus.locate_or_fetch(None, cache.path()).unwrap(), path);
     }
 }

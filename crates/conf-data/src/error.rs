@@ -68,8 +68,14 @@ pub enum DataError {
     },
     #[error("val_fraction must lie in (0, 1), got {value}")]
     ValFraction { value: f64 },
-    #[error("download of {url} failed: {message}")]
-    Download { url: String, message: String },
+    #[error(
+        "download of {url} failed: {message}; without network access, put a copy at DIR/{file_name} and pass --data-dir DIR (or set LOOKAHEAD_DATA)"
+    )]
+    Download {
+        url: String,
+        file_name: String,
+        message: String,
+    },
     #[error(
         "{path}: sha256 {found} does not match the expected {expected}; the file was removed, run again to download it afresh"
     )]
