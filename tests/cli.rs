@@ -315,3 +315,98 @@ fn train_reads_a_config_file_that_flags_override_and_rejects_unknown_keys() {
     );
     fails_with(&out, 2, &["training_steps"]);
 }
+
+#[test]
+fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let results_dir = dir.path().to_str().unwrap();
+    let args = [
+        "experiment",
+        "--training-steps",
+        "4",
+        "--eval-interval",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--seeds",
+        "1,2",
+        "--no-tui",
+        "--results-dir",
+        results_dir,
+    ];
+    let out = lookahead(&args, cache.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_results.json"))
+        .expect("a results file");
+    let loaded = lookahead(&["results", "load", file.to_str().unwrap()], cache.path());
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    assert!(String::from_utf8_lossy(&loaded.stdout).contains("valid (schema 1, 2 seeds"));
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    for key in [
+        "timestamp",
+        "backend",
+        "device",
+        "config",
+        "parameter_counts",
+        "training_time",
+        "summary",
+    ] {
+        assert!(!results[key].is_null(), "{key}");
+    }
+    for model in ["standard_model_results", "confidence_model_results"] {
+        for seed in ["1", "2"] {
+            let r = &results[model][seed];
+            for key in [
+                "final_eval_loss",
+                "best_eval_loss",
+                "final_perplexity",
+                "training_time",
+                "flops_per_token",
+                "total_flops",
+            ] {
+                assert!(r[key].as_f64().unwrap().is_finite(), "{model}.{seed}.{key}");
+            }
+            assert_eq!(r["loss_history"].as_array().unwrap().len(), 2);
+        }
+    }
+    let c = &results["confidence_model_results"]["1"];
+    let predictions = c["confidence_predictions"].as_array().unwrap();
+    assert_eq!(
+        predictions.len(),
+        c["actual_future_losses"].as_array().unwrap().len()
+    );
+    assert!(!predictions.is_empty() && predictions.len() <= 2000);
+    assert!(!c["calibration_bins"].as_array().unwrap().is_empty());
+    assert_eq!(c["confidence_loss_history"].as_array().unwrap().len(), 2);
+    assert!(results["summary"]["paired_difference"]["LM Loss"]["p_value"].is_number());
+    assert!(results["summary"]["head_vs_entropy"]["spearman"].is_object());
+    assert!(
+        results["standard_model_results"]["1"]
+            .get("confidence_predictions")
+            .is_none()
+    );
+
+    // A damaged file is rejected naming it.
+    std::fs::write(&file, "{\"schema_version\": 1}").unwrap();
+    fails_with(
+        &lookahead(&["results", "load", file.to_str().unwrap()], cache.path()),
+        2,
+        &["_results.json"],
+    );
+}

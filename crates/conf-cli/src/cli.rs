@@ -31,6 +31,17 @@ pub enum Command {
     Model(ModelArgs),
     /// Train one model with one seed through burn-train's Learner and save its history.
     Train(TrainArgs),
+    /// Both models for every seed, then `{results_dir}/{timestamp}_results.json`.
+    Experiment(RunArgs),
+    /// Work with results files.
+    #[command(subcommand)]
+    Results(ResultsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ResultsCommand {
+    /// Validate a results file and print its summary.
+    Load { file: PathBuf },
 }
 
 /// Where the corpus comes from and how it is tokenized.
@@ -144,6 +155,15 @@ pub struct RunArgs {
 pub enum ModelKind {
     Standard,
     Confidence,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Confidence => "confidence",
+        }
+    }
 }
 
 #[derive(Debug, Args)]

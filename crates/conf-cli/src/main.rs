@@ -4,6 +4,8 @@ mod backend;
 mod cli;
 mod commands;
 mod config;
+mod results;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,8 @@ fn main() -> ExitCode {
         Command::Data(args) => commands::data::run(args),
         Command::Model(args) => commands::model::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Experiment(args) => commands::experiment::run(args),
+        Command::Results(command) => commands::results::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,8 @@
 pub mod data;
+pub mod experiment;
 pub mod model;
+pub mod results;
+pub mod run;
 pub mod train;
 
 use anyhow::Context;

@@ -1,0 +1,167 @@
+//! `lookahead experiment`: both models for every seed, then the results file.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, anyhow};
+use conf_data::{Split, write_atomic};
+use conf_train::ObjectiveKind;
+use conf_train::metrics::MetricKind;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::run::{RunRequest, model_configs, run_model};
+use crate::Failure;
+use crate::backend;
+use crate::cli::{CorpusArgs, ModelKind, RunArgs};
+use crate::config::ConfidenceExperimentConfig;
+use crate::results::{ExperimentResults, SCHEMA_VERSION, Summary, TrainingResult};
+
+/// No-gradient forward passes over L tokens each objective adds to its trained pass.
+fn extra_forward_passes(objective: ObjectiveKind, config: &ConfidenceExperimentConfig) -> f64 {
+    let history = match config.conf_input {
+        conf_train::ConfInput::SelfConditioned => 1.0,
+        conf_train::ConfInput::Zeros => 0.0,
+    };
+    match objective {
+        ObjectiveKind::Standard => 0.0,
+        ObjectiveKind::Seed => history + 1.0 / config.seq_len as f64,
+        ObjectiveKind::Dense => history + 1.0,
+        ObjectiveKind::Teacher => history,
+    }
+}
+
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn run(args: RunArgs) -> Result<(), Failure> {
+    let config =
+        ConfidenceExperimentConfig::from_args(&args).map_err(|e| Failure::BadInput(e.into()))?;
+    let device = backend::device(args.backend).map_err(|e| Failure::BadInput(anyhow!(e)))?;
+    let corpus = super::load(&CorpusArgs {
+        dataset: Some(config.dataset.clone()),
+        tokenizer: config.tokenizer,
+        ..args.corpus.clone()
+    })?;
+    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
+        .map_err(|e| Failure::BadInput(e.into()))?;
+    let now = OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let experiment_dir = config.results_dir.join(format!("{stamp}_runs"));
+
+    let mut standard = BTreeMap::new();
+    let mut confidence = BTreeMap::new();
+    let mut training_time: BTreeMap<String, f64> = BTreeMap::new();
+    for &seed in &config.seeds {
+        for (model, objective) in [
+            (ModelKind::Standard, ObjectiveKind::Standard),
+            (ModelKind::Confidence, config.objective),
+        ] {
+            tracing::info!(seed, model = model.name(), "training");
+            let run = run_model(RunRequest {
+                config: &config,
+                model,
+                objective,
+                seed,
+                corpus: &corpus,
+                split: &split,
+                device: device.clone(),
+                run_dir: experiment_dir.join(format!("{}-seed{seed}", model.name())),
+                no_tui: args.no_tui,
+                resume: args.resume,
+            })?;
+            *training_time.entry(model.name().to_string()).or_default() += run.report.train_seconds;
+            let is_confidence = model == ModelKind::Confidence;
+            let result = TrainingResult::from_run(
+                &run,
+                &config,
+                extra_forward_passes(objective, &config),
+                is_confidence,
+            );
+            let target = if is_confidence {
+                &mut confidence
+            } else {
+                &mut standard
+            };
+            target.insert(seed.to_string(), result);
+        }
+    }
+    let summary = Summary::new(&standard, &confidence);
+    let results = ExperimentResults {
+        schema_version: SCHEMA_VERSION,
+        timestamp: now.format(&Rfc3339).unwrap_or_default(),
+        git_commit: git_commit(),
+        backend: args.backend.name().to_string(),
+        device: format!("{device:?}"),
+        parameter_counts: model_configs(&config, corpus.vocab_size()).1,
+        config,
+        standard_model_results: standard,
+        confidence_model_results: confidence,
+        training_time,
+        summary,
+    };
+    let path = results
+        .config
+        .results_dir
+        .join(format!("{stamp}_results.json"));
+    let json = serde_json::to_vec_pretty(&results).context("serialising the results")?;
+    write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    print_summary(&results);
+    println!("results: {}", path.display());
+    Ok(())
+}
+
+/// A short Markdown table of the final metrics across seeds.
+pub fn print_summary(results: &ExperimentResults) {
+    let s = &results.summary;
+    let show = |stats: Option<&crate::stats::SeedStats>| match stats {
+        Some(st) => match st.ci95 {
+            Some(ci) => format!("{:.4} ± {:.4}", st.mean, ci),
+            None => format!("{:.4}", st.mean),
+        },
+        None => "—".into(),
+    };
+    println!("| metric | standard | confidence | confidence − standard (p) |");
+    println!("|---|---|---|---|");
+    for kind in [
+        MetricKind::LmLoss,
+        MetricKind::Perplexity,
+        MetricKind::Accuracy,
+        MetricKind::TokenEce,
+    ] {
+        let name = kind.name();
+        let diff = s.paired_difference.get(name).map_or("—".into(), |d| {
+            let p = d.p_value.map_or("n/a".into(), |p| format!("{p:.3}"));
+            format!("{} ({p})", show(Some(&d.difference)))
+        });
+        println!(
+            "| {name} | {} | {} | {diff} |",
+            show(s.standard.get(name)),
+            show(s.confidence.get(name))
+        );
+    }
+    for kind in [
+        MetricKind::ConfidenceLoss,
+        MetricKind::Spearman,
+        MetricKind::EntropySpearman,
+        MetricKind::Auroc,
+        MetricKind::EntropyAuroc,
+    ] {
+        let name = kind.name();
+        println!("| {name} | — | {} | — |", show(s.confidence.get(name)));
+    }
+}

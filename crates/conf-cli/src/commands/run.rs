@@ -1,0 +1,149 @@
+//! Building and training one model from the experiment config: shared by `train` and
+//! `experiment`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::prelude::*;
+use conf_data::{Corpus, Split};
+use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, ParameterMatch};
+use conf_train::metrics::{MetricKind, Samples};
+use conf_train::optim::OptimizerSettings;
+use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
+use conf_train::training::{RunReport, RunSettings, evaluate, fit};
+use conf_train::{
+    ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, TeacherObjective,
+};
+
+use crate::Failure;
+use crate::cli::ModelKind;
+use crate::config::ConfidenceExperimentConfig;
+
+/// One trained model and what was measured on it.
+pub struct ModelRun {
+    pub parameters: usize,
+    pub settings: RunSettings,
+    pub report: RunReport,
+    /// Every metric of the final model on the evaluation windows.
+    pub final_metrics: BTreeMap<String, f64>,
+    /// The evaluation samples behind them (predicted/actual pairs for the confidence model).
+    pub samples: Samples,
+}
+
+/// The confidence model's config and the parameter-matched standard one.
+pub fn model_configs(
+    config: &ConfidenceExperimentConfig,
+    vocab_size: usize,
+) -> (ConfidenceGptConfig, ParameterMatch) {
+    let gpt = GptConfig::new(
+        vocab_size,
+        config.seq_len,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        4 * config.d_model,
+    )
+    .with_dropout(config.dropout);
+    let confidence = ConfidenceGptConfig::new(gpt)
+        .with_conf_head(config.conf_head)
+        .with_confidence_init_bias(config.confidence_init_bias);
+    let matched = confidence.matched_standard();
+    (confidence, matched)
+}
+
+pub struct RunRequest<'a> {
+    pub config: &'a ConfidenceExperimentConfig,
+    pub model: ModelKind,
+    pub objective: ObjectiveKind,
+    pub seed: u64,
+    pub corpus: &'a Corpus,
+    pub split: &'a Split,
+    pub device: Device,
+    pub run_dir: PathBuf,
+    pub no_tui: bool,
+    pub resume: bool,
+}
+
+pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
+    let c = r.config;
+    let settings = RunSettings {
+        training_steps: c.training_steps,
+        eval_interval: c.eval_interval,
+        batch_size: c.batch_size,
+        seq_len: c.seq_len,
+        eval_windows: Some(c.eval_windows),
+        seed: r.seed,
+        optimizer: OptimizerSettings {
+            learning_rate: c.learning_rate,
+            min_learning_rate: c.min_learning_rate,
+            warmup_steps: c.warmup_steps,
+            weight_decay: c.weight_decay,
+            grad_clip: GRAD_CLIP,
+        },
+        artifact_dir: r.run_dir,
+        no_tui: r.no_tui,
+        save_interval: c.save_interval,
+        resume: r.resume,
+    };
+    let (confidence, matched) = model_configs(c, r.corpus.vocab_size());
+    let device = r.device.autodiff();
+    // Initialisation is seeded: both models of a seed start from that seed's generator.
+    device.seed(r.seed);
+    match r.model {
+        ModelKind::Standard => {
+            let model = matched.standard.init_minigpt(&device);
+            let parameters = model.num_params();
+            let kinds = MetricKind::STANDARD;
+            let trained = fit(
+                StandardTrainee::new(model),
+                &kinds,
+                r.corpus,
+                r.split,
+                &settings,
+            )?;
+            let (final_metrics, samples) =
+                evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
+            Ok(ModelRun {
+                parameters,
+                settings,
+                report: trained.report,
+                final_metrics,
+                samples,
+            })
+        }
+        ModelKind::Confidence => {
+            let model = confidence.init(&device);
+            let parameters = model.num_params();
+            let conf = ConfidenceSettings {
+                alpha: c.confidence_alpha,
+                conf_input: c.conf_input,
+            };
+            let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match r.objective {
+                ObjectiveKind::Seed => Arc::new(SeedObjective(conf)),
+                ObjectiveKind::Teacher => Arc::new(TeacherObjective(conf)),
+                _ => Arc::new(DenseObjective(conf)),
+            };
+            let kinds: Vec<MetricKind> = MetricKind::STANDARD
+                .into_iter()
+                .chain(MetricKind::CONFIDENCE)
+                .collect();
+            let trained = fit(
+                ConfidenceTrainee::new(model, objective),
+                &kinds,
+                r.corpus,
+                r.split,
+                &settings,
+            )?;
+            let (final_metrics, samples) =
+                evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
+            Ok(ModelRun {
+                parameters,
+                settings,
+                report: trained.report,
+                final_metrics,
+                samples,
+            })
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The results file: one schema type used by the writer, `results load` and (later) the report.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use conf_model::ParameterMatch;
+use conf_train::calibration::{CalibrationBin, loss_calibration};
+use conf_train::metrics::MetricKind;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::run::ModelRun;
+use crate::config::ConfidenceExperimentConfig;
+use crate::stats::{PairedDifference, SeedStats, paired_difference, seed_stats};
+
+pub const SCHEMA_VERSION: u32 = 1;
+/// Predicted/actual pairs kept per seed: enough for a scatter plot, small enough for a file.
+pub const PAIR_SAMPLE: usize = 2000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentResults {
+    pub schema_version: u32,
+    /// UTC, RFC 3339.
+    pub timestamp: String,
+    pub git_commit: Option<String>,
+    pub backend: String,
+    pub device: String,
+    pub config: ConfidenceExperimentConfig,
+    pub parameter_counts: ParameterMatch,
+    /// Per seed (as a string key).
+    pub standard_model_results: BTreeMap<String, TrainingResult>,
+    pub confidence_model_results: BTreeMap<String, TrainingResult>,
+    /// Seconds of training steps summed over seeds, per model type.
+    pub training_time: BTreeMap<String, f64>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossPoint {
+    pub step: usize,
+    /// Mean LM loss over the training steps since the previous evaluation.
+    pub train_loss: Option<f64>,
+    pub eval_loss: f64,
+    pub perplexity: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepValue {
+    pub step: usize,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingResult {
+    pub final_eval_loss: f64,
+    pub best_eval_loss: f64,
+    pub final_perplexity: f64,
+    pub final_train_loss: Option<f64>,
+    pub loss_history: Vec<LossPoint>,
+    /// Seconds of training steps (evaluation excluded).
+    pub training_time: f64,
+    pub ms_per_step: f64,
+    pub tokens_per_second: f64,
+    pub parameters: usize,
+    /// Training FLOPs per token (see docs/results.md) and over the whole run.
+    pub flops_per_token: f64,
+    pub total_flops: f64,
+    /// Every metric of the final model on the evaluation windows.
+    pub final_metrics: BTreeMap<String, f64>,
+    /// Evaluation confidence MSE at each evaluation (confidence model only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_loss_history: Option<Vec<StepValue>>,
+    /// Evaluation LM loss (mean token cross-entropy) at each evaluation (confidence model only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_loss_history: Option<Vec<StepValue>>,
+    /// Final-model predicted and actual future losses, a sample of at most `PAIR_SAMPLE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_predictions: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_future_losses: Option<Vec<f32>>,
+    /// The reliability diagram of the final model (all evaluation pairs, 15 equal-mass bins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_bins: Option<Vec<CalibrationBin>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    /// Final metrics across seeds, per model type, then per metric.
+    pub standard: BTreeMap<String, SeedStats>,
+    pub confidence: BTreeMap<String, SeedStats>,
+    /// confidence − standard on the metrics both have, paired by seed.
+    pub paired_difference: BTreeMap<String, PairedDifference>,
+    /// The confidence head against the entropy baseline (head − baseline), paired by seed:
+    /// keys `spearman` and `auroc`.
+    pub head_vs_entropy: BTreeMap<String, PairedDifference>,
+}
+
+/// Training FLOPs per token: 6N for the trained pass plus 12·n_layers·L·d for its attention,
+/// and 2N + 4·n_layers·L·d for each extra no-gradient forward pass over L tokens.
+pub fn flops_per_token(
+    parameters: usize,
+    n_layers: usize,
+    seq_len: usize,
+    d_model: usize,
+    extra_forward_passes: f64,
+) -> f64 {
+    let n = parameters as f64;
+    let attention = (n_layers * seq_len * d_model) as f64;
+    6.0 * n + 12.0 * attention + extra_forward_passes * (2.0 * n + 4.0 * attention)
+}
+
+impl TrainingResult {
+    pub fn from_run(
+        run: &ModelRun,
+        config: &ConfidenceExperimentConfig,
+        extra_forward_passes: f64,
+        confidence: bool,
+    ) -> Self {
+        let history = &run.report.history;
+        let schedule = |step: usize| {
+            let mut scheduler = conf_train::optim::warmup_cosine(
+                &run.settings.optimizer,
+                run.settings.training_steps,
+            )
+            .expect("validated settings");
+            (0..step.max(1))
+                .map(|_| scheduler.step().base())
+                .last()
+                .unwrap_or(0.0)
+        };
+        let lm = MetricKind::LmLoss.name();
+        let loss_history: Vec<LossPoint> = history
+            .iter()
+            .filter_map(|r| {
+                let eval_loss = *r.valid.get(lm)?;
+                Some(LossPoint {
+                    step: r.step,
+                    train_loss: r.train.get(lm).copied(),
+                    eval_loss,
+                    perplexity: eval_loss.exp(),
+                    lr: schedule(r.step),
+                })
+            })
+            .collect();
+        let final_eval_loss = run.final_metrics.get(lm).copied().unwrap_or(f64::NAN);
+        let best_eval_loss = loss_history
+            .iter()
+            .map(|p| p.eval_loss)
+            .fold(final_eval_loss, f64::min);
+        let per_token = flops_per_token(
+            run.parameters,
+            config.n_layers,
+            config.seq_len,
+            config.d_model,
+            extra_forward_passes,
+        );
+        let tokens =
+            (run.settings.training_steps * run.settings.batch_size * run.settings.seq_len) as f64;
+        let series = |kind: MetricKind| {
+            history
+                .iter()
+                .filter_map(|r| {
+                    r.valid.get(kind.name()).map(|&value| StepValue {
+                        step: r.step,
+                        value,
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let s = &run.samples;
+        let keep = s.predicted.len().min(PAIR_SAMPLE);
+        // An even stride over all pairs, so the sample covers every evaluation window.
+        let stride = (s.predicted.len() / keep.max(1)).max(1);
+        let pick = |v: &[f32]| {
+            v.iter()
+                .step_by(stride)
+                .take(keep)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        Self {
+            final_eval_loss,
+            best_eval_loss,
+            final_perplexity: final_eval_loss.exp(),
+            final_train_loss: loss_history.last().and_then(|p| p.train_loss),
+            loss_history,
+            training_time: run.report.train_seconds,
+            ms_per_step: run.report.ms_per_step,
+            tokens_per_second: run.report.tokens_per_second,
+            parameters: run.parameters,
+            flops_per_token: per_token,
+            total_flops: per_token * tokens,
+            final_metrics: run.final_metrics.clone(),
+            confidence_loss_history: confidence.then(|| series(MetricKind::ConfidenceLoss)),
+            token_loss_history: confidence.then(|| series(MetricKind::LmLoss)),
+            confidence_predictions: confidence.then(|| pick(&s.predicted)),
+            actual_future_losses: confidence.then(|| pick(&s.actual)),
+            calibration_bins: confidence.then(|| loss_calibration(&s.predicted, &s.actual).1),
+        }
+    }
+}
+
+impl Summary {
+    pub fn new(
+        standard: &BTreeMap<String, TrainingResult>,
+        confidence: &BTreeMap<String, TrainingResult>,
+    ) -> Self {
+        let per_metric = |results: &BTreeMap<String, TrainingResult>| {
+            let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for r in results.values() {
+                for (k, v) in &r.final_metrics {
+                    values.entry(k.clone()).or_default().push(*v);
+                }
+            }
+            values
+        };
+        let (s, c) = (per_metric(standard), per_metric(confidence));
+        let stats = |m: &BTreeMap<String, Vec<f64>>| {
+            m.iter().map(|(k, v)| (k.clone(), seed_stats(v))).collect()
+        };
+        let paired = s
+            .iter()
+            .filter(|(k, v)| c.get(*k).is_some_and(|w| w.len() == v.len()))
+            .map(|(k, v)| (k.clone(), paired_difference(v, &c[k])))
+            .collect();
+        let mut head_vs_entropy = BTreeMap::new();
+        for (name, head, baseline) in [
+            (
+                "spearman",
+                MetricKind::Spearman,
+                MetricKind::EntropySpearman,
+            ),
+            ("auroc", MetricKind::Auroc, MetricKind::EntropyAuroc),
+        ] {
+            if let (Some(h), Some(b)) = (c.get(head.name()), c.get(baseline.name()))
+                && h.len() == b.len()
+            {
+                head_vs_entropy.insert(name.to_string(), paired_difference(b, h));
+            }
+        }
+        Self {
+            standard: stats(&s),
+            confidence: stats(&c),
+            paired_difference: paired,
+            head_vs_entropy,
+        }
+    }
+}
+
+/// Errors of `results load`.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Reads and checks a results file: the schema, its version, and that every number the
+/// experiment must produce is finite.
+pub fn load(path: &Path) -> Result<ExperimentResults, ResultsError> {
+    let invalid = |message: String| ResultsError::Invalid {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
+    let results: ExperimentResults =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("not a results file: {e}")))?;
+    if results.schema_version != SCHEMA_VERSION {
+        return Err(invalid(format!(
+            "schema_version {} is not the supported {SCHEMA_VERSION}",
+            results.schema_version
+        )));
+    }
+    for (model, runs) in [
+        ("standard_model_results", &results.standard_model_results),
+        (
+            "confidence_model_results",
+            &results.confidence_model_results,
+        ),
+    ] {
+        if runs.is_empty() {
+            return Err(invalid(format!("{model} holds no seed")));
+        }
+        for (seed, r) in runs {
+            for (field, v) in [
+                ("final_eval_loss", r.final_eval_loss),
+                ("best_eval_loss", r.best_eval_loss),
+                ("final_perplexity", r.final_perplexity),
+                ("training_time", r.training_time),
+            ] {
+                if !v.is_finite() {
+                    return Err(invalid(format!(
+                        "{model}.{seed}.{field} is {v}, not a finite number"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(results)
+}
