@@ -16,6 +16,14 @@ struct Xtask {
 enum Task {
     /// The checks CI runs: formatting, clippy with warnings as errors, the test suite.
     Ci,
+    /// Build `lookahead` in release mode for a backend and run `lookahead experiment` on it;
+    /// every argument after the backend is passed on.
+    Experiment {
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +40,25 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ])?;
             cargo(&["test", "--workspace", "--release"])
+        }
+        Task::Experiment { backend, args } => {
+            if backend != "flex" {
+                bail!(
+                    "--backend {backend}: this workspace builds only the flex backend so far; the others come behind conf-cli features"
+                );
+            }
+            let mut command = vec![
+                "run",
+                "--release",
+                "-p",
+                "conf-cli",
+                "--",
+                "experiment",
+                "--backend",
+                "flex",
+            ];
+            command.extend(args.iter().map(String::as_str));
+            cargo(&command)
         }
     }
 }
