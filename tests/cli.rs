@@ -402,6 +402,44 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
             .is_none()
     );
 
+    // The experiment wrote its report beside the results: six plots embedded in the HTML.
+    let stem = file
+        .to_str()
+        .unwrap()
+        .trim_end_matches("_results.json")
+        .to_string();
+    let html = std::fs::read_to_string(format!("{stem}_report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 6);
+    assert!(html.contains("Reliability") && html.contains("LM Loss"));
+    let markdown = std::fs::read_to_string(format!("{stem}_report.md")).unwrap();
+    assert!(markdown.starts_with("| metric | standard | confidence |"));
+
+    // Two separate seed runs of the same configuration merge into one report.
+    let other = dir.path().join("other");
+    let mut args2 = args.to_vec();
+    args2[10] = "3";
+    args2[13] = other.to_str().unwrap();
+    assert!(lookahead(&args2, cache.path()).status.success());
+    let other_file = std::fs::read_dir(&other)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_results.json"))
+        .unwrap();
+    let merged = lookahead(
+        &[
+            "report",
+            file.to_str().unwrap(),
+            other_file.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    assert!(String::from_utf8_lossy(&merged.stdout).contains("report:"));
+
     // A damaged file is rejected naming it.
     std::fs::write(&file, "{\"schema_version\": 1}").unwrap();
     fails_with(

@@ -33,6 +33,9 @@ pub enum Command {
     Train(TrainArgs),
     /// Both models for every seed, then `{results_dir}/{timestamp}_results.json`.
     Experiment(RunArgs),
+    /// Plots and an HTML/Markdown report next to the first results file; several files from
+    /// separate seed runs of one configuration merge into one report.
+    Report { files: Vec<PathBuf> },
     /// Work with results files.
     #[command(subcommand)]
     Results(ResultsCommand),

@@ -4,6 +4,7 @@ mod backend;
 mod cli;
 mod commands;
 mod config;
+mod report;
 mod results;
 mod stats;
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Experiment(args) => commands::experiment::run(args),
         Command::Results(command) => commands::results::run(command),
+        Command::Report { files } => commands::report::run(files),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

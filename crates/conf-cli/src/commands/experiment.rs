@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use anyhow::{Context, anyhow};
 use conf_data::{Split, write_atomic};
 use conf_train::ObjectiveKind;
-use conf_train::metrics::MetricKind;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -120,48 +119,6 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         .join(format!("{stamp}_results.json"));
     let json = serde_json::to_vec_pretty(&results).context("serialising the results")?;
     write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
-    print_summary(&results);
     println!("results: {}", path.display());
-    Ok(())
-}
-
-/// A short Markdown table of the final metrics across seeds.
-pub fn print_summary(results: &ExperimentResults) {
-    let s = &results.summary;
-    let show = |stats: Option<&crate::stats::SeedStats>| match stats {
-        Some(st) => match st.ci95 {
-            Some(ci) => format!("{:.4} ± {:.4}", st.mean, ci),
-            None => format!("{:.4}", st.mean),
-        },
-        None => "—".into(),
-    };
-    println!("| metric | standard | confidence | confidence − standard (p) |");
-    println!("|---|---|---|---|");
-    for kind in [
-        MetricKind::LmLoss,
-        MetricKind::Perplexity,
-        MetricKind::Accuracy,
-        MetricKind::TokenEce,
-    ] {
-        let name = kind.name();
-        let diff = s.paired_difference.get(name).map_or("—".into(), |d| {
-            let p = d.p_value.map_or("n/a".into(), |p| format!("{p:.3}"));
-            format!("{} ({p})", show(Some(&d.difference)))
-        });
-        println!(
-            "| {name} | {} | {} | {diff} |",
-            show(s.standard.get(name)),
-            show(s.confidence.get(name))
-        );
-    }
-    for kind in [
-        MetricKind::ConfidenceLoss,
-        MetricKind::Spearman,
-        MetricKind::EntropySpearman,
-        MetricKind::Auroc,
-        MetricKind::EntropyAuroc,
-    ] {
-        let name = kind.name();
-        println!("| {name} | — | {} | — |", show(s.confidence.get(name)));
-    }
+    super::report::run(vec![path])
 }

@@ -1,6 +1,7 @@
 pub mod data;
 pub mod experiment;
 pub mod model;
+pub mod report;
 pub mod results;
 pub mod run;
 pub mod train;

@@ -14,7 +14,7 @@ pub fn run(command: ResultsCommand) -> Result<(), Failure> {
                 results.standard_model_results.len(),
                 results.backend
             );
-            super::experiment::print_summary(&results);
+            print!("{}", crate::report::summary_markdown(&results));
             Ok(())
         }
     }

@@ -1,0 +1,426 @@
+//! `lookahead report FILE...`: plots (SVG via plotters) and a self-contained HTML report plus
+//! a Markdown summary next to the first file. Several files from separate seed runs of the
+//! same configuration merge into one report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use conf_data::write_atomic;
+use plotters::prelude::*;
+
+use crate::results::{ExperimentResults, Summary, TrainingResult};
+
+type Series = Vec<(f64, f64)>;
+
+/// Merges results of the same configuration (seeds aside) into one, recomputing the summary.
+pub fn merge(mut files: Vec<ExperimentResults>) -> Result<ExperimentResults, String> {
+    let mut merged = files.remove(0);
+    for other in files {
+        // Seeds and where outputs went may differ; everything that shapes a run may not.
+        let comparable = |c: &crate::config::ConfidenceExperimentConfig| {
+            let mut c = c.clone();
+            c.seeds.clear();
+            c.results_dir = PathBuf::new();
+            c.save_interval = 0;
+            c
+        };
+        if comparable(&merged.config) != comparable(&other.config) {
+            return Err("the files come from different configurations (other than seeds and output places); they cannot share a report".into());
+        }
+        for (seed, r) in other.standard_model_results {
+            merged.standard_model_results.insert(seed, r);
+        }
+        for (seed, r) in other.confidence_model_results {
+            merged.confidence_model_results.insert(seed, r);
+        }
+        for (model, t) in other.training_time {
+            *merged.training_time.entry(model).or_default() += t;
+        }
+        merged.config.seeds.extend(other.config.seeds);
+    }
+    merged.config.seeds.sort_unstable();
+    merged.config.seeds.dedup();
+    merged.summary = Summary::new(
+        &merged.standard_model_results,
+        &merged.confidence_model_results,
+    );
+    Ok(merged)
+}
+
+fn svg(
+    size: (u32, u32),
+    draw: impl FnOnce(
+        DrawingArea<SVGBackend, plotters::coord::Shift>,
+    ) -> Result<(), Box<dyn std::error::Error + '_>>,
+) -> String {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, size).into_drawing_area();
+        if let Err(e) = draw(root) {
+            tracing::warn!("a plot could not be drawn: {e}");
+        }
+    }
+    out
+}
+
+fn bounds(
+    points: impl Iterator<Item = (f64, f64)> + Clone,
+) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for (x, y) in points.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        return (0.0..1.0, 0.0..1.0);
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    (x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
+}
+
+/// Mean line with a min–max band across seeds, per model.
+fn band_chart(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    models: &[(&str, RGBColor, Vec<Series>)],
+) -> String {
+    let all = models
+        .iter()
+        .flat_map(|(_, _, runs)| runs.iter().flatten().copied());
+    let (xr, yr) = bounds(all);
+    svg((720, 420), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(xr, yr)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .draw()?;
+        for (name, color, runs) in models {
+            let Some(first) = runs.first() else { continue };
+            let at = |i: usize| {
+                runs.iter()
+                    .filter_map(|r| r.get(i).map(|p| p.1))
+                    .collect::<Vec<_>>()
+            };
+            let xs: Vec<f64> = first.iter().map(|p| p.0).collect();
+            let mean: Series = xs
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (x, at(i).iter().sum::<f64>() / at(i).len() as f64))
+                .collect();
+            let mut band: Series = xs
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (x, at(i).iter().cloned().fold(f64::INFINITY, f64::min)))
+                .collect();
+            band.extend(
+                xs.iter()
+                    .enumerate()
+                    .rev()
+                    .map(|(i, &x)| (x, at(i).iter().cloned().fold(f64::NEG_INFINITY, f64::max))),
+            );
+            chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.2))))?;
+            let color = *color;
+            chart
+                .draw_series(LineSeries::new(mean, color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })
+}
+
+fn reliability_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
+    let points: Vec<(f64, f64)> = runs
+        .values()
+        .flat_map(|r| {
+            r.calibration_bins
+                .iter()
+                .flatten()
+                .map(|b| (b.mean_predicted, b.mean_actual))
+        })
+        .collect();
+    let (xr, yr) = bounds(points.iter().copied());
+    let lo = xr.start.min(yr.start);
+    let hi = xr.end.max(yr.end);
+    svg((480, 480), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Reliability: predicted vs actual future loss",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(lo..hi, lo..hi)?;
+        chart
+            .configure_mesh()
+            .x_desc("mean predicted (nats)")
+            .y_desc("mean actual (nats)")
+            .draw()?;
+        chart.draw_series(LineSeries::new(vec![(lo, lo), (hi, hi)], BLACK.mix(0.4)))?;
+        for (i, r) in runs.values().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let bins: Series = r
+                .calibration_bins
+                .iter()
+                .flatten()
+                .map(|b| (b.mean_predicted, b.mean_actual))
+                .collect();
+            chart.draw_series(LineSeries::new(bins.clone(), color))?;
+            chart.draw_series(bins.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+        }
+        root.present()?;
+        Ok(())
+    })
+}
+
+fn scatter_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
+    let points: Vec<(f64, f64)> = runs
+        .values()
+        .flat_map(|r| {
+            let p = r.confidence_predictions.iter().flatten();
+            let a = r.actual_future_losses.iter().flatten();
+            p.zip(a).map(|(&p, &a)| (p as f64, a as f64))
+        })
+        .collect();
+    let (xr, yr) = bounds(points.iter().copied());
+    svg((480, 480), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Predicted vs actual future loss", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(xr, yr)?;
+        chart
+            .configure_mesh()
+            .x_desc("predicted (nats)")
+            .y_desc("actual (nats)")
+            .draw()?;
+        chart.draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 2, BLUE.mix(0.25).filled())),
+        )?;
+        root.present()?;
+        Ok(())
+    })
+}
+
+fn time_chart(training_time: &BTreeMap<String, f64>) -> String {
+    let max = training_time
+        .values()
+        .cloned()
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let names: Vec<String> = training_time.keys().cloned().collect();
+    svg((480, 300), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Training time (all seeds)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..names.len() as f64, 0f64..max * 1.1)?;
+        chart
+            .configure_mesh()
+            .x_labels(names.len())
+            .x_label_formatter(&|x| names.get(x.floor() as usize).cloned().unwrap_or_default())
+            .y_desc("seconds")
+            .draw()?;
+        chart.draw_series(training_time.values().enumerate().map(|(i, &t)| {
+            Rectangle::new(
+                [(i as f64 + 0.2, 0.0), (i as f64 + 0.8, t)],
+                Palette99::pick(i).filled(),
+            )
+        }))?;
+        root.present()?;
+        Ok(())
+    })
+}
+
+fn loss_series(
+    runs: &BTreeMap<String, TrainingResult>,
+    x_of: impl Fn(&TrainingResult, usize) -> f64,
+) -> Vec<Series> {
+    runs.values()
+        .map(|r| {
+            r.loss_history
+                .iter()
+                .map(|p| (x_of(r, p.step), p.eval_loss))
+                .collect()
+        })
+        .collect()
+}
+
+/// Writes `{stem}_report.html` and `{stem}_report.md` into `dir`; returns the HTML path.
+pub fn write_report(
+    results: &ExperimentResults,
+    dir: &Path,
+    stem: &str,
+) -> std::io::Result<PathBuf> {
+    let std_runs = &results.standard_model_results;
+    let conf_runs = &results.confidence_model_results;
+    let tokens_per_step = (results.config.batch_size * results.config.seq_len) as f64;
+    let vs_steps = band_chart(
+        "Evaluation loss (mean and range over seeds)",
+        "step",
+        "nats/token",
+        &[
+            ("standard", RED, loss_series(std_runs, |_, s| s as f64)),
+            ("confidence", BLUE, loss_series(conf_runs, |_, s| s as f64)),
+        ],
+    );
+    let vs_flops = band_chart(
+        "Evaluation loss vs training FLOPs",
+        "FLOPs",
+        "nats/token",
+        &[
+            (
+                "standard",
+                RED,
+                loss_series(std_runs, |r, s| {
+                    r.flops_per_token * tokens_per_step * s as f64
+                }),
+            ),
+            (
+                "confidence",
+                BLUE,
+                loss_series(conf_runs, |r, s| {
+                    r.flops_per_token * tokens_per_step * s as f64
+                }),
+            ),
+        ],
+    );
+    let conf_loss: Vec<Series> = conf_runs
+        .values()
+        .map(|r| {
+            r.confidence_loss_history
+                .iter()
+                .flatten()
+                .map(|p| (p.step as f64, p.value))
+                .collect()
+        })
+        .collect();
+    let conf_chart = band_chart(
+        "Confidence MSE over training",
+        "step",
+        "nats²",
+        &[("confidence", BLUE, conf_loss)],
+    );
+    let markdown = summary_markdown(results);
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>lookahead report</title>\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:0.5em}}</style></head><body>\
+         <h1>lookahead report</h1><p>{} seeds; objective {:?}; dataset {}; backend {}; {}; git {}</p>\
+         <h2>Summary</h2>{}<h2>Plots</h2><figure>{vs_steps}</figure><figure>{vs_flops}</figure>\
+         <figure>{}</figure><figure>{}</figure><figure>{conf_chart}</figure><figure>{}</figure></body></html>",
+        results.config.seeds.len(),
+        results.config.objective,
+        html_escape(&results.config.dataset),
+        results.backend,
+        results.timestamp,
+        results.git_commit.as_deref().unwrap_or("unknown"),
+        markdown_table_to_html(&markdown),
+        reliability_chart(conf_runs),
+        scatter_chart(conf_runs),
+        time_chart(&results.training_time),
+    );
+    let html_path = dir.join(format!("{stem}_report.html"));
+    write_atomic(&html_path, html.as_bytes())?;
+    write_atomic(&dir.join(format!("{stem}_report.md")), markdown.as_bytes())?;
+    Ok(html_path)
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The summary as a Markdown table (also printed to the terminal).
+pub fn summary_markdown(results: &ExperimentResults) -> String {
+    use conf_train::metrics::MetricKind;
+    let s = &results.summary;
+    let show = |stats: Option<&crate::stats::SeedStats>| match stats {
+        Some(st) => match st.ci95 {
+            Some(ci) => format!("{:.4} ± {:.4}", st.mean, ci),
+            None => format!("{:.4}", st.mean),
+        },
+        None => "—".into(),
+    };
+    let mut out = String::from(
+        "| metric | standard | confidence | confidence − standard (p) |\n|---|---|---|---|\n",
+    );
+    for kind in [
+        MetricKind::LmLoss,
+        MetricKind::Perplexity,
+        MetricKind::Accuracy,
+        MetricKind::TokenEce,
+    ] {
+        let name = kind.name();
+        let diff = s.paired_difference.get(name).map_or("—".into(), |d| {
+            let p = d.p_value.map_or("n/a".into(), |p| format!("{p:.3}"));
+            format!("{} ({p})", show(Some(&d.difference)))
+        });
+        out += &format!(
+            "| {name} | {} | {} | {diff} |\n",
+            show(s.standard.get(name)),
+            show(s.confidence.get(name))
+        );
+    }
+    for kind in [
+        MetricKind::ConfidenceLoss,
+        MetricKind::LossEce,
+        MetricKind::Spearman,
+        MetricKind::EntropySpearman,
+        MetricKind::Auroc,
+        MetricKind::EntropyAuroc,
+    ] {
+        let name = kind.name();
+        out += &format!("| {name} | — | {} | — |\n", show(s.confidence.get(name)));
+    }
+    out
+}
+
+fn markdown_table_to_html(markdown: &str) -> String {
+    let mut html = String::from("<table>");
+    for (i, line) in markdown.lines().enumerate() {
+        if i == 1 {
+            continue; // the |---| separator
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        let tag = if i == 0 { "th" } else { "td" };
+        html += "<tr>";
+        for cell in cells {
+            html += &format!("<{tag}>{}</{tag}>", html_escape(cell));
+        }
+        html += "</tr>";
+    }
+    html + "</table>"
+}
