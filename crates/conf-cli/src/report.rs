@@ -339,7 +339,8 @@ pub fn write_report(
          td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:0.5em}}</style></head><body>\
          <h1>lookahead report</h1><p>{} seeds; objective {:?}; dataset {}; backend {}; {}; git {}</p>\
          <h2>Summary</h2>{}<h2>Plots</h2><figure>{vs_steps}</figure><figure>{vs_flops}</figure>\
-         <figure>{}</figure><figure>{}</figure><figure>{conf_chart}</figure><figure>{}</figure></body></html>",
+         <figure>{}</figure><figure>{}</figure><figure>{conf_chart}</figure><figure>{}</figure>\
+         <h2>Samples (first seed)</h2>{}</body></html>",
         results.config.seeds.len(),
         results.config.objective,
         html_escape(&results.config.dataset),
@@ -350,11 +351,43 @@ pub fn write_report(
         reliability_chart(conf_runs),
         scatter_chart(conf_runs),
         time_chart(&results.training_time),
+        samples_html(results),
     );
     let html_path = dir.join(format!("{stem}_report.html"));
     write_atomic(&html_path, html.as_bytes())?;
     write_atomic(&dir.join(format!("{stem}_report.md")), markdown.as_bytes())?;
     Ok(html_path)
+}
+
+/// Each model's sample; the confidence model's tokens are shaded by predicted loss (darker =
+/// higher) with the value on hover.
+fn samples_html(results: &ExperimentResults) -> String {
+    let mut html = String::new();
+    for (name, runs) in [
+        ("standard", &results.standard_model_results),
+        ("confidence", &results.confidence_model_results),
+    ] {
+        let Some(r) = runs.values().next() else {
+            continue;
+        };
+        let s = &r.sample;
+        html += &format!("<p><b>{name}</b>: <code>{}</code>", html_escape(&s.prompt));
+        match &s.predicted_loss {
+            Some(losses) => {
+                let max = losses.iter().cloned().fold(1e-6, f32::max);
+                for (token, loss) in s.tokens.iter().zip(losses) {
+                    let alpha = (loss / max).clamp(0.0, 1.0) * 0.6;
+                    html += &format!(
+                        "<code style=\"background:rgba(220,60,60,{alpha:.2})\" title=\"predicted loss {loss:.3}\">{}</code>",
+                        html_escape(token)
+                    );
+                }
+            }
+            None => html += &format!("<code>{}</code>", html_escape(&s.tokens.concat())),
+        }
+        html += "</p>";
+    }
+    html
 }
 
 fn html_escape(s: &str) -> String {

@@ -8,7 +8,7 @@ use conf_train::calibration::{CalibrationBin, loss_calibration};
 use conf_train::metrics::MetricKind;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::run::ModelRun;
+use crate::commands::run::{GeneratedSample, ModelRun};
 use crate::config::ConfidenceExperimentConfig;
 use crate::stats::{PairedDifference, SeedStats, paired_difference, seed_stats};
 
@@ -72,6 +72,9 @@ pub struct TrainingResult {
     pub total_flops: f64,
     /// Every metric of the final model on the evaluation windows.
     pub final_metrics: BTreeMap<String, f64>,
+    /// A short text sampled from the final model (with per-token predictions for the
+    /// confidence model).
+    pub sample: GeneratedSample,
     /// Evaluation confidence MSE at each evaluation (confidence model only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence_loss_history: Option<Vec<StepValue>>,
@@ -197,6 +200,7 @@ impl TrainingResult {
             flops_per_token: per_token,
             total_flops: per_token * tokens,
             final_metrics: run.final_metrics.clone(),
+            sample: run.sample.clone(),
             confidence_loss_history: confidence.then(|| series(MetricKind::ConfidenceLoss)),
             token_loss_history: confidence.then(|| series(MetricKind::LmLoss)),
             confidence_predictions: confidence.then(|| pick(&s.predicted)),

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod calibration;
 pub mod checkpoint;
+pub mod generate;
 pub mod history;
 pub mod loader;
 pub mod lookahead;

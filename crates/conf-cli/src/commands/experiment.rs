@@ -84,6 +84,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                 resume: args.resume,
             })?;
             *training_time.entry(model.name().to_string()).or_default() += run.report.train_seconds;
+            print_sample(model.name(), seed, &run.sample);
             let is_confidence = model == ModelKind::Confidence;
             let result = TrainingResult::from_run(
                 &run,
@@ -121,4 +122,18 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
     println!("results: {}", path.display());
     super::report::run(vec![path])
+}
+
+/// The sampled text; for the confidence model each token is followed by its predicted loss.
+fn print_sample(model: &str, seed: u64, sample: &super::run::GeneratedSample) {
+    let text: String = match &sample.predicted_loss {
+        Some(losses) => sample
+            .tokens
+            .iter()
+            .zip(losses)
+            .map(|(t, l)| format!("{t}[{l:.1}]"))
+            .collect(),
+        None => sample.tokens.concat(),
+    };
+    println!("sample {model} seed {seed}: {:?} → {text:?}", sample.prompt);
 }

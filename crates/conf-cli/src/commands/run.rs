@@ -8,6 +8,7 @@ use std::sync::Arc;
 use burn::prelude::*;
 use conf_data::{Corpus, Split};
 use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, ParameterMatch};
+use conf_train::generate::{Generated, generate_confidence, generate_standard};
 use conf_train::metrics::{MetricKind, Samples};
 use conf_train::optim::OptimizerSettings;
 use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
@@ -29,6 +30,36 @@ pub struct ModelRun {
     pub final_metrics: BTreeMap<String, f64>,
     /// The evaluation samples behind them (predicted/actual pairs for the confidence model).
     pub samples: Samples,
+    /// Text sampled from the final model.
+    pub sample: GeneratedSample,
+}
+
+/// A short text sampled from a trained model after a prompt from the validation split.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratedSample {
+    pub prompt: String,
+    /// The generated tokens, each decoded on its own.
+    pub tokens: Vec<String>,
+    /// The confidence model's predicted loss (nats, two tokens ahead) at each token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_loss: Option<Vec<f32>>,
+}
+
+const PROMPT_TOKENS: usize = 8;
+const SAMPLE_TOKENS: usize = 64;
+
+fn sample_of(generated: Generated, prompt: &[u32], corpus: &Corpus) -> GeneratedSample {
+    let tokenizer = corpus.tokenizer.build();
+    GeneratedSample {
+        prompt: tokenizer.decode(prompt),
+        tokens: generated
+            .tokens
+            .iter()
+            .map(|&t| tokenizer.decode(&[t]))
+            .collect(),
+        predicted_loss: generated.predicted_loss,
+    }
 }
 
 /// The confidence model's config and the parameter-matched standard one.
@@ -87,6 +118,10 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
         resume: r.resume,
     };
     let (confidence, matched) = model_configs(c, r.corpus.vocab_size());
+    let prompt = r
+        .corpus
+        .tokens
+        .slice(r.split.val.start..r.split.val.start + PROMPT_TOKENS.min(c.seq_len));
     let device = r.device.autodiff();
     // Initialisation is seeded: both models of a seed start from that seed's generator.
     device.seed(r.seed);
@@ -104,12 +139,20 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
             )?;
             let (final_metrics, samples) =
                 evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
+            let generated = generate_standard(
+                &trained.model.model,
+                &prompt,
+                SAMPLE_TOKENS,
+                c.seq_len,
+                r.seed,
+            );
             Ok(ModelRun {
                 parameters,
                 settings,
                 report: trained.report,
                 final_metrics,
                 samples,
+                sample: sample_of(generated, &prompt, r.corpus),
             })
         }
         ModelKind::Confidence => {
@@ -137,12 +180,20 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
             )?;
             let (final_metrics, samples) =
                 evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
+            let generated = generate_confidence(
+                &trained.model.model,
+                &prompt,
+                SAMPLE_TOKENS,
+                c.seq_len,
+                r.seed,
+            );
             Ok(ModelRun {
                 parameters,
                 settings,
                 report: trained.report,
                 final_metrics,
                 samples,
+                sample: sample_of(generated, &prompt, r.corpus),
             })
         }
     }
