@@ -122,7 +122,7 @@ fn bad_data_flags_exit_with_code_2_and_name_the_flag() {
 fn model_reports_both_parameter_counts_within_half_a_percent() {
     let cache = tempfile::tempdir().unwrap();
     let summary = json(&lookahead(
-        &["model", "--preset", "quick", "--json"],
+        &["model", "--preset", "seed", "--json"],
         cache.path(),
     ));
     let counts = &summary["parameter_counts"];
@@ -139,7 +139,7 @@ fn model_reports_both_parameter_counts_within_half_a_percent() {
         &[
             "model",
             "--preset",
-            "quick",
+            "seed",
             "--conf-head",
             "probe",
             "--vocab-size",
