@@ -6,13 +6,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::prelude::*;
+use burn::train::InferenceStep;
 use conf_data::{Corpus, Split};
 use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, ParameterMatch};
+use conf_train::LookaheadBatch;
 use conf_train::generate::{Generated, generate_confidence, generate_standard};
 use conf_train::metrics::{MetricKind, Samples};
 use conf_train::optim::OptimizerSettings;
+use conf_train::step::StepOutput;
 use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
-use conf_train::training::{RunReport, RunSettings, evaluate, fit};
+use conf_train::training::{RunReport, RunSettings, TrainedModel, evaluate, fit};
 use conf_train::{
     ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, TeacherObjective,
 };
@@ -112,7 +115,7 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
             weight_decay: c.weight_decay,
             grad_clip: GRAD_CLIP,
         },
-        artifact_dir: r.run_dir,
+        artifact_dir: r.run_dir.clone(),
         no_tui: r.no_tui,
         save_interval: c.save_interval,
         resume: r.resume,
@@ -122,38 +125,28 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
         .corpus
         .tokens
         .slice(r.split.val.start..r.split.val.start + PROMPT_TOKENS.min(c.seq_len));
-    let device = r.device.autodiff();
+    let device = r.device.clone().autodiff();
     // Initialisation is seeded: both models of a seed start from that seed's generator.
     device.seed(r.seed);
     match r.model {
         ModelKind::Standard => {
             let model = matched.standard.init_minigpt(&device);
             let parameters = model.num_params();
-            let kinds = MetricKind::STANDARD;
-            let trained = fit(
-                StandardTrainee::new(model),
-                &kinds,
-                r.corpus,
-                r.split,
-                &settings,
-            )?;
-            let (final_metrics, samples) =
-                evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
-            let generated = generate_standard(
-                &trained.model.model,
-                &prompt,
-                SAMPLE_TOKENS,
-                c.seq_len,
-                r.seed,
-            );
-            Ok(ModelRun {
+            finish(
+                fit(
+                    StandardTrainee::new(model),
+                    &MetricKind::STANDARD,
+                    r.corpus,
+                    r.split,
+                    &settings,
+                )?,
+                &MetricKind::STANDARD,
                 parameters,
-                settings,
-                report: trained.report,
-                final_metrics,
-                samples,
-                sample: sample_of(generated, &prompt, r.corpus),
-            })
+                |t| generate_standard(&t.model, &prompt, SAMPLE_TOKENS, c.seq_len, r.seed),
+                &r,
+                &prompt,
+                settings.clone(),
+            )
         }
         ModelKind::Confidence => {
             let model = confidence.init(&device);
@@ -171,30 +164,46 @@ pub fn run_model(r: RunRequest) -> Result<ModelRun, Failure> {
                 .into_iter()
                 .chain(MetricKind::CONFIDENCE)
                 .collect();
-            let trained = fit(
-                ConfidenceTrainee::new(model, objective),
+            finish(
+                fit(
+                    ConfidenceTrainee::new(model, objective),
+                    &kinds,
+                    r.corpus,
+                    r.split,
+                    &settings,
+                )?,
                 &kinds,
-                r.corpus,
-                r.split,
-                &settings,
-            )?;
-            let (final_metrics, samples) =
-                evaluate(&trained.model, &kinds, r.corpus, r.split, &settings);
-            let generated = generate_confidence(
-                &trained.model.model,
-                &prompt,
-                SAMPLE_TOKENS,
-                c.seq_len,
-                r.seed,
-            );
-            Ok(ModelRun {
                 parameters,
-                settings,
-                report: trained.report,
-                final_metrics,
-                samples,
-                sample: sample_of(generated, &prompt, r.corpus),
-            })
+                |t| generate_confidence(&t.model, &prompt, SAMPLE_TOKENS, c.seq_len, r.seed),
+                &r,
+                &prompt,
+                settings.clone(),
+            )
         }
     }
+}
+
+/// Evaluates and samples a trained model.
+fn finish<M>(
+    trained: TrainedModel<M>,
+    kinds: &[MetricKind],
+    parameters: usize,
+    generate: impl FnOnce(&M) -> Generated,
+    r: &RunRequest,
+    prompt: &[u32],
+    settings: RunSettings,
+) -> Result<ModelRun, Failure>
+where
+    M: InferenceStep<Input = LookaheadBatch, Output = StepOutput> + Module,
+{
+    let (final_metrics, samples) = evaluate(&trained.model, kinds, r.corpus, r.split, &settings);
+    let sample = sample_of(generate(&trained.model), prompt, r.corpus);
+    Ok(ModelRun {
+        parameters,
+        settings,
+        report: trained.report,
+        final_metrics,
+        samples,
+        sample,
+    })
 }
