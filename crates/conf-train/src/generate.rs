@@ -68,18 +68,20 @@ pub fn generate_confidence(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut ids = prompt.to_vec();
     let mut predicted = Vec::with_capacity(n);
-    for _ in 0..n {
+    // One pass per step: its last position's prediction belongs to the token generated the
+    // step before, and its logits give the next token.
+    for step in 0..=n {
         let x = window(&ids, context, &device);
         let history = confidence_history(model, &x, ConfInput::SelfConditioned);
         let out = model.forward(x, history, &AttentionMask::Causal);
-        let next = sample_tokens(last(out.logits), uniform(&mut rng, &device));
-        ids.push(next.into_scalar::<i64>() as u32);
-        // Re-read the prediction at the new token's position, once it is in the window.
-        let x = window(&ids, context, &device);
-        let history = confidence_history(model, &x, ConfInput::SelfConditioned);
-        let conf = model.forward(x, history, &AttentionMask::Causal).confidence;
-        let [_, t] = conf.dims();
-        predicted.push(conf.slice([0..1, t - 1..t]).into_scalar::<f32>());
+        if step > 0 {
+            let [_, t] = out.confidence.dims();
+            predicted.push(out.confidence.slice([0..1, t - 1..t]).into_scalar::<f32>());
+        }
+        if step < n {
+            let next = sample_tokens(last(out.logits), uniform(&mut rng, &device));
+            ids.push(next.into_scalar::<i64>() as u32);
+        }
     }
     Generated {
         tokens: ids[prompt.len()..].to_vec(),
