@@ -16,6 +16,16 @@ fn lookahead(args: &[&str], cache: &Path) -> Output {
         .expect("the binary runs")
 }
 
+/// Whether this test build holds a conf-cli backend feature.
+fn compiled(feature: &str) -> bool {
+    match feature {
+        "wgpu" => cfg!(feature = "wgpu"),
+        "tch" => cfg!(feature = "tch"),
+        "cuda" => cfg!(feature = "cuda"),
+        _ => cfg!(feature = "flex"),
+    }
+}
+
 fn json(output: &Output) -> serde_json::Value {
     assert!(
         output.status.success(),
@@ -242,10 +252,25 @@ fn bad_train_flags_exit_with_code_2() {
         2,
         &["lookahead"],
     );
+    // A backend this build lacks names the feature and the xtask that provide it.
+    let missing = [("cuda", "cuda"), ("wgpu", "wgpu"), ("tch-cpu", "tch")]
+        .into_iter()
+        .find(|(_, feature)| !compiled(feature));
+    if let Some((backend, feature)) = missing {
+        fails_with(
+            &lookahead(&["train", "--model", "standard", "--backend", backend], c),
+            2,
+            &[
+                &format!("--backend {backend}"),
+                &format!("--features {feature}"),
+                &format!("cargo xtask experiment --backend {backend}"),
+            ],
+        );
+    }
     fails_with(
-        &lookahead(&["train", "--model", "standard", "--backend", "wgpu"], c),
+        &lookahead(&["train", "--model", "standard", "--device", "1"], c),
         2,
-        &["--backend wgpu"],
+        &["--device 1", "flex"],
     );
     fails_with(
         &lookahead(
@@ -447,4 +472,74 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
         2,
         &["_results.json"],
     );
+}
+
+/// A short experiment of both models on a backend other than flex, for real: the results
+/// file names the backend and holds finite losses that went down.
+#[allow(dead_code)] // used only in builds with a GPU or libtorch backend
+fn both_models_train_on(backend: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A short warm-up, so six steps move the loss.
+    let config = dir.path().join("short.toml");
+    std::fs::write(&config, "warmup_steps = 1\nlearning_rate = 0.01\n").unwrap();
+    let args = [
+        "experiment",
+        "--backend",
+        backend,
+        "--config",
+        config.to_str().unwrap(),
+        "--training-steps",
+        "6",
+        "--eval-interval",
+        "3",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--seeds",
+        "1",
+        "--no-tui",
+        "--results-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let out = lookahead(&args, cache.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_results.json"))
+        .expect("a results file");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(results["backend"], backend);
+    for model in ["standard_model_results", "confidence_model_results"] {
+        let history = results[model]["1"]["loss_history"].as_array().unwrap();
+        assert_eq!(history.len(), 2, "{model}");
+        let eval: Vec<f64> = history
+            .iter()
+            .map(|h| h["eval_loss"].as_f64().unwrap())
+            .collect();
+        assert!(eval.iter().all(|l| l.is_finite()), "{model}: {eval:?}");
+        assert!(
+            eval[1] < eval[0],
+            "{model} on {backend}: eval loss {eval:?}"
+        );
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn both_models_train_on_wgpu() {
+    both_models_train_on("wgpu");
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn both_models_train_on_tch_cpu() {
+    both_models_train_on("tch-cpu");
 }

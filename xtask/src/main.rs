@@ -1,9 +1,14 @@
-//! `cargo xtask ...`: project tasks that only shell out to cargo and the `lookahead` binary.
+//! `cargo xtask ...`: project tasks that shell out to cargo, pip and the `lookahead` binary.
 
+mod backend;
+
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+use backend::{Backend, BuildEnv};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks for the lookahead workspace")]
@@ -16,62 +21,112 @@ struct Xtask {
 enum Task {
     /// The checks CI runs: formatting, clippy with warnings as errors, the test suite.
     Ci,
-    /// Build `lookahead` in release mode for a backend and run `lookahead experiment` on it;
-    /// every argument after the backend is passed on.
+    /// Install what a backend needs: libtorch through a project-local Python venv (tch-cpu,
+    /// tch-cuda), Mesa's software Vulkan where there is no GPU driver (wgpu).
+    Setup {
+        #[arg(long, value_enum)]
+        backend: Backend,
+    },
+    /// Build `lookahead` in release mode with a backend's feature and run `lookahead experiment`
+    /// on it; every argument after the backend is passed on.
     Experiment {
-        #[arg(long, default_value = "flex")]
-        backend: String,
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: Backend,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Lint conf-cli with every backend compiled in, then run its tests with these backends:
+    /// the cross-backend equivalence tests and a short training of both models on each.
+    Test {
+        #[arg(long = "backend", value_enum, required = true)]
+        backends: Vec<Backend>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Xtask::parse().task {
         Task::Ci => {
-            cargo(&["fmt", "--all", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--release",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
-            cargo(&["test", "--workspace", "--release"])
+            cargo(&["fmt", "--all", "--check"], &BuildEnv::default())?;
+            cargo(
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--release",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &BuildEnv::default(),
+            )?;
+            cargo(&["test", "--workspace", "--release"], &BuildEnv::default())
         }
+        Task::Setup { backend } => backend::setup(backend),
         Task::Experiment { backend, args } => {
-            if backend != "flex" {
-                bail!(
-                    "--backend {backend}: this workspace builds only the flex backend so far; the others come behind conf-cli features"
-                );
+            let env = BuildEnv::for_backends(&[backend])?;
+            let features = backend::features(&[backend]);
+            let mut command = vec!["run", "--release", "-p", "conf-cli"];
+            if !features.is_empty() {
+                command.extend(["--features", &features]);
             }
-            let mut command = vec![
-                "run",
-                "--release",
-                "-p",
-                "conf-cli",
-                "--",
-                "experiment",
-                "--backend",
-                "flex",
-            ];
+            command.extend(["--", "experiment", "--backend", backend.name()]);
             command.extend(args.iter().map(String::as_str));
-            cargo(&command)
+            cargo(&command, &env)
+        }
+        Task::Test { backends } => {
+            // Clippy sees the code of every backend, cuda included, so that it keeps compiling
+            // on machines without a GPU; the tests run the backends asked for.
+            let mut linted = backends.clone();
+            linted.push(Backend::Cuda);
+            let lint_env = BuildEnv::for_lint(&linted)?;
+            let lint_features = backend::features(&linted);
+            cargo(
+                &[
+                    "clippy",
+                    "-p",
+                    "conf-cli",
+                    "--all-targets",
+                    "--release",
+                    "--features",
+                    &lint_features,
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &lint_env,
+            )?;
+            let env = BuildEnv::for_backends(&backends)?;
+            let features = backend::features(&backends);
+            let mut command = vec!["test", "--release", "-p", "conf-cli"];
+            if !features.is_empty() {
+                command.extend(["--features", &features]);
+            }
+            cargo(&command, &env)
         }
     }
 }
 
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
+/// Runs cargo in the workspace root with the backend's build and run environment.
+fn cargo(args: &[&str], env: &BuildEnv) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (key, value) in &env.vars {
+        eprintln!("+ {key}={value}");
+    }
     eprintln!("+ cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running {cargo}"))?;
     if !status.success() {
         bail!("cargo {} failed with {status}", args.join(" "));
     }
     Ok(())
+}
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace root")
 }

@@ -1,19 +1,37 @@
-//! The one place that maps `--backend` to a Burn `Device`.
+//! The one place that maps `--backend` and `--device` to a Burn `Device`.
+//!
+//! Which backends exist in a binary is decided by conf-cli's Cargo features (`flex`, `wgpu`,
+//! `tch`, `cuda`); everything after this function is backend-agnostic.
 
-use burn::prelude::Device;
+use burn::prelude::*;
+
+#[cfg(not(any(feature = "flex", feature = "wgpu", feature = "tch", feature = "cuda")))]
+compile_error!("conf-cli needs at least one backend feature: flex, wgpu, tch or cuda");
 
 /// Backends the command line knows; which are compiled in is decided by Cargo features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
-    /// Pure-Rust CPU backend (default).
+    /// Pure-Rust CPU backend (feature `flex`, the default).
     Flex,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12), or Mesa's software Vulkan (feature `wgpu`).
     Wgpu,
+    /// libtorch on the CPU (feature `tch`).
     TchCpu,
+    /// libtorch on an NVIDIA GPU (feature `tch`).
     TchCuda,
+    /// CUDA through CubeCL (feature `cuda`).
     Cuda,
 }
 
 impl BackendChoice {
+    pub const ALL: [Self; 5] = [
+        Self::Flex,
+        Self::Wgpu,
+        Self::TchCpu,
+        Self::TchCuda,
+        Self::Cuda,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Flex => "flex",
@@ -23,15 +41,191 @@ impl BackendChoice {
             Self::Cuda => "cuda",
         }
     }
+
+    /// The conf-cli feature that compiles this backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Self::Flex => "flex",
+            Self::Wgpu => "wgpu",
+            Self::TchCpu | Self::TchCuda => "tch",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Self::Flex => cfg!(feature = "flex"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+            Self::TchCpu | Self::TchCuda => cfg!(feature = "tch"),
+            Self::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// Whether `--device N` picks among several devices of this backend.
+    fn takes_index(self) -> bool {
+        matches!(self, Self::Wgpu | Self::TchCuda | Self::Cuda)
+    }
+
+    /// The first backend this binary holds, in the order of `ALL` (flex in a default build).
+    pub fn default_compiled() -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.is_compiled())
+            .expect("at least one backend feature is enabled")
+    }
 }
 
-/// The device for a backend, or why this binary cannot provide it.
-pub fn device(choice: BackendChoice) -> Result<Device, String> {
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(
+        "--backend {backend}: this binary was built without it; build with \
+         `cargo build --release -p conf-cli --features {feature}` or run \
+         `cargo xtask experiment --backend {backend}` (`cargo xtask setup --backend {backend}` \
+         first); compiled in: {compiled}"
+    )]
+    NotCompiled {
+        backend: BackendChoice,
+        feature: &'static str,
+        compiled: String,
+    },
+    #[error("--device {index}: --backend {backend} runs on the CPU and has no device index")]
+    NoDeviceIndex {
+        backend: BackendChoice,
+        index: usize,
+    },
+    #[error("--backend {backend}{device}: no usable device: {reason}")]
+    Unavailable {
+        backend: BackendChoice,
+        device: String,
+        reason: String,
+    },
+}
+
+impl BackendError {
+    /// Usage errors (a backend this binary lacks) exit with 2; a missing device with 1.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// The device for `--backend` and `--device`, checked with a small computation so that a
+/// missing GPU or library is reported here, never replaced by another device.
+pub fn device(choice: BackendChoice, index: Option<usize>) -> Result<Device, BackendError> {
+    if !choice.is_compiled() {
+        let compiled: Vec<&str> = BackendChoice::ALL
+            .into_iter()
+            .filter(|b| b.is_compiled())
+            .map(BackendChoice::name)
+            .collect();
+        return Err(BackendError::NotCompiled {
+            backend: choice,
+            feature: choice.feature(),
+            compiled: compiled.join(", "),
+        });
+    }
+    if let Some(index) = index.filter(|_| !choice.takes_index()) {
+        return Err(BackendError::NoDeviceIndex {
+            backend: choice,
+            index,
+        });
+    }
+    let device = compiled_device(choice, index);
+    probe(&device).map_err(|reason| BackendError::Unavailable {
+        backend: choice,
+        device: index.map(|i| format!(" --device {i}")).unwrap_or_default(),
+        reason,
+    })?;
+    Ok(device)
+}
+
+#[allow(unused_variables)] // `index` is unused in a CPU-only build
+fn compiled_device(choice: BackendChoice, index: Option<usize>) -> Device {
     match choice {
-        BackendChoice::Flex => Ok(Device::flex()),
-        other => Err(format!(
-            "--backend {}: this binary was built without it; only flex is available in this build",
-            other.name()
-        )),
+        #[cfg(feature = "flex")]
+        BackendChoice::Flex => Device::flex(),
+        // Without --device wgpu takes its best adapter, which is the software one (lavapipe) on a
+        // machine without a GPU; with --device N it must be the N-th discrete GPU.
+        #[cfg(feature = "wgpu")]
+        BackendChoice::Wgpu => Device::wgpu(match index {
+            Some(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+            None => burn::tensor::DeviceKind::DefaultDevice,
+        }),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        // burn-tch is deprecated upstream but still the libtorch backend
+        BackendChoice::TchCpu => Device::libtorch(),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        BackendChoice::TchCuda => Device::libtorch_cuda(index.unwrap_or(0)),
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda => Device::cuda(index.unwrap_or(0)),
+        #[allow(unreachable_patterns)]
+        other => unreachable!("{other} is checked to be compiled in"),
+    }
+}
+
+/// Runs `2 * [1, 2]` on the device. Backends report a missing driver or GPU by panicking on
+/// first use; the panic is caught and its message returned.
+fn probe(device: &Device) -> Result<(), String> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = std::panic::catch_unwind(|| {
+        let x = Tensor::<1>::from_floats([1.0, 2.0], device);
+        (x.clone() + x).into_data().try_to_vec::<f32>()
+    });
+    std::panic::set_hook(previous);
+    match outcome {
+        Ok(Ok(values)) if values == [2.0, 4.0] => Ok(()),
+        Ok(Ok(values)) => Err(format!("2 * [1, 2] gave {values:?}")),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Err(payload) => Err(payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend failed to start".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flex_is_the_default_and_computes() {
+        assert_eq!(BackendChoice::default_compiled(), BackendChoice::Flex);
+        assert!(device(BackendChoice::Flex, None).is_ok());
+    }
+
+    #[test]
+    fn a_cpu_backend_refuses_a_device_index() {
+        let err = device(BackendChoice::Flex, Some(1)).unwrap_err();
+        assert!(err.is_usage());
+        assert_eq!(
+            err.to_string(),
+            "--device 1: --backend flex runs on the CPU and has no device index"
+        );
+    }
+
+    #[test]
+    fn a_backend_not_compiled_in_names_its_feature_and_xtask() {
+        for choice in BackendChoice::ALL.into_iter().filter(|b| !b.is_compiled()) {
+            let err = device(choice, None).unwrap_err();
+            assert!(err.is_usage());
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("--features {}", choice.feature())),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("cargo xtask experiment --backend {choice}")),
+                "{text}"
+            );
+        }
     }
 }

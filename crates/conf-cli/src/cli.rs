@@ -39,6 +39,8 @@ pub enum Command {
     /// Work with results files.
     #[command(subcommand)]
     Results(ResultsCommand),
+    /// Time each objective's training step (ms/step, tokens/s, TFLOP/s, memory) on a backend.
+    Bench(crate::commands::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,8 +119,12 @@ pub struct RunArgs {
     /// Preset: quick, seed or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
-    #[arg(long, value_enum, default_value = "flex")]
+    /// Backend (docs/backends.md); a build holds those of its Cargo features.
+    #[arg(long, value_enum, default_value_t = BackendChoice::default_compiled())]
     pub backend: BackendChoice,
+    /// GPU index for wgpu (the N-th discrete GPU), tch-cuda and cuda; default: the first.
+    #[arg(long)]
+    pub device: Option<usize>,
     #[command(flatten)]
     pub corpus: CorpusArgs,
     #[arg(long)]

@@ -1,6 +1,8 @@
 //! `lookahead`: parses the command line and dispatches; the work lives in the library crates.
 
 mod backend;
+#[cfg(test)]
+mod backend_equivalence;
 mod cli;
 mod commands;
 mod config;
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Experiment(args) => commands::experiment::run(args),
         Command::Results(command) => commands::results::run(command),
         Command::Report { files } => commands::report::run(files),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

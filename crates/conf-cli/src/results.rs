@@ -6,6 +6,7 @@ use std::path::Path;
 use conf_model::ParameterMatch;
 use conf_train::calibration::{CalibrationBin, loss_calibration};
 use conf_train::metrics::MetricKind;
+use conf_train::{ConfInput, ObjectiveKind};
 use serde::{Deserialize, Serialize};
 
 use crate::commands::run::{GeneratedSample, ModelRun};
@@ -102,6 +103,20 @@ pub struct Summary {
     /// The confidence head against the entropy baseline (head − baseline), paired by seed:
     /// keys `spearman` and `auroc`.
     pub head_vs_entropy: BTreeMap<String, PairedDifference>,
+}
+
+/// No-gradient forward passes over L tokens each objective adds to its trained pass.
+pub fn extra_forward_passes(objective: ObjectiveKind, config: &ConfidenceExperimentConfig) -> f64 {
+    let history = match config.conf_input {
+        ConfInput::SelfConditioned => 1.0,
+        ConfInput::Zeros => 0.0,
+    };
+    match objective {
+        ObjectiveKind::Standard => 0.0,
+        ObjectiveKind::Seed => history + 1.0 / config.seq_len as f64,
+        ObjectiveKind::Dense => history + 1.0,
+        ObjectiveKind::Teacher => history,
+    }
 }
 
 /// Training FLOPs per token: 6N for the trained pass plus 12·n_layers·L·d for its attention,

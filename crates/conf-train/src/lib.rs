@@ -2,6 +2,7 @@
 //! wiring into burn-train's Learner.
 
 pub mod batch;
+pub mod bench;
 pub mod calibration;
 pub mod checkpoint;
 pub mod generate;

@@ -66,6 +66,17 @@ pub enum ObjectiveKind {
     Teacher,
 }
 
+impl ObjectiveKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Seed => "seed",
+            Self::Dense => "dense",
+            Self::Teacher => "teacher",
+        }
+    }
+}
+
 impl std::str::FromStr for ObjectiveKind {
     type Err = String;
 

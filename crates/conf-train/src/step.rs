@@ -41,6 +41,11 @@ impl StepOutput {
         }
     }
 
+    /// The LM loss tensor, still on the device.
+    pub fn lm_loss(&self) -> Tensor<1> {
+        self.output.lm_loss.clone()
+    }
+
     pub fn summary(&self) -> Arc<StepSummary> {
         self.summary
             .get_or_init(|| {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use conf_data::{Split, write_atomic};
 use conf_train::ObjectiveKind;
 use time::OffsetDateTime;
@@ -10,24 +10,9 @@ use time::format_description::well_known::Rfc3339;
 
 use super::run::{RunRequest, model_configs, run_model};
 use crate::Failure;
-use crate::backend;
 use crate::cli::{CorpusArgs, ModelKind, RunArgs};
 use crate::config::ConfidenceExperimentConfig;
 use crate::results::{ExperimentResults, SCHEMA_VERSION, Summary, TrainingResult};
-
-/// No-gradient forward passes over L tokens each objective adds to its trained pass.
-fn extra_forward_passes(objective: ObjectiveKind, config: &ConfidenceExperimentConfig) -> f64 {
-    let history = match config.conf_input {
-        conf_train::ConfInput::SelfConditioned => 1.0,
-        conf_train::ConfInput::Zeros => 0.0,
-    };
-    match objective {
-        ObjectiveKind::Standard => 0.0,
-        ObjectiveKind::Seed => history + 1.0 / config.seq_len as f64,
-        ObjectiveKind::Dense => history + 1.0,
-        ObjectiveKind::Teacher => history,
-    }
-}
 
 fn git_commit() -> Option<String> {
     let out = std::process::Command::new("git")
@@ -42,7 +27,7 @@ fn git_commit() -> Option<String> {
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let config =
         ConfidenceExperimentConfig::from_args(&args).map_err(|e| Failure::BadInput(e.into()))?;
-    let device = backend::device(args.backend).map_err(|e| Failure::BadInput(anyhow!(e)))?;
+    let device = super::open_device(&args)?;
     let corpus = super::load(&CorpusArgs {
         dataset: Some(config.dataset.clone()),
         tokenizer: config.tokenizer,
@@ -89,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             let result = TrainingResult::from_run(
                 &run,
                 &config,
-                extra_forward_passes(objective, &config),
+                crate::results::extra_forward_passes(objective, &config),
                 is_confidence,
             );
             let target = if is_confidence {

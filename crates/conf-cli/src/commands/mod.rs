@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod data;
 pub mod experiment;
 pub mod model;
@@ -10,7 +11,7 @@ use anyhow::Context;
 use conf_data::{Corpus, CorpusRequest, DataError, load_corpus};
 
 use crate::Failure;
-use crate::cli::CorpusArgs;
+use crate::cli::{CorpusArgs, RunArgs};
 
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
 pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
@@ -31,6 +32,20 @@ pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
 }
 
 /// Prints `value` as pretty JSON on stdout.
+/// The device of `--backend` / `--device`; a backend missing from this build is a usage error
+/// (exit 2), a missing GPU or library a failed run (exit 1).
+pub fn open_device(args: &RunArgs) -> Result<burn::prelude::Device, Failure> {
+    let device = crate::backend::device(args.backend, args.device).map_err(|e| {
+        if e.is_usage() {
+            Failure::BadInput(e.into())
+        } else {
+            Failure::Run(e.into())
+        }
+    })?;
+    tracing::info!("backend {}: {device:?}", args.backend);
+    Ok(device)
+}
+
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value).context("serialising the output")?;
     println!("{text}");

@@ -1,7 +1,6 @@
 //! `lookahead model`: both architectures of a preset with their parameter counts.
 
 use anyhow::anyhow;
-use burn::prelude::*;
 use conf_model::presets::{PRESET_NAMES, model_shape};
 use conf_model::{ConfidenceGptConfig, GptConfig, ParameterMatch};
 use serde::Serialize;
@@ -50,7 +49,8 @@ pub fn run(args: ModelArgs) -> Result<(), Failure> {
     if args.json {
         return super::print_json(&summary);
     }
-    let device = Device::flex();
+    // Printing the modules needs a device; the first backend of this build does.
+    let device = crate::backend::device(crate::backend::BackendChoice::default_compiled(), None)?;
     let standard = summary.standard.init_minigpt(&device);
     let confidence = summary.confidence.init(&device);
     let counts = &summary.parameter_counts;

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use super::run::{RunRequest, run_model};
 use crate::Failure;
-use crate::backend;
 use crate::cli::{CorpusArgs, ModelKind, TrainArgs};
 use crate::config::ConfidenceExperimentConfig;
 
@@ -48,7 +47,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         (ModelKind::Confidence, Some(kind)) => kind,
     };
     let seed = config.seeds[0];
-    let device = backend::device(args.run.backend).map_err(bad)?;
+    let device = super::open_device(&args.run)?;
     let corpus = super::load(&CorpusArgs {
         dataset: Some(config.dataset.clone()),
         tokenizer: config.tokenizer,

@@ -1,0 +1,263 @@
+//! Every backend compiled into this build against flex: the same weights (one record, saved and
+//! loaded as a checkpoint is) and the same batch give the same logits, confidence predictions
+//! and losses, and one optimizer step gives the same parameters.
+//!
+//! Tolerance: |a − b| ≤ 1e-4 · |b| + 1e-5 per value (f32; the backends sum in different
+//! orders). The default build holds flex alone; `cargo xtask test --backend wgpu --backend
+//! tch-cpu` builds the others in and runs these.
+
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Distribution};
+use burn::train::TrainStep;
+use conf_model::{AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
+use conf_train::optim::{OptimizerSettings, adamw};
+use conf_train::trainee::ConfidenceTrainee;
+use conf_train::{
+    ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatch, LookaheadBatcher, Objective,
+    WindowParts,
+};
+
+use crate::backend::{BackendChoice, device};
+
+const RTOL: f32 = 1e-4;
+const ATOL: f32 = 1e-5;
+const VOCAB: usize = 29;
+const SEQ: usize = 16;
+const BATCH: usize = 3;
+
+fn config() -> ConfidenceGptConfig {
+    ConfidenceGptConfig::new(GptConfig::new(VOCAB, SEQ, 32, 2, 4, 96))
+        .with_conf_head(ConfHead::Seed)
+}
+
+/// Adds noise to every parameter so the zero-initialised modulation layers take part.
+struct Perturb;
+
+impl ModuleMapper for Perturb {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
+            t + noise
+        })
+    }
+}
+
+/// The weights every backend loads: built on flex, serialised as checkpoints are.
+fn record_bytes() -> Vec<u8> {
+    let flex = Device::flex();
+    flex.seed(7);
+    let model = config().init(&flex).map(&mut Perturb);
+    model
+        .into_record()
+        .into_bytes()
+        .expect("record serialises")
+        .to_vec()
+}
+
+fn load(bytes: &[u8], device: &Device) -> ConfidenceAwareGpt {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+        .expect("record deserialises");
+    config().init(device).load_record(record)
+}
+
+fn batch(device: &Device) -> LookaheadBatch {
+    // A fixed scramble of token ids; the sampling noise comes from the batcher's seed.
+    let items = (0..BATCH)
+        .map(|index| conf_data::Window {
+            index,
+            tokens: (0..SEQ + 2)
+                .map(|t| ((index * 131 + t * 37 + t * t * 11) % VOCAB) as u32)
+                .collect(),
+        })
+        .collect();
+    LookaheadBatcher { seed: 5 }.batch(items, device)
+}
+
+fn values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec()
+        .expect("f32 values")
+}
+
+/// Compares two runs value by value; reports the worst value, never the whole vector.
+fn assert_close(what: &str, backend: BackendChoice, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what} on {backend}: length");
+    let worst = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .map(|(i, (&g, &w))| (i, g, w, (g - w).abs() - RTOL * w.abs()))
+        .max_by(|a, b| a.3.total_cmp(&b.3))
+        .expect("non-empty");
+    let (i, g, w, excess) = worst;
+    assert!(
+        excess <= ATOL && g.is_finite(),
+        "{what} on {backend}: value {i} is {g}, flex gives {w} (tolerance {RTOL:e}·|flex| + {ATOL:e})"
+    );
+}
+
+/// Everything a forward pass and the dense objective produce, as host values.
+struct Outputs {
+    logits: Vec<f32>,
+    confidence: Vec<f32>,
+    lm_loss: Vec<f32>,
+    conf_loss: Vec<f32>,
+    total: Vec<f32>,
+    token_losses: Vec<f32>,
+    actual_future: Vec<f32>,
+}
+
+fn outputs(bytes: &[u8], device: &Device) -> Outputs {
+    let model = load(bytes, device);
+    let batch = batch(device);
+    let x = WindowParts::new(batch.tokens.clone()).x;
+    let zeros = Tensor::<2>::zeros(x.dims(), device);
+    let forward = model.forward(x, zeros, &AttentionMask::Causal);
+    let settings = ConfidenceSettings {
+        alpha: 1.0,
+        conf_input: ConfInput::SelfConditioned,
+    };
+    let objective = DenseObjective(settings).compute(&model, batch);
+    let lookahead = objective.lookahead.expect("dense measures the lookahead");
+    Outputs {
+        logits: values(forward.logits),
+        confidence: values(forward.confidence),
+        lm_loss: values(objective.lm_loss),
+        conf_loss: values(objective.conf_loss.expect("dense has a confidence loss")),
+        total: values(objective.total),
+        token_losses: values(objective.tokens.loss),
+        actual_future: values(lookahead.actual),
+    }
+}
+
+/// Every parameter after one AdamW step of the dense objective, by module path.
+fn after_one_step(bytes: &[u8], device: &Device) -> Vec<(String, Vec<f32>)> {
+    let device = device.clone().autodiff();
+    let settings = ConfidenceSettings {
+        alpha: 1.0,
+        conf_input: ConfInput::SelfConditioned,
+    };
+    let trainee = ConfidenceTrainee::new(load(bytes, &device), Arc::new(DenseObjective(settings)));
+    let optimizer_settings = OptimizerSettings {
+        learning_rate: 1e-2,
+        min_learning_rate: 1e-3,
+        warmup_steps: 0,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+    };
+    let mut optim = adamw(&trainee, &optimizer_settings);
+    let output = TrainStep::step(&trainee, batch(&device));
+    let grads: GradientsParams = output.grads;
+    let trainee = TrainStep::optimize(trainee, &mut optim, ModuleLearningRate::from(1e-2), grads);
+    parameters(&trainee.model)
+}
+
+fn parameters<M: Module>(module: &M) -> Vec<(String, Vec<f32>)> {
+    #[derive(Default)]
+    struct Collect {
+        path: Vec<String>,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.push((self.path.join("."), values(param.val())));
+        }
+    }
+    let mut collect = Collect::default();
+    module.visit(&mut collect);
+    collect.out
+}
+
+/// Runs every comparison for one backend against flex.
+fn matches_flex(backend: BackendChoice) {
+    let other = device(backend, None).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = record_bytes();
+    let want = outputs(&bytes, &Device::flex());
+    let got = outputs(&bytes, &other);
+    assert_close("logits", backend, &got.logits, &want.logits);
+    assert_close("confidence", backend, &got.confidence, &want.confidence);
+    assert_close("LM loss", backend, &got.lm_loss, &want.lm_loss);
+    assert_close(
+        "token losses",
+        backend,
+        &got.token_losses,
+        &want.token_losses,
+    );
+    assert_close(
+        "future losses",
+        backend,
+        &got.actual_future,
+        &want.actual_future,
+    );
+    assert_close("confidence loss", backend, &got.conf_loss, &want.conf_loss);
+    assert_close("total loss", backend, &got.total, &want.total);
+
+    let before = parameters(&load(&bytes, &Device::flex()));
+    let want = after_one_step(&bytes, &Device::flex());
+    let got = after_one_step(&bytes, &other);
+    assert_eq!(got.len(), want.len());
+    let mut moved = 0;
+    for (((path, g), (_, w)), (_, b)) in got.iter().zip(&want).zip(&before) {
+        assert_close(&format!("{path} after one step"), backend, g, w);
+        moved += usize::from(w.iter().zip(b).any(|(w, b)| w != b));
+    }
+    // The step changed every parameter, so the comparison is of the step and not of the load.
+    assert_eq!(moved, want.len(), "parameters the step moved on flex");
+}
+
+#[test]
+fn the_reference_outputs_are_nontrivial() {
+    // Guards the comparisons below: flex's numbers are finite and not all alike.
+    let out = outputs(&record_bytes(), &Device::flex());
+    assert_eq!(out.logits.len(), BATCH * SEQ * VOCAB);
+    assert_eq!(out.confidence.len(), BATCH * SEQ);
+    assert_eq!(out.actual_future.len(), BATCH * SEQ);
+    let spread = |v: &[f32]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        hi - lo
+    };
+    assert!(
+        spread(&out.logits) > 0.5,
+        "logits spread {}",
+        spread(&out.logits)
+    );
+    assert!(
+        spread(&out.confidence) > 1e-3,
+        "confidence spread {}",
+        spread(&out.confidence)
+    );
+    assert!(
+        out.lm_loss[0] > 2.0 && out.lm_loss[0].is_finite(),
+        "LM loss {}",
+        out.lm_loss[0]
+    );
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_matches_flex() {
+    matches_flex(BackendChoice::Wgpu);
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn tch_cpu_matches_flex() {
+    matches_flex(BackendChoice::TchCpu);
+}

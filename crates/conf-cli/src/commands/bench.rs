@@ -1,0 +1,245 @@
+//! `lookahead bench`: ms/step, tokens/s, FLOP rate and peak memory of each objective's training
+//! step on one backend, at a preset's shape.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use clap::Args;
+use conf_data::{Split, write_atomic};
+use conf_model::ConfidenceAwareGpt;
+use conf_train::bench::{BenchSettings, StepTiming, time_steps};
+use conf_train::optim::OptimizerSettings;
+use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
+use conf_train::{
+    ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, TeacherObjective,
+};
+use serde::Serialize;
+
+use super::run::model_configs;
+use crate::Failure;
+use crate::cli::{CorpusArgs, RunArgs};
+use crate::config::ConfidenceExperimentConfig;
+use crate::results::{extra_forward_passes, flops_per_token};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Objectives to time; `standard` trains MiniGPT, the others ConfidenceAwareGPT.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "standard,seed,dense,teacher"
+    )]
+    pub objectives: Vec<ObjectiveKind>,
+    /// Steps run before timing (compilation, autotuning, allocator growth).
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Steps timed.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchRow {
+    objective: ObjectiveKind,
+    parameters: usize,
+    #[serde(flatten)]
+    timing: StepTiming,
+    /// ms/step over the standard step's, when standard is timed too.
+    relative_to_standard: Option<f64>,
+    flops_per_token: f64,
+    /// Achieved model FLOP rate (6N + attention, plus the no-gradient passes).
+    tflops: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    backend: String,
+    device: String,
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+    seq_len: usize,
+    batch_size: usize,
+    threads: usize,
+    rows: Vec<BenchRow>,
+    /// Peak resident memory of this process, all objectives together.
+    peak_host_mib: Option<f64>,
+    /// GPU memory this process holds at the end (the backends keep their pools).
+    gpu_mib: Option<f64>,
+}
+
+pub fn run(args: BenchArgs) -> Result<(), Failure> {
+    if args.steps == 0 {
+        return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
+    }
+    let config = ConfidenceExperimentConfig::from_args(&args.run)
+        .map_err(|e| Failure::BadInput(e.into()))?;
+    let device = super::open_device(&args.run)?;
+    let corpus = super::load(&CorpusArgs {
+        dataset: Some(config.dataset.clone()),
+        tokenizer: config.tokenizer,
+        ..args.run.corpus.clone()
+    })?;
+    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
+        .map_err(|e| Failure::BadInput(e.into()))?;
+    let (confidence, matched) = model_configs(&config, corpus.vocab_size());
+    let settings = BenchSettings {
+        warmup_steps: args.warmup_steps,
+        timed_steps: args.steps,
+        batch_size: config.batch_size,
+        seq_len: config.seq_len,
+        seed: config.seeds[0],
+        optimizer: OptimizerSettings {
+            learning_rate: config.learning_rate,
+            min_learning_rate: config.min_learning_rate,
+            warmup_steps: 0,
+            weight_decay: config.weight_decay,
+            grad_clip: GRAD_CLIP,
+        },
+    };
+    let autodiff = device.clone().autodiff();
+    let conf = ConfidenceSettings {
+        alpha: config.confidence_alpha,
+        conf_input: config.conf_input,
+    };
+    let mut rows: Vec<BenchRow> = Vec::new();
+    for &objective in &args.objectives {
+        autodiff.seed(settings.seed);
+        let (parameters, timing) = match objective {
+            ObjectiveKind::Standard => {
+                let model = matched.standard.init_minigpt(&autodiff);
+                let parameters = burn::module::Module::num_params(&model);
+                let timing = time_steps(StandardTrainee::new(model), &corpus, &split, &settings);
+                (parameters, timing)
+            }
+            kind => {
+                let model = confidence.init(&autodiff);
+                let parameters = burn::module::Module::num_params(&model);
+                let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match kind {
+                    ObjectiveKind::Seed => Arc::new(SeedObjective(conf)),
+                    ObjectiveKind::Teacher => Arc::new(TeacherObjective(conf)),
+                    _ => Arc::new(DenseObjective(conf)),
+                };
+                let trainee = ConfidenceTrainee::new(model, objective);
+                (parameters, time_steps(trainee, &corpus, &split, &settings))
+            }
+        };
+        let per_token = flops_per_token(
+            parameters,
+            config.n_layers,
+            config.seq_len,
+            config.d_model,
+            extra_forward_passes(objective, &config),
+        );
+        let row = BenchRow {
+            objective,
+            parameters,
+            relative_to_standard: None,
+            flops_per_token: per_token,
+            tflops: per_token * timing.tokens_per_second / 1e12,
+            timing,
+        };
+        eprintln!(
+            "{:<9} {:>9.1} ms/step {:>10.0} tokens/s {:>8.3} TFLOP/s  (loss {:.3})",
+            objective.name(),
+            row.timing.ms_per_step,
+            row.timing.tokens_per_second,
+            row.tflops,
+            row.timing.last_lm_loss
+        );
+        rows.push(row);
+    }
+    let standard_ms = rows
+        .iter()
+        .find(|r| r.objective == ObjectiveKind::Standard)
+        .map(|r| r.timing.ms_per_step);
+    for row in &mut rows {
+        row.relative_to_standard = standard_ms.map(|s| row.timing.ms_per_step / s);
+    }
+    let report = BenchReport {
+        backend: args.run.backend.name().to_string(),
+        device: format!("{device:?}"),
+        d_model: config.d_model,
+        n_layers: config.n_layers,
+        n_heads: config.n_heads,
+        seq_len: config.seq_len,
+        batch_size: config.batch_size,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rows,
+        peak_host_mib: peak_host_mib(),
+        gpu_mib: gpu_mib(),
+    };
+    print_table(&report);
+    if let Some(path) = &args.output {
+        let json = serde_json::to_vec_pretty(&report)?;
+        write_atomic(path, &json).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        println!("written {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_table(report: &BenchReport) {
+    println!(
+        "backend {} ({}), d {} × {} layers, {} heads, L {}, batch {}, {} threads",
+        report.backend,
+        report.device,
+        report.d_model,
+        report.n_layers,
+        report.n_heads,
+        report.seq_len,
+        report.batch_size,
+        report.threads
+    );
+    println!(
+        "| objective | ms/step | tokens/s | × standard | TFLOP/s |\n|---|---:|---:|---:|---:|"
+    );
+    for row in &report.rows {
+        println!(
+            "| {} | {:.1} | {:.0} | {} | {:.3} |",
+            row.objective.name(),
+            row.timing.ms_per_step,
+            row.timing.tokens_per_second,
+            row.relative_to_standard
+                .map_or("–".into(), |r| format!("{r:.2}")),
+            row.tflops
+        );
+    }
+    let mib = |m: Option<f64>| m.map_or("n/a".into(), |m| format!("{m:.0} MiB"));
+    println!(
+        "peak host memory {}, GPU memory held {}",
+        mib(report.peak_host_mib),
+        mib(report.gpu_mib)
+    );
+}
+
+/// VmHWM of /proc/self/status (Linux).
+fn peak_host_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// This process's GPU memory as nvidia-smi reports it, where there is an NVIDIA driver.
+fn gpu_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let pid = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let (p, used) = line.split_once(',')?;
+            (p.trim() == pid).then(|| used.trim().parse().ok())?
+        })
+}

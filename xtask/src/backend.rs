@@ -1,0 +1,348 @@
+//! What each backend needs to build and run, and how `cargo xtask setup` provides it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// PyTorch release whose libtorch burn-tch 0.22 (through torch-sys 0.22) is built against.
+const TORCH_VERSION: &str = "2.9.0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Flex,
+    Wgpu,
+    TchCpu,
+    TchCuda,
+    Cuda,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flex => "flex",
+            Self::Wgpu => "wgpu",
+            Self::TchCpu => "tch-cpu",
+            Self::TchCuda => "tch-cuda",
+            Self::Cuda => "cuda",
+        }
+    }
+
+    /// The conf-cli feature to add to the default build (flex is in every build).
+    fn feature(self) -> Option<&'static str> {
+        match self {
+            Self::Flex => None,
+            Self::Wgpu => Some("wgpu"),
+            Self::TchCpu | Self::TchCuda => Some("tch"),
+            Self::Cuda => Some("cuda"),
+        }
+    }
+}
+
+/// The conf-cli features for these backends, comma-separated.
+pub fn features(backends: &[Backend]) -> String {
+    let mut features: Vec<&str> = backends.iter().filter_map(|b| b.feature()).collect();
+    features.dedup();
+    features.sort_unstable();
+    features.dedup();
+    features.join(",")
+}
+
+/// Environment variables the build and the run need.
+#[derive(Debug, Default)]
+pub struct BuildEnv {
+    pub vars: Vec<(String, String)>,
+}
+
+impl BuildEnv {
+    pub fn for_backends(backends: &[Backend]) -> anyhow::Result<Self> {
+        let mut env = Self::default();
+        if backends
+            .iter()
+            .any(|b| matches!(b, Backend::TchCpu | Backend::TchCuda))
+        {
+            env.vars.extend(libtorch_env()?);
+        }
+        if backends.contains(&Backend::Cuda) {
+            env.vars.extend(cuda_env()?);
+        }
+        if backends.contains(&Backend::Wgpu)
+            && cfg!(target_os = "linux")
+            && vulkan_drivers().is_empty()
+        {
+            bail!("wgpu: no Vulkan driver found; run `cargo xtask setup --backend wgpu`");
+        }
+        Ok(env)
+    }
+}
+
+impl BuildEnv {
+    /// Like [`for_backends`](Self::for_backends), for a check build: without the CUDA toolkit
+    /// or driver, cudarc is told a CUDA version, since nothing is loaded at check time.
+    pub fn for_lint(backends: &[Backend]) -> anyhow::Result<Self> {
+        let others: Vec<Backend> = backends
+            .iter()
+            .copied()
+            .filter(|b| *b != Backend::Cuda)
+            .collect();
+        let mut env = Self::for_backends(&others)?;
+        if backends.contains(&Backend::Cuda) {
+            env.vars.extend(
+                cuda_env().unwrap_or_else(|_| vec![("CUDARC_CUDA_VERSION".into(), "12080".into())]),
+            );
+        }
+        Ok(env)
+    }
+}
+
+/// Where `setup` puts the Python environment that provides libtorch: `$LOOKAHEAD_VENV`, else
+/// `.venv` in the workspace.
+fn venv_dir() -> PathBuf {
+    std::env::var_os("LOOKAHEAD_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join(".venv"))
+}
+
+fn library_path_var() -> &'static str {
+    if cfg!(target_os = "macos") {
+        "DYLD_LIBRARY_PATH"
+    } else {
+        "LD_LIBRARY_PATH"
+    }
+}
+
+fn prepend_path(var: &str, dir: &Path) -> (String, String) {
+    let value = match std::env::var(var) {
+        Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    (var.to_string(), value)
+}
+
+/// `LIBTORCH` when the user has one; otherwise the venv's PyTorch, found by torch-sys through
+/// `LIBTORCH_USE_PYTORCH=1`, with its library folder on the loader's path for the run.
+fn libtorch_env() -> anyhow::Result<Vec<(String, String)>> {
+    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
+        let lib = PathBuf::from(libtorch).join("lib");
+        if !lib.is_dir() {
+            bail!("LIBTORCH: {} has no lib folder", lib.display());
+        }
+        return Ok(vec![prepend_path(library_path_var(), &lib)]);
+    }
+    let venv = venv_dir();
+    let (version, torch_dir) = venv_torch(&venv).with_context(|| {
+        format!(
+            "libtorch: no PyTorch in {}; run `cargo xtask setup --backend tch-cpu` (or set \
+             LIBTORCH to a libtorch {TORCH_VERSION} folder)",
+            venv.display()
+        )
+    })?;
+    if version.split('+').next() != Some(TORCH_VERSION) {
+        bail!(
+            "libtorch: {} holds PyTorch {version}, burn-tch needs {TORCH_VERSION}; run `cargo xtask setup --backend tch-cpu`",
+            venv.display()
+        );
+    }
+    Ok(vec![
+        ("VIRTUAL_ENV".into(), venv.display().to_string()),
+        prepend_path("PATH", &venv.join("bin")),
+        ("LIBTORCH_USE_PYTORCH".into(), "1".into()),
+        prepend_path(library_path_var(), &torch_dir.join("lib")),
+    ])
+}
+
+/// PyTorch's version and package folder in a venv.
+fn venv_torch(venv: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let python = venv.join("bin").join("python");
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import os, torch; print(torch.__version__); print(os.path.dirname(torch.__file__))",
+        ])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} cannot import torch: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let version = lines.next().context("no torch version")?.trim().to_string();
+    let dir = PathBuf::from(lines.next().context("no torch folder")?.trim());
+    Ok((version, dir))
+}
+
+/// cudarc learns the CUDA version from `nvcc`; without the toolkit, from the driver.
+fn cuda_env() -> anyhow::Result<Vec<(String, String)>> {
+    if std::env::var_os("CUDARC_CUDA_VERSION").is_some() || succeeds("nvcc", &["--version"]) {
+        return Ok(vec![]);
+    }
+    match driver_cuda_version() {
+        Some(version) => Ok(vec![("CUDARC_CUDA_VERSION".into(), version)]),
+        None => bail!(
+            "cuda: neither nvcc nor nvidia-smi was found; install the NVIDIA driver (and the CUDA \
+             toolkit), or set CUDARC_CUDA_VERSION (e.g. 12080 for CUDA 12.8) to build anyway"
+        ),
+    }
+}
+
+/// "CUDA Version: 13.0" from nvidia-smi as cudarc's "13000".
+fn driver_cuda_version() -> Option<String> {
+    let out = Command::new("nvidia-smi").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split("CUDA Version:")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let (major, minor) = version.split_once('.')?;
+    Some(format!(
+        "{}{:02}0",
+        major.parse::<u32>().ok()?,
+        minor.parse::<u32>().ok()?
+    ))
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Vulkan driver manifests the loader will find.
+fn vulkan_drivers() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for var in ["VK_DRIVER_FILES", "VK_ICD_FILENAMES"] {
+        if let Some(files) = std::env::var_os(var) {
+            found.extend(std::env::split_paths(&files).filter(|p| p.is_file()));
+        }
+    }
+    for dir in [
+        "/usr/share/vulkan/icd.d",
+        "/usr/local/share/vulkan/icd.d",
+        "/etc/vulkan/icd.d",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            found.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "json")),
+            );
+        }
+    }
+    found
+}
+
+pub fn setup(backend: Backend) -> anyhow::Result<()> {
+    match backend {
+        Backend::Flex => {
+            println!(
+                "flex is Burn's pure-Rust CPU backend and needs nothing: cargo run --release -- experiment"
+            );
+            Ok(())
+        }
+        Backend::Wgpu => setup_wgpu(),
+        Backend::TchCpu | Backend::TchCuda => setup_libtorch(backend),
+        Backend::Cuda => {
+            let env = cuda_env()?;
+            println!(
+                "cuda: CubeCL loads the driver and NVRTC at run time; build settings: {}",
+                if env.is_empty() {
+                    "from nvcc or CUDARC_CUDA_VERSION".to_string()
+                } else {
+                    format!("{env:?}")
+                }
+            );
+            println!("next: cargo xtask experiment --backend cuda");
+            Ok(())
+        }
+    }
+}
+
+fn setup_wgpu() -> anyhow::Result<()> {
+    if !cfg!(target_os = "linux") {
+        println!("wgpu uses the system's Metal or DirectX 12 driver: nothing to install");
+        return Ok(());
+    }
+    if vulkan_drivers().is_empty() {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !(root && succeeds("apt-get", &["--version"])) {
+            bail!(
+                "wgpu: no Vulkan driver found. Install your GPU's Vulkan driver, or Mesa's software \
+                 Vulkan (lavapipe): `sudo apt-get install mesa-vulkan-drivers` on Debian/Ubuntu, \
+                 `sudo dnf install mesa-vulkan-drivers` on Fedora"
+            );
+        }
+        println!(
+            "wgpu: no Vulkan driver found; installing Mesa's (lavapipe runs Vulkan on the CPU)"
+        );
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "mesa-vulkan-drivers",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let drivers = vulkan_drivers();
+    if drivers.is_empty() {
+        bail!("wgpu: still no Vulkan driver manifest after installing mesa-vulkan-drivers");
+    }
+    for driver in drivers {
+        println!("wgpu: Vulkan driver {}", driver.display());
+    }
+    println!("next: cargo xtask experiment --backend wgpu");
+    Ok(())
+}
+
+fn setup_libtorch(backend: Backend) -> anyhow::Result<()> {
+    if let Some(libtorch) = std::env::var_os("LIBTORCH") {
+        println!(
+            "LIBTORCH={} is set: torch-sys builds against it (it must be libtorch {TORCH_VERSION})",
+            PathBuf::from(libtorch).display()
+        );
+        return Ok(());
+    }
+    let venv = venv_dir();
+    let ready = venv_torch(&venv).is_ok_and(|(v, _)| v.split('+').next() == Some(TORCH_VERSION));
+    if ready {
+        println!("{}: PyTorch {TORCH_VERSION} is installed", venv.display());
+    } else {
+        if !venv.join("bin").join("python").is_file() {
+            let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&python).args(["-m", "venv"]).arg(&venv))?;
+        }
+        // PyPI's Linux wheel carries CUDA 12.8 and serves tch-cpu and tch-cuda alike.
+        run(Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "--disable-pip-version-check",
+            &format!("torch=={TORCH_VERSION}"),
+        ]))?;
+    }
+    let python = venv.join("bin").join("python");
+    let probe = "import torch; print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())";
+    run(Command::new(&python).args(["-c", probe]))?;
+    println!("next: cargo xtask experiment --backend {}", backend.name());
+    Ok(())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed with {status}", command.get_program());
+    }
+    Ok(())
+}
