@@ -76,25 +76,6 @@ impl BuildEnv {
     }
 }
 
-impl BuildEnv {
-    /// Like [`for_backends`](Self::for_backends), for a check build: without the CUDA toolkit
-    /// or driver, cudarc is told a CUDA version, since nothing is loaded at check time.
-    pub fn for_lint(backends: &[Backend]) -> anyhow::Result<Self> {
-        let others: Vec<Backend> = backends
-            .iter()
-            .copied()
-            .filter(|b| *b != Backend::Cuda)
-            .collect();
-        let mut env = Self::for_backends(&others)?;
-        if backends.contains(&Backend::Cuda) {
-            env.vars.extend(
-                cuda_env().unwrap_or_else(|_| vec![("CUDARC_CUDA_VERSION".into(), "12080".into())]),
-            );
-        }
-        Ok(env)
-    }
-}
-
 /// Where `setup` puts the Python environment that provides libtorch: `$LOOKAHEAD_VENV`, else
 /// `.venv` in the workspace.
 fn venv_dir() -> PathBuf {
@@ -258,6 +239,18 @@ pub fn setup(backend: Backend) -> anyhow::Result<()> {
                     format!("{env:?}")
                 }
             );
+            // burn-cuda compiles kernels through CubeCL's LLVM, which its build fetches once.
+            let llvm = std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".local/share/tracel"))
+                .filter(|dir| dir.is_dir());
+            match llvm {
+                Some(dir) => println!("cuda: CubeCL's LLVM bundle is in {}", dir.display()),
+                None => println!(
+                    "cuda: the first build downloads CubeCL's LLVM bundle (tracel-llvm, from \
+                     github.com/tracel-ai/tracel-llvm releases) into ~/.local/share/tracel; \
+                     it needs access to github.com once"
+                ),
+            }
             println!("next: cargo xtask experiment --backend cuda");
             Ok(())
         }

@@ -35,8 +35,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Lint conf-cli with every backend compiled in, then run its tests with these backends:
-    /// the cross-backend equivalence tests and a short training of both models on each.
+    /// Time each objective's training step on a backend (`lookahead bench`) at the benchmark
+    /// shape (the `seed` preset, batch 16; `gpu` preset on CUDA backends); `--smoke` runs a
+    /// few steps of the quick preset. Figures go to results/bench/{backend}.json.
+    Bench {
+        #[arg(long, value_enum, default_value = "flex")]
+        backend: Backend,
+        #[arg(long)]
+        smoke: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lint conf-cli with these backends compiled in, then run its tests: the cross-backend
+    /// equivalence tests and a short training of both models on each.
     Test {
         #[arg(long = "backend", value_enum, required = true)]
         backends: Vec<Backend>,
@@ -73,30 +84,40 @@ fn main() -> anyhow::Result<()> {
             command.extend(args.iter().map(String::as_str));
             cargo(&command, &env)
         }
+        Task::Bench {
+            backend,
+            smoke,
+            args,
+        } => {
+            let env = BuildEnv::for_backends(&[backend])?;
+            let features = backend::features(&[backend]);
+            let output = format!("results/bench/{}.json", backend.name());
+            std::fs::create_dir_all(workspace_root().join("results/bench"))?;
+            let mut command = vec!["run", "--release", "-p", "conf-cli"];
+            if !features.is_empty() {
+                command.extend(["--features", &features]);
+            }
+            command.extend(["--", "bench", "--backend", backend.name()]);
+            command.extend(if smoke {
+                ["--preset", "quick", "--steps", "2", "--warmup-steps", "1"].as_slice()
+            } else if matches!(backend, Backend::Cuda | Backend::TchCuda) {
+                ["--preset", "gpu"].as_slice()
+            } else {
+                ["--preset", "seed", "--batch-size", "16"].as_slice()
+            });
+            command.extend(["--output", &output]);
+            command.extend(args.iter().map(String::as_str));
+            cargo(&command, &env)
+        }
         Task::Test { backends } => {
-            // Clippy sees the code of every backend, cuda included, so that it keeps compiling
-            // on machines without a GPU; the tests run the backends asked for.
-            let mut linted = backends.clone();
-            linted.push(Backend::Cuda);
-            let lint_env = BuildEnv::for_lint(&linted)?;
-            let lint_features = backend::features(&linted);
-            cargo(
-                &[
-                    "clippy",
-                    "-p",
-                    "conf-cli",
-                    "--all-targets",
-                    "--release",
-                    "--features",
-                    &lint_features,
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-                &lint_env,
-            )?;
             let env = BuildEnv::for_backends(&backends)?;
             let features = backend::features(&backends);
+            let mut lint = vec!["clippy", "-p", "conf-cli", "--all-targets", "--release"];
+            if !features.is_empty() {
+                lint.extend(["--features", &features]);
+            }
+            lint.extend(["--", "-D", "warnings"]);
+            cargo(&lint, &env)?;
             let mut command = vec!["test", "--release", "-p", "conf-cli"];
             if !features.is_empty() {
                 command.extend(["--features", &features]);
