@@ -170,16 +170,31 @@ fn compiled_device(choice: BackendChoice, index: Option<usize>) -> Device {
     }
 }
 
+/// Name of the thread that runs the probe; its panics are expected and not printed.
+const PROBE_THREAD: &str = "backend-probe";
+
 /// Runs `2 * [1, 2]` on the device. Backends report a missing driver or GPU by panicking on
-/// first use; the panic is caught and its message returned.
+/// first use; the probe runs on its own thread so the panic is caught and its message returned.
 fn probe(device: &Device) -> Result<(), String> {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(|| {
-        let x = Tensor::<1>::from_floats([1.0, 2.0], device);
-        (x.clone() + x).into_data().try_to_vec::<f32>()
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some(PROBE_THREAD) {
+                previous(info);
+            }
+        }));
     });
-    std::panic::set_hook(previous);
+    let outcome = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name(PROBE_THREAD.into())
+            .spawn_scoped(scope, || {
+                let x = Tensor::<1>::from_floats([1.0, 2.0], device);
+                (x.clone() + x).into_data().try_to_vec::<f32>()
+            })
+            .expect("a thread starts")
+            .join()
+    });
     match outcome {
         Ok(Ok(values)) if values == [2.0, 4.0] => Ok(()),
         Ok(Ok(values)) => Err(format!("2 * [1, 2] gave {values:?}")),

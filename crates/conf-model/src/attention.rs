@@ -90,15 +90,18 @@ impl CausalSelfAttention {
             None => (own.key.clone(), own.value.clone()),
         };
         let keys = k.dims()[2];
-        let (mask, is_causal) = match mask {
+        let (bias, is_causal) = match mask {
             AttentionMask::Causal => (None, true),
             AttentionMask::Unmasked => (None, false),
+            // An additive −inf bias rather than a boolean mask: burn-tch 0.22.1 hands boolean
+            // masks to libtorch, whose convention (true = attend) is the opposite of Burn's
+            // (true = masked out); a bias means the same on every backend.
             AttentionMask::Explicit(m) => {
-                let m = m
-                    .clone()
+                let bias = Tensor::<2>::zeros(m.dims(), &m.device())
+                    .mask_fill((**m).clone(), f32::NEG_INFINITY)
                     .unsqueeze::<4>()
                     .expand([batch, self.n_heads, seq, keys]);
-                (Some(m), false)
+                (Some(bias), false)
             }
         };
         let options = AttentionModuleOptions {
@@ -106,7 +109,7 @@ impl CausalSelfAttention {
             softcap: None,
             is_causal,
         };
-        let context = attention(q, k, v, mask, None, options); // [B, H, S, dh]
+        let context = attention(q, k, v, None, bias, options); // [B, H, S, dh]
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
         (self.output.forward(context), own)
     }
