@@ -195,15 +195,23 @@ fn probe(device: &Device) -> Result<(), String> {
             .expect("a thread starts")
             .join()
     });
+    // Libraries append stack traces (libtorch inside a Debug string, as an escaped "\n");
+    // the first line says what is wrong.
+    let first_line = |text: String| {
+        let line = text.lines().next().unwrap_or_default();
+        line.split("\\n").next().unwrap_or_default().to_string()
+    };
     match outcome {
         Ok(Ok(values)) if values == [2.0, 4.0] => Ok(()),
         Ok(Ok(values)) => Err(format!("2 * [1, 2] gave {values:?}")),
-        Ok(Err(e)) => Err(format!("{e:?}")),
-        Err(payload) => Err(payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "the backend failed to start".into())),
+        Ok(Err(e)) => Err(first_line(format!("{e:?}"))),
+        Err(payload) => Err(first_line(
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend failed to start".into()),
+        )),
     }
 }
 
