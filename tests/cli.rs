@@ -474,6 +474,60 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
     );
 }
 
+#[test]
+fn bench_times_every_objective_and_writes_its_figures() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("bench.json");
+    let args = [
+        "bench",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let out = lookahead(&args, cache.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    assert_eq!(report["backend"], "flex");
+    assert_eq!(report["seq_len"], 16);
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["objective"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["standard", "seed", "dense", "teacher"]);
+    for row in rows {
+        let ms = row["ms_per_step"].as_f64().unwrap();
+        assert!(ms > 0.0 && ms.is_finite(), "{row}");
+        let tokens = row["tokens_per_second"].as_f64().unwrap();
+        // tokens/s and ms/step describe the same steps: 2 windows × 16 tokens per step.
+        assert!((tokens * ms / 1e3 - 32.0).abs() < 1e-6, "{row}");
+        assert!(row["last_lm_loss"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(rows[0]["relative_to_standard"], 1.0);
+    // The standard model is the parameter-matched MiniGPT: within half a percent.
+    let standard = rows[0]["parameters"].as_f64().unwrap();
+    let confidence = rows[1]["parameters"].as_f64().unwrap();
+    assert!((standard - confidence).abs() / confidence < 0.005);
+    fails_with(
+        &lookahead(&["bench", "--steps", "0"], cache.path()),
+        2,
+        &["--steps"],
+    );
+}
+
 /// A short experiment of both models on a backend other than flex, for real: the results
 /// file names the backend and holds finite losses that went down.
 #[allow(dead_code)] // used only in builds with a GPU or libtorch backend

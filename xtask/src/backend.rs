@@ -170,11 +170,15 @@ fn cuda_env() -> anyhow::Result<Vec<(String, String)>> {
     }
 }
 
-/// "CUDA Version: 13.0" from nvidia-smi as cudarc's "13000".
+/// The driver's CUDA version from nvidia-smi.
 fn driver_cuda_version() -> Option<String> {
     let out = Command::new("nvidia-smi").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = text
+    cudarc_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// "CUDA Version: 13.0" in nvidia-smi's banner as cudarc's "13000".
+fn cudarc_version(nvidia_smi: &str) -> Option<String> {
+    let version = nvidia_smi
         .split("CUDA Version:")
         .nth(1)?
         .split_whitespace()
@@ -338,4 +342,31 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         bail!("{:?} failed with {status}", command.get_program());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_are_deduplicated_and_flex_needs_none() {
+        assert_eq!(features(&[Backend::Flex]), "");
+        assert_eq!(
+            features(&[Backend::Wgpu, Backend::TchCpu, Backend::TchCuda]),
+            "tch,wgpu"
+        );
+        assert_eq!(features(&[Backend::Cuda, Backend::Flex]), "cuda");
+    }
+
+    #[test]
+    fn the_driver_banner_gives_cudarcs_version() {
+        let banner =
+            "| NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0     |";
+        assert_eq!(cudarc_version(banner).as_deref(), Some("13000"));
+        assert_eq!(
+            cudarc_version("CUDA Version: 12.8 |").as_deref(),
+            Some("12080")
+        );
+        assert_eq!(cudarc_version("no GPU"), None);
+    }
 }
