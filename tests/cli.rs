@@ -18,12 +18,13 @@ fn lookahead(args: &[&str], cache: &Path) -> Output {
 
 /// Whether this test build holds a conf-cli backend feature.
 fn compiled(feature: &str) -> bool {
-    match feature {
-        "wgpu" => cfg!(feature = "wgpu"),
-        "tch" => cfg!(feature = "tch"),
-        "cuda" => cfg!(feature = "cuda"),
-        _ => cfg!(feature = "flex"),
-    }
+    [
+        ("flex", cfg!(feature = "flex")),
+        ("wgpu", cfg!(feature = "wgpu")),
+        ("tch", cfg!(feature = "tch")),
+        ("cuda", cfg!(feature = "cuda")),
+    ]
+    .contains(&(feature, true))
 }
 
 fn json(output: &Output) -> serde_json::Value {
