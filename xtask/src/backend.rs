@@ -49,7 +49,7 @@ pub fn features(backends: &[Backend]) -> String {
 }
 
 /// Environment variables the build and the run need.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct BuildEnv {
     pub vars: Vec<(String, String)>,
 }
@@ -73,6 +73,20 @@ impl BuildEnv {
             bail!("wgpu: no Vulkan driver found; run `cargo xtask setup --backend wgpu`");
         }
         Ok(env)
+    }
+}
+
+impl BuildEnv {
+    /// The environment for a check (not a link) of the cuda feature on any machine: the LLVM
+    /// bundle's download is skipped the way docs.rs skips it (`DOCS_RS`), and cudarc gets a
+    /// CUDA version when neither the toolkit nor a driver tells it one.
+    pub fn with_cuda_check(&self) -> Self {
+        let mut vars = self.vars.clone();
+        vars.push(("DOCS_RS".into(), "1".into()));
+        vars.extend(
+            cuda_env().unwrap_or_else(|_| vec![("CUDARC_CUDA_VERSION".into(), "12080".into())]),
+        );
+        Self { vars }
     }
 }
 
