@@ -156,9 +156,9 @@ fn compiled_device(choice: BackendChoice, index: Option<usize>) -> Device {
             Some(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
             None => burn::tensor::DeviceKind::DefaultDevice,
         }),
+        // burn-tch is deprecated upstream but is still Burn's libtorch backend.
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        // burn-tch is deprecated upstream but still the libtorch backend
         BackendChoice::TchCpu => Device::libtorch(),
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
