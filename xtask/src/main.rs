@@ -74,40 +74,26 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Setup { backend } => backend::setup(backend),
         Task::Experiment { backend, args } => {
-            let env = BuildEnv::for_backends(&[backend])?;
-            let features = backend::features(&[backend]);
-            let mut command = vec!["run", "--release", "-p", "conf-cli"];
-            if !features.is_empty() {
-                command.extend(["--features", &features]);
-            }
-            command.extend(["--", "experiment", "--backend", backend.name()]);
-            command.extend(args.iter().map(String::as_str));
-            cargo(&command, &env)
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_lookahead(backend, "experiment", &args)
         }
         Task::Bench {
             backend,
             smoke,
             args,
         } => {
-            let env = BuildEnv::for_backends(&[backend])?;
-            let features = backend::features(&[backend]);
             let output = format!("results/bench/{}.json", backend.name());
             std::fs::create_dir_all(workspace_root().join("results/bench"))?;
-            let mut command = vec!["run", "--release", "-p", "conf-cli"];
-            if !features.is_empty() {
-                command.extend(["--features", &features]);
-            }
-            command.extend(["--", "bench", "--backend", backend.name()]);
-            command.extend(if smoke {
-                ["--preset", "quick", "--steps", "2", "--warmup-steps", "1"].as_slice()
+            let mut bench_args: Vec<&str> = if smoke {
+                vec!["--preset", "quick", "--steps", "2", "--warmup-steps", "1"]
             } else if matches!(backend, Backend::Cuda | Backend::TchCuda) {
-                ["--preset", "gpu"].as_slice()
+                vec!["--preset", "gpu"]
             } else {
-                ["--preset", "seed", "--batch-size", "16"].as_slice()
-            });
-            command.extend(["--output", &output]);
-            command.extend(args.iter().map(String::as_str));
-            cargo(&command, &env)
+                vec!["--preset", "seed", "--batch-size", "16"]
+            };
+            bench_args.extend(["--output", &output]);
+            bench_args.extend(args.iter().map(String::as_str));
+            run_lookahead(backend, "bench", &bench_args)
         }
         Task::Test { backends } => {
             let env = BuildEnv::for_backends(&backends)?;
@@ -140,6 +126,20 @@ fn main() -> anyhow::Result<()> {
             cargo(&command, &env)
         }
     }
+}
+
+/// `lookahead SUBCOMMAND --backend B ARGS...` from a release build with B's feature, in B's
+/// build and run environment.
+fn run_lookahead(backend: Backend, subcommand: &str, args: &[&str]) -> anyhow::Result<()> {
+    let env = BuildEnv::for_backends(&[backend])?;
+    let features = backend::features(&[backend]);
+    let mut command = vec!["run", "--release", "-p", "conf-cli"];
+    if !features.is_empty() {
+        command.extend(["--features", &features]);
+    }
+    command.extend(["--", subcommand, "--backend", backend.name()]);
+    command.extend(args);
+    cargo(&command, &env)
 }
 
 /// Runs cargo in the workspace root with the backend's build and run environment.
