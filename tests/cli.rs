@@ -27,12 +27,26 @@ fn compiled(feature: &str) -> bool {
     .contains(&(feature, true))
 }
 
-fn json(output: &Output) -> serde_json::Value {
+/// Fails with the command's stderr when it did not succeed.
+fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The one results file an experiment wrote into `dir`.
+fn results_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("_results.json"))
+        .expect("a results file")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert_success(output);
     serde_json::from_slice(&output.stdout).expect("stdout is JSON")
 }
 
@@ -203,11 +217,7 @@ fn train_runs_one_model_and_saves_its_history() {
         let mut args = vec!["train", "--model", model, "--objective", objective];
         args.extend(common);
         let out = lookahead(&args, cache.path());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             stdout.lines().filter(|l| l.starts_with("step")).count(),
@@ -308,11 +318,7 @@ fn train_reads_a_config_file_that_flags_override_and_rejects_unknown_keys() {
         "--no-tui",
     ];
     let out = lookahead(&args, cache.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let history = results.join("train/standard-standard-seed7/history.json");
     let history: serde_json::Value =
         serde_json::from_slice(&std::fs::read(history).unwrap()).unwrap();
@@ -364,22 +370,10 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
         results_dir,
     ];
     let out = lookahead(&args, cache.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let file = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with("_results.json"))
-        .expect("a results file");
+    assert_success(&out);
+    let file = results_file(dir.path());
     let loaded = lookahead(&["results", "load", file.to_str().unwrap()], cache.path());
-    assert!(
-        loaded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&loaded.stderr)
-    );
+    assert_success(&loaded);
     assert!(String::from_utf8_lossy(&loaded.stdout).contains("valid (schema 1, 2 seeds"));
 
     let results: serde_json::Value =
@@ -446,11 +440,7 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
     args2[10] = "3";
     args2[13] = other.to_str().unwrap();
     assert!(lookahead(&args2, cache.path()).status.success());
-    let other_file = std::fs::read_dir(&other)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with("_results.json"))
-        .unwrap();
+    let other_file = results_file(&other);
     let merged = lookahead(
         &[
             "report",
@@ -459,11 +449,7 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
         ],
         cache.path(),
     );
-    assert!(
-        merged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&merged.stderr)
-    );
+    assert_success(&merged);
     assert!(String::from_utf8_lossy(&merged.stdout).contains("report:"));
 
     // A damaged file is rejected naming it.
@@ -494,11 +480,7 @@ fn bench_times_every_objective_and_writes_its_figures() {
         output.to_str().unwrap(),
     ];
     let out = lookahead(&args, cache.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
     assert_eq!(report["backend"], "flex");
@@ -559,16 +541,8 @@ fn both_models_train_on(backend: &str) {
         dir.path().to_str().unwrap(),
     ];
     let out = lookahead(&args, cache.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let file = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().ends_with("_results.json"))
-        .expect("a results file");
+    assert_success(&out);
+    let file = results_file(dir.path());
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(results["backend"], backend);

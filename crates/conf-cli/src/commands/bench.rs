@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::anyhow;
 use clap::Args;
-use conf_data::{Split, write_atomic};
+use conf_data::write_atomic;
 use conf_model::ConfidenceAwareGpt;
 use conf_train::bench::{BenchSettings, StepTiming, time_steps};
 use conf_train::optim::OptimizerSettings;
@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::run::model_configs;
 use crate::Failure;
-use crate::cli::{CorpusArgs, RunArgs};
+use crate::cli::RunArgs;
 use crate::config::ConfidenceExperimentConfig;
 use crate::results::{extra_forward_passes, flops_per_token};
 
@@ -81,13 +81,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     let config = ConfidenceExperimentConfig::from_args(&args.run)
         .map_err(|e| Failure::BadInput(e.into()))?;
     let device = super::open_device(&args.run)?;
-    let corpus = super::load(&CorpusArgs {
-        dataset: Some(config.dataset.clone()),
-        tokenizer: config.tokenizer,
-        ..args.run.corpus.clone()
-    })?;
-    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
-        .map_err(|e| Failure::BadInput(e.into()))?;
+    let (corpus, split) = super::load_run_data(&config, &args.run.corpus)?;
     let (confidence, matched) = model_configs(&config, corpus.vocab_size());
     let settings = BenchSettings {
         warmup_steps: args.warmup_steps,

@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use conf_data::{Split, write_atomic};
+use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::run::{RunRequest, model_configs, run_model};
 use crate::Failure;
-use crate::cli::{CorpusArgs, ModelKind, RunArgs};
+use crate::cli::{ModelKind, RunArgs};
 use crate::config::ConfidenceExperimentConfig;
 use crate::results::{ExperimentResults, SCHEMA_VERSION, Summary, TrainingResult};
 
@@ -28,13 +28,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let config =
         ConfidenceExperimentConfig::from_args(&args).map_err(|e| Failure::BadInput(e.into()))?;
     let device = super::open_device(&args)?;
-    let corpus = super::load(&CorpusArgs {
-        dataset: Some(config.dataset.clone()),
-        tokenizer: config.tokenizer,
-        ..args.corpus.clone()
-    })?;
-    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
-        .map_err(|e| Failure::BadInput(e.into()))?;
+    let (corpus, split) = super::load_run_data(&config, &args.corpus)?;
     let now = OffsetDateTime::now_utc();
     let stamp = format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",

@@ -8,10 +8,11 @@ pub mod run;
 pub mod train;
 
 use anyhow::Context;
-use conf_data::{Corpus, CorpusRequest, DataError, load_corpus};
+use conf_data::{Corpus, CorpusRequest, DataError, Split, load_corpus};
 
 use crate::Failure;
 use crate::cli::{CorpusArgs, RunArgs};
+use crate::config::ConfidenceExperimentConfig;
 
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
 pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
@@ -32,6 +33,22 @@ pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
 }
 
 /// Prints `value` as pretty JSON on stdout.
+/// The corpus and split of a run: `--dataset` and `--tokenizer` as the configuration resolved
+/// them, the other corpus flags as given.
+pub fn load_run_data(
+    config: &ConfidenceExperimentConfig,
+    corpus: &CorpusArgs,
+) -> Result<(Corpus, Split), Failure> {
+    let corpus = load(&CorpusArgs {
+        dataset: Some(config.dataset.clone()),
+        tokenizer: config.tokenizer,
+        ..corpus.clone()
+    })?;
+    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
+        .map_err(|e| Failure::BadInput(e.into()))?;
+    Ok((corpus, split))
+}
+
 /// The device of `--backend` / `--device`; a backend missing from this build is a usage error
 /// (exit 2), a missing GPU or library a failed run (exit 1).
 pub fn open_device(args: &RunArgs) -> Result<burn::prelude::Device, Failure> {

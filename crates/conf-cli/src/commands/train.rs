@@ -1,7 +1,7 @@
 //! `lookahead train`: one model, one seed, through burn-train's Learner.
 
 use anyhow::{Context, anyhow};
-use conf_data::{Split, write_atomic};
+use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
 use conf_train::training::{RunReport, RunSettings};
 use serde::Serialize;
@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::run::{RunRequest, run_model};
 use crate::Failure;
-use crate::cli::{CorpusArgs, ModelKind, TrainArgs};
+use crate::cli::{ModelKind, TrainArgs};
 use crate::config::ConfidenceExperimentConfig;
 
 fn bad(message: String) -> Failure {
@@ -48,13 +48,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     };
     let seed = config.seeds[0];
     let device = super::open_device(&args.run)?;
-    let corpus = super::load(&CorpusArgs {
-        dataset: Some(config.dataset.clone()),
-        tokenizer: config.tokenizer,
-        ..args.run.corpus.clone()
-    })?;
-    let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
-        .map_err(|e| Failure::BadInput(e.into()))?;
+    let (corpus, split) = super::load_run_data(&config, &args.run.corpus)?;
     let model_name = args.model.name();
     let run_dir = config
         .results_dir
