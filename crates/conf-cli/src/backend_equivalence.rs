@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Distribution};
 use burn::train::TrainStep;
 use conf_model::{AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
-use conf_train::optim::{OptimizerSettings, adamw};
+use conf_train::optim::{OptimizerSettings, adamw, named_params};
 use conf_train::trainee::ConfidenceTrainee;
 use conf_train::{
     ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatch, LookaheadBatcher, Objective,
@@ -173,25 +173,10 @@ fn after_one_step(bytes: &[u8], device: &Device) -> Vec<(String, Vec<f32>)> {
 }
 
 fn parameters<M: Module>(module: &M) -> Vec<(String, Vec<f32>)> {
-    #[derive(Default)]
-    struct Collect {
-        path: Vec<String>,
-        out: Vec<(String, Vec<f32>)>,
-    }
-    impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.push((self.path.join("."), values(param.val())));
-        }
-    }
-    let mut collect = Collect::default();
-    module.visit(&mut collect);
-    collect.out
+    named_params(module)
+        .into_iter()
+        .map(|p| (p.path, values(p.values)))
+        .collect()
 }
 
 /// Runs every comparison for one backend against flex.

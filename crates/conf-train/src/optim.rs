@@ -21,36 +21,49 @@ pub struct OptimizerSettings {
     pub grad_clip: f64,
 }
 
-/// Paths of the parameters with fewer than two dimensions (biases, gains, the probe bias):
-/// the ones AdamW does not decay.
-struct VectorParams {
-    path: Vec<String>,
-    found: Vec<String>,
+/// A float parameter with its module path (`blocks.0.attn.query.bias`), its rank and its
+/// values flattened.
+pub struct NamedParam {
+    pub path: String,
+    pub rank: usize,
+    pub values: Tensor<1>,
 }
 
-impl ModuleVisitor for VectorParams {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+/// Every float parameter of `module`, in visiting order.
+pub fn named_params<M: Module>(module: &M) -> Vec<NamedParam> {
+    #[derive(Default)]
+    struct Collect {
+        path: Vec<String>,
+        found: Vec<NamedParam>,
     }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
-        if D < 2 {
-            self.found.push(self.path.join("."));
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.found.push(NamedParam {
+                path: self.path.join("."),
+                rank: D,
+                values: param.val().flatten(0, D - 1),
+            });
         }
     }
+    let mut collect = Collect::default();
+    module.visit(&mut collect);
+    collect.found
 }
 
+/// Paths of the parameters with fewer than two dimensions (biases, gains, the probe bias):
+/// the ones AdamW does not decay.
 pub fn vector_param_paths<M: Module>(module: &M) -> Vec<String> {
-    let mut visitor = VectorParams {
-        path: Vec::new(),
-        found: Vec::new(),
-    };
-    module.visit(&mut visitor);
-    visitor.found
+    named_params(module)
+        .into_iter()
+        .filter(|p| p.rank < 2)
+        .map(|p| p.path)
+        .collect()
 }
 
 /// AdamW with weight decay on matrices only; clipping is global, done before the step.
