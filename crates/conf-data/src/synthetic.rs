@@ -3,9 +3,12 @@
 //! the forward algorithm gives the exact Bayes-optimal next-token distribution everywhere: the
 //! entropy floor that no model can beat, and the oracle expected loss per position.
 
+use burn::data::dataset::Dataset;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use crate::windows::EvalWindows;
 
 /// Symbols the source emits; id `i` is `ALPHABET[i]`, so samples print as text.
 pub const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -164,6 +167,22 @@ impl HiddenMarkovSource {
             .zip(tokens)
             .map(|(dist, &x)| -dist[x as usize].ln())
             .collect()
+    }
+
+    /// The exact source's mean loss per token on `windows`, as a model with context L sees
+    /// them: targets `w[1..=L]`, each predicted from the window's own prefix. No model with
+    /// that context can do better on average.
+    pub fn entropy_floor(&self, windows: &EvalWindows) -> f64 {
+        let seq = windows.seq_len();
+        let total: f64 = (0..windows.len())
+            .filter_map(|i| windows.get(i).ok())
+            .map(|w| {
+                self.token_losses(&w.tokens[..=seq])[1..]
+                    .iter()
+                    .sum::<f64>()
+            })
+            .sum();
+        total / (windows.len() * seq) as f64
     }
 
     fn next_token(&self, belief: &[f64]) -> Vec<f64> {

@@ -153,6 +153,11 @@ impl EvalWindows {
     pub fn starts(&self) -> &[usize] {
         &self.starts
     }
+
+    /// The context length L the windows were cut for.
+    pub fn seq_len(&self) -> usize {
+        self.window_len - 2
+    }
 }
 
 impl Dataset<Window> for EvalWindows {

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use crate::attention::{AttentionMask, CausalSelfAttention, LayerKv};
 use crate::layers::{AdaptiveLayer, Mlp};
 use crate::mini_gpt::{embed_at, layer_norm, positions, tied_logits};
-use crate::{ConfHead, ConfidenceGptConfig, GptConfig, init};
+use crate::{ConfidenceGptConfig, GptConfig, init};
 
 /// A pre-norm block whose two LayerNorms are AdaptiveLayers driven by the confidence input.
 #[derive(Module, Debug)]
@@ -62,7 +62,7 @@ pub struct ConfidenceAwareGpt {
     pub blocks: Vec<MetaAwareBlock>,
     pub ln_f: LayerNorm,
     pub confidence_predictor: Linear,
-    /// Blocks the probe head reads; 0 means the seed head on the final normalised state.
+    /// Blocks the probe head reads; 0 means the head on the final normalised state.
     pub probe_blocks: usize,
 }
 
@@ -91,14 +91,6 @@ impl ConfidenceAwareGpt {
         .materialize()
     }
 
-    pub fn conf_head(&self) -> ConfHead {
-        if self.probe_blocks == 0 {
-            ConfHead::Seed
-        } else {
-            ConfHead::Probe
-        }
-    }
-
     /// `ids: [B, T]`, `confidence_input: [B, T]` (the confidence history every block reads),
     /// at positions `0..T`.
     pub fn forward(
@@ -111,7 +103,9 @@ impl ConfidenceAwareGpt {
         self.run(ids, confidence_input, pos, mask, None).0
     }
 
-    /// Like [`forward`](Self::forward), at explicit positions `[B, T]`.
+    /// Like [`forward`](Self::forward), at explicit positions `[B, T]`: the reference path of
+    /// the lookahead passes, for tests.
+    #[cfg(feature = "test-util")]
     pub fn forward_at(
         &self,
         ids: Tensor<2, Int>,

@@ -24,8 +24,9 @@ pub struct GptConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConfHead {
-    /// `Linear(d → 1)` on the final normalised hidden state; its loss trains the trunk too.
-    Seed,
+    /// `Linear(d → 1)` on the final normalised hidden state (the LM head's input, as in the
+    /// seed plan's model); its loss trains the trunk too.
+    Final,
     /// `Linear(k·d → 1)` on the detached outputs of the last `k = min(3, N)` blocks; its loss
     /// trains the head only.
     Probe,
@@ -37,7 +38,7 @@ impl ConfHead {
     /// Blocks the probe reads (0 for the seed head).
     pub fn probe_blocks(self, n_layers: usize) -> usize {
         match self {
-            Self::Seed => 0,
+            Self::Final => 0,
             Self::Probe => Self::PROBE_DEPTH.min(n_layers),
         }
     }
@@ -45,7 +46,7 @@ impl ConfHead {
     /// Input width of the head.
     pub fn input_width(self, d_model: usize, n_layers: usize) -> usize {
         match self {
-            Self::Seed => d_model,
+            Self::Final => d_model,
             Self::Probe => self.probe_blocks(n_layers) * d_model,
         }
     }
@@ -56,10 +57,13 @@ impl std::str::FromStr for ConfHead {
 
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "seed" => Ok(Self::Seed),
+            "final" => Ok(Self::Final),
             "probe" => Ok(Self::Probe),
+            "seed" => Err(
+                "--conf-head: 'seed' is now called 'final' (the head on the final state)".into(),
+            ),
             other => Err(format!(
-                "--conf-head: unknown head '{other}' (expected seed or probe)"
+                "--conf-head: unknown head '{other}' (expected final or probe)"
             )),
         }
     }
@@ -68,7 +72,7 @@ impl std::str::FromStr for ConfHead {
 #[derive(Config, Debug, PartialEq)]
 pub struct ConfidenceGptConfig {
     pub gpt: GptConfig,
-    #[config(default = "ConfHead::Seed")]
+    #[config(default = "ConfHead::Final")]
     pub conf_head: ConfHead,
     /// Initial bias of the confidence head: its first predictions, in nats.
     #[config(default = 2.0)]

@@ -7,7 +7,6 @@ mod config;
 pub mod init;
 pub mod layers;
 mod mini_gpt;
-pub mod presets;
 
 pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
@@ -15,5 +14,5 @@ pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, Par
 pub use layers::{AdaptiveLayer, Mlp};
 pub use mini_gpt::{Block, MiniGpt, positions};
 
-#[cfg(test)]
-mod tests;
+#[cfg(feature = "test-util")]
+pub mod test_util;

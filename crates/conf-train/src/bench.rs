@@ -3,17 +3,19 @@
 
 use std::time::Instant;
 
-use burn::data::dataloader::batcher::Batcher;
-use burn::data::dataset::Dataset;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
-use burn::module::Module;
+use burn::module::{Module, ModuleDisplay};
+use burn::prelude::*;
 use burn::train::TrainStep;
-use conf_data::{Corpus, Split, TrainWindows};
+use conf_data::{Corpus, Split};
+use conf_model::ConfidenceGptConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{LookaheadBatch, LookaheadBatcher};
+use crate::cost::flops_per_token;
+use crate::loader::TrainBatches;
+use crate::objective::{ConfidenceSettings, Objective, ObjectiveKind};
 use crate::optim::{OptimizerSettings, adamw};
-use crate::step::StepOutput;
+use crate::trainee::{ObjectiveTrainee, Trainee};
 
 #[derive(Debug, Clone)]
 pub struct BenchSettings {
@@ -23,6 +25,7 @@ pub struct BenchSettings {
     pub batch_size: usize,
     pub seq_len: usize,
     pub seed: u64,
+    /// Weight decay and clipping as in training, at the constant peak learning rate.
     pub optimizer: OptimizerSettings,
 }
 
@@ -35,29 +38,71 @@ pub struct StepTiming {
     pub last_lm_loss: f64,
 }
 
+/// One objective's step timed, with what its model costs.
+#[derive(Debug, Clone)]
+pub struct ObjectiveTiming {
+    pub parameters: usize,
+    /// Training FLOPs per token (see [`crate::cost`]).
+    pub flops_per_token: f64,
+    pub timing: StepTiming,
+}
+
+/// Builds the model `objective` trains from the device's generator, seeded with
+/// `settings.seed`, and times its steps.
+pub fn time_objective(
+    objective: ObjectiveKind,
+    model: &ConfidenceGptConfig,
+    confidence: ConfidenceSettings,
+    corpus: &Corpus,
+    split: &Split,
+    settings: &BenchSettings,
+    device: &Device,
+) -> ObjectiveTiming {
+    let device = device.clone().autodiff();
+    device.seed(settings.seed);
+    let grad_clip = settings.optimizer.grad_clip;
+    let trainee = ObjectiveTrainee::new(objective, model, confidence, grad_clip, &device);
+    let parameters = trainee.parameters();
+    let (extra_passes, timing) = match trainee {
+        ObjectiveTrainee::Standard(t) => (
+            t.objective.extra_forward_passes(settings.seq_len),
+            time_steps(t, corpus, split, settings),
+        ),
+        ObjectiveTrainee::Confidence(t) => (
+            t.objective.extra_forward_passes(settings.seq_len),
+            time_steps(t, corpus, split, settings),
+        ),
+    };
+    ObjectiveTiming {
+        parameters,
+        flops_per_token: flops_per_token(parameters, &model.gpt, extra_passes),
+        timing,
+    }
+}
+
 /// Runs `warmup_steps + timed_steps` optimizer steps of `trainee` (on an autodiff device) and
 /// times the last `timed_steps`, waiting for the device after each step.
-pub fn time_steps<M>(
-    trainee: M,
+pub fn time_steps<M, O>(
+    trainee: Trainee<M, O>,
     corpus: &Corpus,
     split: &Split,
     settings: &BenchSettings,
 ) -> StepTiming
 where
-    M: TrainStep<Input = LookaheadBatch, Output = StepOutput> + Module,
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
 {
     let device = trainee.devices()[0].clone();
     let total = settings.warmup_steps + settings.timed_steps;
-    let windows = TrainWindows::new(
-        corpus.tokens.clone(),
-        split.train.clone(),
+    let batches = TrainBatches::new(
+        corpus,
+        split,
         settings.seq_len,
+        settings.batch_size,
+        total,
         settings.seed,
-        total * settings.batch_size,
+        device.clone(),
     );
-    let batcher = LookaheadBatcher {
-        seed: settings.seed,
-    };
     let mut optim = adamw(&trainee, &settings.optimizer);
     let lr = ModuleLearningRate::from(settings.optimizer.learning_rate);
     let mut trainee = trainee;
@@ -67,10 +112,8 @@ where
         if step == settings.warmup_steps {
             started = Instant::now();
         }
-        let items = (step * settings.batch_size..(step + 1) * settings.batch_size)
-            .map(|i| windows.get(i).expect("window in range"))
-            .collect();
-        let output = trainee.step(batcher.batch(items, &device));
+        let batch = batches.batch(step).expect("window in range");
+        let output = trainee.step(batch);
         let lm_loss = output.item.lm_loss();
         trainee = trainee.optimize(&mut optim, lr.clone(), output.grads);
         // Asynchronous devices (GPUs) have queued the step: wait for all of it.

@@ -18,7 +18,7 @@ use burn::tensor::Bytes;
 use conf_data::write_atomic;
 use serde::{Deserialize, Serialize};
 
-use crate::history::{EvalRecord, RunLog};
+use crate::history::{EvalRecord, TrainingLog};
 
 const LATEST: &str = "latest";
 const MODEL: &str = "model.bpk";
@@ -52,25 +52,28 @@ pub struct Restored {
     pub state: CheckpointState,
 }
 
-/// Shared by the trainee (which saves after optimizer steps) and the caller.
+/// Follows the optimizer steps of a run: the trainee reports each one (from
+/// `TrainStep::optimize`, the one place burn-train hands it the updated model and optimizer),
+/// and the tracker records its learning rate in the run's log and saves a checkpoint when one
+/// is due. Shared by the trainee and the caller.
 #[derive(Debug)]
-pub struct Checkpointer {
+pub struct StepTracker {
     dir: PathBuf,
     save_interval: usize,
     total_steps: usize,
     step: AtomicUsize,
-    log: Arc<Mutex<RunLog>>,
+    log: Arc<Mutex<TrainingLog>>,
     /// The last step saved (0 before any).
     saved: AtomicUsize,
 }
 
-impl Checkpointer {
+impl StepTracker {
     pub fn new(
         dir: PathBuf,
         save_interval: usize,
         total_steps: usize,
         start_step: usize,
-        log: Arc<Mutex<RunLog>>,
+        log: Arc<Mutex<TrainingLog>>,
     ) -> Self {
         Self {
             dir,
@@ -86,14 +89,16 @@ impl Checkpointer {
         Some(self.saved.load(Ordering::SeqCst)).filter(|&s| s > 0)
     }
 
-    /// Counts one optimizer step and saves when it is due and the weights are finite.
-    pub fn after_step<M: Module>(&self, module: &M, optimizer: &ModuleOptimizer) {
+    /// Counts one optimizer step taken at learning rate `lr`, and saves when a checkpoint is
+    /// due and the weights are finite.
+    pub fn after_step<M: Module>(&self, module: &M, optimizer: &ModuleOptimizer, lr: f64) {
         let step = self.step.fetch_add(1, Ordering::SeqCst) + 1;
+        self.log.lock().expect("training log lock").lr = lr;
         let due = step.is_multiple_of(self.save_interval) || step == self.total_steps;
         if !due || !all_finite(module) {
             return;
         }
-        let history = self.log.lock().expect("run log lock").records.clone();
+        let history = self.log.lock().expect("training log lock").records.clone();
         match self.save(module, optimizer, CheckpointState { step, history }) {
             Ok(()) => self.saved.store(step, Ordering::SeqCst),
             Err(e) => tracing::error!("checkpoint at step {step} failed: {e}"),

@@ -33,8 +33,28 @@ fn uniform(rng: &mut ChaCha8Rng, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(vec![rng.random::<f32>()], [1, 1]), device)
 }
 
-/// `n` tokens after `prompt` at temperature 1, seeded; the context is the last `context` ids.
-pub fn generate_standard(
+/// Sampling from a trained model.
+pub trait Generate {
+    /// `n` tokens after `prompt` at temperature 1, seeded; the context is the last `context`
+    /// ids.
+    fn generate(&self, prompt: &[u32], n: usize, context: usize, seed: u64) -> Generated;
+}
+
+impl Generate for MiniGpt {
+    fn generate(&self, prompt: &[u32], n: usize, context: usize, seed: u64) -> Generated {
+        generate_standard(self, prompt, n, context, seed)
+    }
+}
+
+/// The confidence model conditions on its own confidence history as in training, and records
+/// the prediction made at each generated token.
+impl Generate for ConfidenceAwareGpt {
+    fn generate(&self, prompt: &[u32], n: usize, context: usize, seed: u64) -> Generated {
+        generate_confidence(self, prompt, n, context, seed)
+    }
+}
+
+fn generate_standard(
     model: &MiniGpt,
     prompt: &[u32],
     n: usize,
@@ -55,9 +75,7 @@ pub fn generate_standard(
     }
 }
 
-/// As [`generate_standard`], conditioning on the model's own confidence history as in
-/// training, and recording the prediction made at each generated token.
-pub fn generate_confidence(
+fn generate_confidence(
     model: &ConfidenceAwareGpt,
     prompt: &[u32],
     n: usize,
@@ -99,12 +117,12 @@ mod tests {
         let device = Device::flex();
         let gpt = GptConfig::new(9, 8, 16, 1, 2, 32);
         let standard = gpt.init_minigpt(&device);
-        let a = generate_standard(&standard, &[1, 2, 3], 12, 8, 5);
-        assert_eq!(a, generate_standard(&standard, &[1, 2, 3], 12, 8, 5));
+        let a = standard.generate(&[1, 2, 3], 12, 8, 5);
+        assert_eq!(a, standard.generate(&[1, 2, 3], 12, 8, 5));
         assert_eq!(a.tokens.len(), 12);
         assert!(a.tokens.iter().all(|&t| t < 9));
         let conf = ConfidenceGptConfig::new(gpt).init(&device);
-        let b = generate_confidence(&conf, &[1, 2, 3], 12, 8, 5);
+        let b = conf.generate(&[1, 2, 3], 12, 8, 5);
         assert_eq!(b.predicted_loss.as_ref().unwrap().len(), 12);
         // A fresh head predicts about its initial bias of 2 nats.
         assert!(

@@ -2,7 +2,7 @@
 //! readable line per evaluation when there is no dashboard, and stops a run whose loss stops
 //! being finite.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use burn::train::Interrupter;
@@ -11,28 +11,35 @@ use burn::train::metric::store::{EpochSummary, MetricsUpdate, Split};
 use burn::train::metric::{MetricDefinition, MetricId, NumericEntry};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::MetricKind;
+use crate::metrics::{MetricKind, MetricValues};
 
-/// Metrics of one split at one evaluation point.
+/// The metrics of both splits at one evaluation point.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     /// Optimizer steps done.
     pub step: usize,
-    pub train: BTreeMap<String, f64>,
-    pub valid: BTreeMap<String, f64>,
+    /// Learning rate of the last of those steps.
+    pub lr: f64,
+    /// Means over the training steps since the previous evaluation.
+    pub train: MetricValues,
+    /// On the evaluation windows.
+    pub valid: MetricValues,
 }
 
-/// Shared between the logger (on burn-train's thread) and the caller.
+/// Shared between the logger (on burn-train's thread), the step tracker and the caller.
 #[derive(Debug, Default)]
-pub struct RunLog {
+pub struct TrainingLog {
     pub records: Vec<EvalRecord>,
+    /// Learning rate of the last optimizer step.
+    pub lr: f64,
     /// Set when a non-finite loss stopped the run.
     pub failure: Option<String>,
 }
 
 pub struct HistoryLogger {
-    log: Arc<Mutex<RunLog>>,
-    names: HashMap<MetricId, String>,
+    log: Arc<Mutex<TrainingLog>>,
+    /// Our metrics among burn-train's (its own, such as the iteration speed, are left out).
+    kinds: HashMap<MetricId, MetricKind>,
     current: EvalRecord,
     eval_interval: usize,
     total_steps: usize,
@@ -44,7 +51,7 @@ pub struct HistoryLogger {
 
 impl HistoryLogger {
     pub fn new(
-        log: Arc<Mutex<RunLog>>,
+        log: Arc<Mutex<TrainingLog>>,
         eval_interval: usize,
         total_steps: usize,
         start_step: usize,
@@ -53,7 +60,7 @@ impl HistoryLogger {
     ) -> Self {
         Self {
             log,
-            names: HashMap::new(),
+            kinds: HashMap::new(),
             current: EvalRecord::default(),
             eval_interval,
             total_steps,
@@ -71,15 +78,18 @@ impl HistoryLogger {
         (base + epoch * self.eval_interval).min(self.total_steps)
     }
 
-    fn check_finite(&mut self, values: &BTreeMap<&str, f64>) {
-        let total = values.get(MetricKind::TotalLoss.name()).copied();
+    fn check_finite(&mut self, values: &MetricValues) {
+        let total = values.get(&MetricKind::TotalLoss).copied();
         if total.is_none_or(f64::is_finite) {
             return;
         }
         let step = self.start_step + self.train_updates;
-        let parts: Vec<String> = values.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        let parts: Vec<String> = values
+            .iter()
+            .map(|(k, v)| format!("{} = {v}", k.name()))
+            .collect();
         let message = format!("non-finite loss at step {step}: {}", parts.join(", "));
-        let mut log = self.log.lock().expect("run log lock");
+        let mut log = self.log.lock().expect("training log lock");
         if log.failure.is_none() {
             log.failure = Some(message.clone());
             self.interrupter.stop(Some(&message));
@@ -87,8 +97,8 @@ impl HistoryLogger {
     }
 
     fn print_line(&self, record: &EvalRecord) {
-        let show = |m: &BTreeMap<String, f64>, kind: MetricKind| {
-            m.get(kind.name()).map_or("-".into(), |v| format!("{v:.4}"))
+        let show = |m: &MetricValues, kind: MetricKind| {
+            m.get(&kind).map_or("-".into(), |v| format!("{v:.4}"))
         };
         let mut line = format!(
             "step {:>6} | train loss {} | eval loss {} ppl {} acc {} ece {}",
@@ -99,7 +109,7 @@ impl HistoryLogger {
             show(&record.valid, MetricKind::Accuracy),
             show(&record.valid, MetricKind::TokenEce),
         );
-        if record.valid.contains_key(MetricKind::ConfidenceLoss.name()) {
+        if record.valid.contains_key(&MetricKind::ConfidenceLoss) {
             line.push_str(&format!(
                 " | conf mse {} spearman {} (entropy {}) auroc {}",
                 show(&record.valid, MetricKind::ConfidenceLoss),
@@ -113,10 +123,10 @@ impl HistoryLogger {
 }
 
 impl MetricLogger for HistoryLogger {
-    fn log(&mut self, update: MetricsUpdate, epoch: usize, split: &Split) {
-        let mut batch_values = BTreeMap::new();
+    fn log(&mut self, update: MetricsUpdate, _epoch: usize, split: &Split) {
+        let mut batch_values = MetricValues::new();
         for numeric in &update.entries_numeric {
-            let Some(name) = self.names.get(&numeric.entry.metric_id).cloned() else {
+            let Some(&kind) = self.kinds.get(&numeric.entry.metric_id) else {
                 continue;
             };
             match &numeric.numeric_entry {
@@ -126,21 +136,19 @@ impl MetricLogger for HistoryLogger {
                         _ => &mut self.current.valid,
                     };
                     if v.is_finite() {
-                        target.insert(name, *v);
+                        target.insert(kind, *v);
                     }
                 }
                 Some(entry) if matches!(split, Split::Train) => {
-                    batch_values.insert(name, entry.current());
+                    batch_values.insert(kind, entry.current());
                 }
                 _ => {}
             }
         }
         if !batch_values.is_empty() {
             self.train_updates += 1;
-            let values = batch_values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            self.check_finite(&values);
+            self.check_finite(&batch_values);
         }
-        let _ = epoch;
     }
 
     fn read_numeric(
@@ -153,18 +161,21 @@ impl MetricLogger for HistoryLogger {
     }
 
     fn log_metric_definition(&mut self, definition: MetricDefinition) {
-        self.names
-            .insert(definition.metric_id.clone(), definition.name.to_string());
+        if let Some(kind) = MetricKind::from_name(&definition.name) {
+            self.kinds.insert(definition.metric_id.clone(), kind);
+        }
     }
 
     fn log_epoch_summary(&mut self, summary: EpochSummary) {
         if matches!(summary.split, Split::Valid) {
             let mut record = std::mem::take(&mut self.current);
             record.step = self.step_of(summary.epoch_number);
+            let mut log = self.log.lock().expect("training log lock");
+            record.lr = log.lr;
             if self.print {
                 self.print_line(&record);
             }
-            self.log.lock().expect("run log lock").records.push(record);
+            log.records.push(record);
         }
     }
 }

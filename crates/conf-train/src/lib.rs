@@ -1,10 +1,11 @@
-//! Training of both models: objectives, the no-gradient lookahead passes, metrics and the
-//! wiring into burn-train's Learner.
+//! Training of both models: objectives, the no-gradient lookahead passes, metrics, the wiring
+//! into burn-train's Learner, and the pipeline that runs one model end to end.
 
 pub mod batch;
 pub mod bench;
 pub mod calibration;
 pub mod checkpoint;
+pub mod cost;
 pub mod generate;
 pub mod history;
 pub mod loader;
@@ -12,7 +13,7 @@ pub mod lookahead;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
-pub mod presets;
+pub mod pipeline;
 pub mod renderer;
 pub mod step;
 pub mod trainee;
@@ -24,6 +25,3 @@ pub use objective::{
     ConfidenceSettings, DenseObjective, LookaheadStats, Objective, ObjectiveKind, ObjectiveOutput,
     SeedObjective, StandardObjective, TeacherObjective, TokenStats, WindowParts,
 };
-
-#[cfg(test)]
-mod objective_tests;

@@ -10,7 +10,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::{Dataset, DatasetError};
 use burn::prelude::*;
-use conf_data::TrainWindows;
+use conf_data::{Corpus, Split, TrainWindows};
 
 use crate::batch::{LookaheadBatch, LookaheadBatcher};
 
@@ -29,37 +29,68 @@ impl StepTimer {
     }
 }
 
-/// Yields the next `steps_per_epoch` batches of a fixed sequence each time it is iterated.
+/// The batch of each optimizer step of a run: step k takes training windows
+/// `k·B .. (k + 1)·B` of the seed's window sequence.
 #[derive(Clone)]
-pub struct StepLoader {
+pub struct TrainBatches {
     windows: Arc<TrainWindows>,
     batcher: LookaheadBatcher,
     batch_size: usize,
+    device: Device,
+}
+
+impl TrainBatches {
+    /// Enough windows for `steps` steps of `batch_size` windows of `seq_len + 2` tokens.
+    pub fn new(
+        corpus: &Corpus,
+        split: &Split,
+        seq_len: usize,
+        batch_size: usize,
+        steps: usize,
+        seed: u64,
+        device: Device,
+    ) -> Self {
+        let windows = TrainWindows::new(
+            corpus.tokens.clone(),
+            split.train.clone(),
+            seq_len,
+            seed,
+            steps * batch_size,
+        );
+        Self {
+            windows: Arc::new(windows),
+            batcher: LookaheadBatcher { seed },
+            batch_size,
+            device,
+        }
+    }
+
+    pub fn batch(&self, step: usize) -> Result<LookaheadBatch, DatasetError> {
+        let items = (step * self.batch_size..(step + 1) * self.batch_size)
+            .map(|i| self.windows.get(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.batcher.batch(items, &self.device))
+    }
+}
+
+/// Yields the next `steps_per_epoch` batches of a fixed sequence each time it is iterated.
+#[derive(Clone)]
+pub struct StepLoader {
+    batches: TrainBatches,
     steps_per_epoch: usize,
     total_steps: usize,
     /// The next optimizer step; shared by clones, so a copy moved to another device continues.
     next_step: Arc<AtomicUsize>,
-    device: Device,
     timer: StepTimer,
 }
 
 impl StepLoader {
-    pub fn new(
-        windows: TrainWindows,
-        batcher: LookaheadBatcher,
-        batch_size: usize,
-        steps_per_epoch: usize,
-        total_steps: usize,
-        device: Device,
-    ) -> Self {
+    pub fn new(batches: TrainBatches, steps_per_epoch: usize, total_steps: usize) -> Self {
         Self {
-            windows: Arc::new(windows),
-            batcher,
-            batch_size,
+            batches,
             steps_per_epoch,
             total_steps,
             next_step: Arc::new(AtomicUsize::new(0)),
-            device,
             timer: StepTimer::default(),
         }
     }
@@ -75,13 +106,6 @@ impl StepLoader {
 
     pub fn next_step(&self) -> usize {
         self.next_step.load(Ordering::SeqCst)
-    }
-
-    fn batch(&self, step: usize) -> Result<LookaheadBatch, DatasetError> {
-        let items = (step * self.batch_size..(step + 1) * self.batch_size)
-            .map(|i| self.windows.get(i))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.batcher.batch(items, &self.device))
     }
 }
 
@@ -107,15 +131,16 @@ impl Iterator for StepIterator<'_> {
         self.started.get_or_insert_with(Instant::now);
         self.loader.next_step.store(step + 1, Ordering::SeqCst);
         self.done += 1;
-        Some(self.loader.batch(step))
+        Some(self.loader.batches.batch(step))
     }
 }
 
 impl DataLoaderIterator<LookaheadBatch> for StepIterator<'_> {
     fn progress(&self) -> Progress {
+        let batch_size = self.loader.batches.batch_size;
         Progress::new(
-            self.done * self.loader.batch_size,
-            self.total * self.loader.batch_size,
+            self.done * batch_size,
+            self.total * batch_size,
             Some("items".into()),
         )
     }
@@ -136,14 +161,13 @@ impl DataLoader<LookaheadBatch> for StepLoader {
     }
 
     fn num_items(&self) -> usize {
-        self.steps_per_epoch * self.batch_size
+        self.steps_per_epoch * self.batches.batch_size
     }
 
     fn to_device(&self, device: &Device) -> Arc<dyn DataLoader<LookaheadBatch>> {
-        Arc::new(Self {
-            device: device.clone(),
-            ..self.clone()
-        })
+        let mut moved = self.clone();
+        moved.batches.device = device.clone();
+        Arc::new(moved)
     }
 
     fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<LookaheadBatch>> {

@@ -1,6 +1,6 @@
-//! The no-gradient passes of the lookahead step: the confidence history and pass 2, each with
-//! its fast path (reusing pass 1's keys and values) and the plain reference path tests compare
-//! it with.
+//! The no-gradient passes of the lookahead step: the confidence history and pass 2, whose fast
+//! paths reuse pass 1's keys and values (the plain reference paths they equal live in the
+//! tests, `tests/objectives.rs`).
 
 use burn::prelude::*;
 use conf_model::{AttentionMask, ConfidenceAwareGpt, LayerKv, positions};
@@ -64,15 +64,6 @@ pub fn dense_extension_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
     Tensor::cat(vec![future_prefix, other_samples], 1).bool()
 }
 
-/// The tree mask of the reference 2L pass, `[2L, 2L]`: the prefix is causal and never sees the
-/// samples; sample k sees `x_0..x_k` and itself.
-pub fn dense_tree_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
-    let ones = Tensor::<2, Int>::ones([seq, seq], device);
-    let top = Tensor::cat(vec![ones.clone().triu(1), ones.clone()], 1);
-    let bottom = dense_extension_mask(seq, device).int();
-    Tensor::cat(vec![top, bottom], 0).bool()
-}
-
 /// Pass 2 of `dense`, fast path: sample `s_k` at position k + 1 with confidence `conf[:, k]`
 /// attends to pass 1's cached keys/values of `x_0..x_k` and to itself. `[B, L, V]` logits.
 pub fn dense_pass2(
@@ -88,25 +79,6 @@ pub fn dense_pass2(
     valid.extend(samples, conf, pos, cache, &mask).logits
 }
 
-/// Pass 2 of `dense`, reference path: the full 2L pass `[x, s]` under the tree mask.
-pub fn dense_pass2_reference(
-    valid: &ConfidenceAwareGpt,
-    x: Tensor<2, Int>,
-    history: Tensor<2>,
-    samples: Tensor<2, Int>,
-    conf: Tensor<2>,
-) -> Tensor<3> {
-    let [batch, seq] = x.dims();
-    let device = x.device();
-    let pos = Tensor::cat(vec![positions(&x, 0), positions(&samples, 1)], 1);
-    let ids = Tensor::cat(vec![x, samples], 1);
-    let conf = Tensor::cat(vec![history, conf], 1);
-    let mask = AttentionMask::explicit(dense_tree_mask(seq, &device));
-    let logits = valid.forward_at(ids, conf, pos, &mask).logits;
-    let vocab = logits.dims()[2];
-    logits.slice([0..batch, seq..2 * seq, 0..vocab])
-}
-
 /// Pass 2 of `seed`, fast path: one sampled token per row at position L, attending to all of
 /// pass 1's cached keys/values and itself. `[B, 1, V]` logits.
 pub fn seed_pass2(
@@ -120,21 +92,4 @@ pub fn seed_pass2(
     valid
         .extend(sample, conf, pos, cache, &AttentionMask::Unmasked)
         .logits
-}
-
-/// Pass 2 of `seed`, reference path: the model on `[tokens_t, s]` with confidence
-/// `[prev_conf, conf_last]`; the last position's logits, `[B, 1, V]`.
-pub fn seed_pass2_reference(
-    valid: &ConfidenceAwareGpt,
-    x: Tensor<2, Int>,
-    history: Tensor<2>,
-    sample: Tensor<2, Int>,
-    conf: Tensor<2>,
-) -> Tensor<3> {
-    let [batch, seq] = x.dims();
-    let ids = Tensor::cat(vec![x, sample], 1);
-    let conf = Tensor::cat(vec![history, conf], 1);
-    let logits = valid.forward(ids, conf, &AttentionMask::Causal).logits;
-    let vocab = logits.dims()[2];
-    logits.slice([0..batch, seq..seq + 1, 0..vocab])
 }

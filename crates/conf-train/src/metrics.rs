@@ -1,9 +1,11 @@
-//! The dashboard's metrics as burn-train metrics. Each reads the step summary; the definitions
-//! are those of [`crate::calibration`], so dashboard, results and report agree.
+//! The metrics of DESIGN §7, identified by [`MetricKind`], and their burn-train form for the
+//! dashboard. Each reads a step's [`Samples`]; the definitions are those of
+//! [`crate::calibration`], so dashboard, results and report agree.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use burn::tensor::TensorReadError;
+use burn::tensor::{Tensor, TensorReadError};
 use burn::train::metric::state::NumericMetricState;
 use burn::train::metric::{
     Metric, MetricAttributes, MetricMetadata, MetricName, Numeric, NumericAttributes, NumericEntry,
@@ -11,31 +13,49 @@ use burn::train::metric::{
 };
 
 use crate::calibration::{self, MetricResult};
-use crate::step::StepSummary;
+use crate::objective::ObjectiveOutput;
 
-/// Which quantity a [`LookaheadMetric`] reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One metric. Serialised (also as a map key in results files) under its display name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum MetricKind {
     /// Mean next-token cross-entropy over all L pass-1 positions (nats).
+    #[serde(rename = "LM Loss")]
     LmLoss,
     /// `exp` of the epoch's mean LM loss.
+    #[serde(rename = "Perplexity")]
     Perplexity,
     /// Top-1 accuracy over all L positions.
+    #[serde(rename = "Accuracy")]
     Accuracy,
     /// Token ECE, 15 equal-width bins.
+    #[serde(rename = "Token ECE")]
     TokenEce,
     /// The loss the optimizer sees: `lm + alpha · conf`.
+    #[serde(rename = "Total Loss")]
     TotalLoss,
     /// MSE of the confidence prediction (the trained confidence loss).
+    #[serde(rename = "Confidence MSE")]
     ConfidenceLoss,
+    #[serde(rename = "Confidence MAE")]
     ConfidenceMae,
+    #[serde(rename = "Loss ECE")]
     LossEce,
+    #[serde(rename = "Confidence Pearson")]
     Pearson,
+    #[serde(rename = "Confidence Spearman")]
     Spearman,
+    #[serde(rename = "Confidence AUROC")]
     Auroc,
+    #[serde(rename = "Entropy Spearman")]
     EntropySpearman,
+    #[serde(rename = "Entropy AUROC")]
     EntropyAuroc,
 }
+
+/// Metric values of one split at one point, by metric.
+pub type MetricValues = BTreeMap<MetricKind, f64>;
 
 impl MetricKind {
     pub const STANDARD: [MetricKind; 5] = [
@@ -55,7 +75,29 @@ impl MetricKind {
         Self::EntropySpearman,
         Self::EntropyAuroc,
     ];
+    /// Every metric of the confidence model: the LM metrics, then the confidence ones.
+    pub const ALL: [MetricKind; 13] = [
+        Self::LmLoss,
+        Self::Perplexity,
+        Self::Accuracy,
+        Self::TokenEce,
+        Self::TotalLoss,
+        Self::ConfidenceLoss,
+        Self::ConfidenceMae,
+        Self::LossEce,
+        Self::Pearson,
+        Self::Spearman,
+        Self::Auroc,
+        Self::EntropySpearman,
+        Self::EntropyAuroc,
+    ];
 
+    /// The metric shown under `name` (its display name), if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The display name (dashboard, logs, results files).
     pub fn name(self) -> &'static str {
         match self {
             Self::LmLoss => "LM Loss",
@@ -123,34 +165,58 @@ fn mean(values: &[f32]) -> MetricResult {
     Ok(values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64)
 }
 
-/// Samples gathered over an epoch (or one batch).
+/// Host copies of the per-token statistics of one step or of many (an epoch, an evaluation).
 #[derive(Debug, Clone, Default)]
 pub struct Samples {
+    /// Per pass-1 token, all L positions of every row.
     pub token_loss: Vec<f32>,
     pub max_prob: Vec<f32>,
     pub correct: Vec<f32>,
     /// One entry per step, weighted like a token mean would not be: the optimizer's loss.
     pub total: Vec<f32>,
+    /// Per confidence prediction (empty for the standard model).
     pub predicted: Vec<f32>,
     pub actual: Vec<f32>,
     pub entropy: Vec<f32>,
 }
 
 impl Samples {
-    pub fn push(&mut self, s: &StepSummary) {
-        self.token_loss.extend(&s.token_loss);
-        self.max_prob.extend(&s.max_prob);
-        self.correct.extend(&s.correct);
-        self.total.push(s.total as f32);
-        self.predicted.extend(&s.predicted);
-        self.actual.extend(&s.actual);
-        self.entropy.extend(&s.entropy);
+    /// One step's samples, read back from the device.
+    pub fn of_step(o: &ObjectiveOutput) -> Self {
+        let values = |t: &Tensor<2>| {
+            t.clone()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap_or_default()
+        };
+        let look = o.lookahead.as_ref();
+        Self {
+            token_loss: values(&o.tokens.loss),
+            max_prob: values(&o.tokens.max_prob),
+            correct: values(&o.tokens.correct),
+            total: vec![o.total.clone().into_scalar::<f32>()],
+            predicted: look.map(|l| values(&l.predicted)).unwrap_or_default(),
+            actual: look.map(|l| values(&l.actual)).unwrap_or_default(),
+            entropy: look.map(|l| values(&l.entropy)).unwrap_or_default(),
+        }
     }
 
-    pub fn of(s: &StepSummary) -> Self {
-        let mut samples = Self::default();
-        samples.push(s);
-        samples
+    pub fn extend(&mut self, other: &Samples) {
+        self.token_loss.extend(&other.token_loss);
+        self.max_prob.extend(&other.max_prob);
+        self.correct.extend(&other.correct);
+        self.total.extend(&other.total);
+        self.predicted.extend(&other.predicted);
+        self.actual.extend(&other.actual);
+        self.entropy.extend(&other.entropy);
+    }
+
+    /// The metrics of `kinds` that are defined on these samples.
+    pub fn evaluate(&self, kinds: &[MetricKind]) -> MetricValues {
+        kinds
+            .iter()
+            .filter_map(|&k| k.evaluate(self).ok().map(|v| (k, v)))
+            .collect()
     }
 }
 
@@ -208,7 +274,7 @@ impl FinalValue for NumericMetricState {
 }
 
 impl Metric for LookaheadMetric {
-    type Input = Arc<StepSummary>;
+    type Input = Arc<Samples>;
 
     fn name(&self) -> MetricName {
         self.name.clone()
@@ -224,11 +290,11 @@ impl Metric for LookaheadMetric {
 
     fn update(
         &mut self,
-        item: &Arc<StepSummary>,
+        item: &Arc<Samples>,
         _metadata: &MetricMetadata,
     ) -> Result<SerializedEntry, TensorReadError> {
-        let batch = Samples::of(item);
-        let value = self.kind.evaluate(&batch).ok();
+        let batch: &Samples = item;
+        let value = self.kind.evaluate(batch).ok();
         self.last = value;
         if self.kind.is_mean() {
             let (mean_kind, count) = match self.kind {
@@ -236,7 +302,7 @@ impl Metric for LookaheadMetric {
                 MetricKind::Accuracy => (MetricKind::Accuracy, item.correct.len()),
                 _ => (MetricKind::LmLoss, item.token_loss.len()),
             };
-            if let Ok(v) = mean_kind.evaluate(&batch) {
+            if let Ok(v) = mean_kind.evaluate(batch) {
                 self.mean.update(v, count);
             }
             let epoch = match self.kind {
@@ -245,7 +311,7 @@ impl Metric for LookaheadMetric {
             };
             return Ok(self.entry(value, epoch, false));
         }
-        self.samples.push(item);
+        self.samples.extend(item);
         Ok(self.entry(value, None, false))
     }
 

@@ -10,6 +10,7 @@ use conf_model::{ConfidenceAwareGpt, MiniGpt};
 
 use crate::batch::LookaheadBatch;
 use crate::lookahead::{ConfInput, confidence_history, dense_pass2, seed_pass2};
+use crate::metrics::MetricKind;
 
 /// Per-token statistics of pass 1's next-token predictions, without autodiff, `[B, L]` each.
 #[derive(Debug, Clone)]
@@ -54,6 +55,29 @@ pub trait Objective<M>: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Losses and statistics for a batch of windows.
     fn compute(&self, model: &M, batch: LookaheadBatch) -> ObjectiveOutput;
+    /// The metrics its outputs define.
+    fn metrics(&self) -> &'static [MetricKind];
+    /// No-gradient forward passes over `seq_len` tokens it adds to the trained pass, for the
+    /// cost accounting of [`crate::cost`].
+    fn extra_forward_passes(&self, seq_len: usize) -> f64;
+}
+
+impl<M, T: Objective<M> + ?Sized> Objective<M> for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn compute(&self, model: &M, batch: LookaheadBatch) -> ObjectiveOutput {
+        (**self).compute(model, batch)
+    }
+
+    fn metrics(&self) -> &'static [MetricKind] {
+        (**self).metrics()
+    }
+
+    fn extra_forward_passes(&self, seq_len: usize) -> f64 {
+        (**self).extra_forward_passes(seq_len)
+    }
 }
 
 /// The objective names accepted by `--objective`.
@@ -174,6 +198,14 @@ impl Objective<MiniGpt> for StandardObjective {
         "standard"
     }
 
+    fn metrics(&self) -> &'static [MetricKind] {
+        &MetricKind::STANDARD
+    }
+
+    fn extra_forward_passes(&self, _seq_len: usize) -> f64 {
+        0.0
+    }
+
     fn compute(&self, model: &MiniGpt, batch: LookaheadBatch) -> ObjectiveOutput {
         let parts = WindowParts::new(batch.tokens);
         let logits = model.forward(parts.x, &conf_model::AttentionMask::Causal);
@@ -195,6 +227,16 @@ pub struct ConfidenceSettings {
     pub conf_input: ConfInput,
 }
 
+impl ConfidenceSettings {
+    /// Forward passes over L tokens the confidence history costs.
+    fn history_passes(&self) -> f64 {
+        match self.conf_input {
+            ConfInput::SelfConditioned => 1.0,
+            ConfInput::Zeros => 0.0,
+        }
+    }
+}
+
 /// `seed`: the seed's two-pass step, exactly. LM loss and confidence at the last position; a
 /// sample of the next token; pass 2 on `[tokens_t, s]` with the history extended by the last
 /// prediction; its last logits scored against the real `t+2`.
@@ -204,6 +246,15 @@ pub struct SeedObjective(pub ConfidenceSettings);
 impl Objective<ConfidenceAwareGpt> for SeedObjective {
     fn name(&self) -> &'static str {
         "seed"
+    }
+
+    fn metrics(&self) -> &'static [MetricKind] {
+        &MetricKind::ALL
+    }
+
+    /// The history, and one token per row for pass 2 (pass 1's keys and values reused).
+    fn extra_forward_passes(&self, seq_len: usize) -> f64 {
+        self.0.history_passes() + 1.0 / seq_len as f64
     }
 
     fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
@@ -229,7 +280,7 @@ impl Objective<ConfidenceAwareGpt> for SeedObjective {
         let conf_loss = mse(conf_last.clone(), future.clone());
         let tokens = token_stats(out.logits, y1);
         let entropy = tokens.entropy.clone().slice([0..batch, seq - 1..seq]);
-        finish(
+        confidence_output(
             self.0.alpha,
             lm,
             conf_loss,
@@ -252,6 +303,15 @@ impl Objective<ConfidenceAwareGpt> for DenseObjective {
         "dense"
     }
 
+    fn metrics(&self) -> &'static [MetricKind] {
+        &MetricKind::ALL
+    }
+
+    /// The history, and L sampled tokens attending to the reused prefix for pass 2.
+    fn extra_forward_passes(&self, _seq_len: usize) -> f64 {
+        self.0.history_passes() + 1.0
+    }
+
     fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
         let WindowParts { x, y1, y2 } = WindowParts::new(input.tokens);
         let history = confidence_history(model, &x, self.0.conf_input);
@@ -270,7 +330,7 @@ impl Objective<ConfidenceAwareGpt> for DenseObjective {
         let conf_loss = mse(out.confidence.clone(), future.clone());
         let tokens = token_stats(out.logits, y1);
         let entropy = tokens.entropy.clone();
-        finish(
+        confidence_output(
             self.0.alpha,
             lm,
             conf_loss,
@@ -293,6 +353,15 @@ impl Objective<ConfidenceAwareGpt> for TeacherObjective {
         "teacher"
     }
 
+    fn metrics(&self) -> &'static [MetricKind] {
+        &MetricKind::ALL
+    }
+
+    /// The history only: the targets come from pass 1 itself.
+    fn extra_forward_passes(&self, _seq_len: usize) -> f64 {
+        self.0.history_passes()
+    }
+
     fn compute(&self, model: &ConfidenceAwareGpt, input: LookaheadBatch) -> ObjectiveOutput {
         let tokens = input.tokens;
         let [batch, len] = tokens.dims();
@@ -313,7 +382,7 @@ impl Objective<ConfidenceAwareGpt> for TeacherObjective {
         let conf_loss = mse(predicted.clone(), future.clone());
         let tokens = token_stats(logits, y1);
         let entropy = tokens.entropy.clone();
-        finish(
+        confidence_output(
             self.0.alpha,
             lm,
             conf_loss,
@@ -337,7 +406,8 @@ impl ObjectiveOutput {
     }
 }
 
-fn finish(
+/// The output of a confidence objective: `total = lm + alpha · conf`.
+fn confidence_output(
     alpha: f64,
     lm: Tensor<1>,
     conf_loss: Tensor<1>,

@@ -1,152 +1,142 @@
-//! The two models as burn-train learner models: `TrainStep` runs the objective (pass 1 under
-//! autodiff, the rest without), `InferenceStep` the same objective on the evaluation windows.
+//! A model and its objective as burn-train's learner model: `TrainStep` runs the objective
+//! (pass 1 under autodiff, the rest without), clips the global gradient norm and steps AdamW;
+//! `InferenceStep` runs the same objective on the evaluation windows.
 
 use std::sync::Arc;
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
-use burn::module::Module;
+use burn::module::{Module, ModuleDisplay};
 use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
-use conf_model::{ConfidenceAwareGpt, MiniGpt};
+use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, MiniGpt};
 
 use crate::batch::LookaheadBatch;
-use crate::checkpoint::Checkpointer;
-use crate::objective::{Objective, StandardObjective};
+use crate::checkpoint::StepTracker;
+use crate::objective::{
+    ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, StandardObjective,
+    TeacherObjective,
+};
 use crate::optim::clip_global_norm;
 use crate::step::StepOutput;
 
-/// Maximum global gradient norm; fixed by the design, as PyTorch's `clip_grad_norm_(…, 1.0)`.
-pub const GRAD_CLIP: f64 = 1.0;
-
-/// MiniGPT trained with next-token cross-entropy.
+/// `model` trained with `objective`.
+///
+/// The objective's type is a parameter of its own (in practice `Arc<dyn Objective<M>>`, see
+/// [`ModelTrainee`]) because Burn's `Module` derive refuses a skipped field that names the
+/// module's type parameter.
 #[derive(Module, Debug)]
-pub struct StandardTrainee {
-    pub model: MiniGpt,
+pub struct Trainee<M, O> {
+    pub model: M,
     #[module(skip)]
-    checkpointer: Option<Arc<Checkpointer>>,
+    pub objective: O,
+    /// Maximum global L2 norm of the gradient, applied before each optimizer step.
+    #[module(skip)]
+    grad_clip: f64,
+    /// Counts the optimizer steps, records their learning rate and saves checkpoints; set by
+    /// `training::fit` (a trainee timed alone has none).
+    #[module(skip)]
+    tracker: Option<Arc<StepTracker>>,
 }
 
-impl StandardTrainee {
-    pub fn new(model: MiniGpt) -> Self {
-        Self {
-            model,
-            checkpointer: None,
-        }
-    }
-}
+/// A trainee whose objective is chosen at run time.
+pub type ModelTrainee<M> = Trainee<M, Arc<dyn Objective<M>>>;
 
-/// ConfidenceAwareGPT trained with one of the confidence objectives.
-#[derive(Module, Debug)]
-pub struct ConfidenceTrainee {
-    pub model: ConfidenceAwareGpt,
-    #[module(skip)]
-    pub objective: Arc<dyn Objective<ConfidenceAwareGpt>>,
-    #[module(skip)]
-    checkpointer: Option<Arc<Checkpointer>>,
-}
-
-impl ConfidenceTrainee {
-    pub fn new(
-        model: ConfidenceAwareGpt,
-        objective: Arc<dyn Objective<ConfidenceAwareGpt>>,
-    ) -> Self {
+impl<M, O> Trainee<M, O> {
+    pub fn new(model: M, objective: O, grad_clip: f64) -> Self {
         Self {
             model,
             objective,
-            checkpointer: None,
+            grad_clip,
+            tracker: None,
         }
     }
-}
 
-/// A learner model that saves checkpoints after its optimizer steps.
-pub trait Checkpointed {
-    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>);
-}
-
-impl Checkpointed for StandardTrainee {
-    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>) {
-        self.checkpointer = Some(checkpointer);
+    pub(crate) fn set_tracker(&mut self, tracker: Arc<StepTracker>) {
+        self.tracker = Some(tracker);
     }
 }
 
-impl Checkpointed for ConfidenceTrainee {
-    fn set_checkpointer(&mut self, checkpointer: Arc<Checkpointer>) {
-        self.checkpointer = Some(checkpointer);
-    }
-}
-
-fn train_output<M: Module>(module: &M, output: crate::ObjectiveOutput) -> TrainOutput<StepOutput> {
-    let grads = output.total.backward();
-    TrainOutput::new(module, grads, StepOutput::new(output))
-}
-
-fn clipped_step<M: Module>(
-    module: M,
-    optim: &mut ModuleOptimizer,
-    lr: ModuleLearningRate,
-    mut grads: GradientsParams,
-    checkpointer: Option<Arc<Checkpointer>>,
-) -> M {
-    clip_global_norm(&module, &mut grads, GRAD_CLIP);
-    let module = optim.step(lr, module, grads);
-    if let Some(checkpointer) = checkpointer {
-        checkpointer.after_step(&module, optim);
-    }
-    module
-}
-
-impl TrainStep for StandardTrainee {
+impl<M, O> TrainStep for Trainee<M, O>
+where
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
+{
     type Input = LookaheadBatch;
     type Output = StepOutput;
 
     fn step(&self, batch: LookaheadBatch) -> TrainOutput<StepOutput> {
-        train_output(self, StandardObjective.compute(&self.model, batch))
+        let output = self.objective.compute(&self.model, batch);
+        let grads = output.total.backward();
+        TrainOutput::new(self, grads, StepOutput::new(output))
     }
 
     fn optimize(
         self,
         optim: &mut ModuleOptimizer,
         lr: ModuleLearningRate,
-        grads: GradientsParams,
+        mut grads: GradientsParams,
     ) -> Self {
-        let checkpointer = self.checkpointer.clone();
-        clipped_step(self, optim, lr, grads, checkpointer)
+        clip_global_norm(&self, &mut grads, self.grad_clip);
+        let tracker = self.tracker.clone();
+        let rate = lr.base();
+        let trainee = optim.step(lr, self, grads);
+        if let Some(tracker) = tracker {
+            tracker.after_step(&trainee, optim, rate);
+        }
+        trainee
     }
 }
 
-impl InferenceStep for StandardTrainee {
-    type Input = LookaheadBatch;
-    type Output = StepOutput;
-
-    fn step(&self, batch: LookaheadBatch) -> StepOutput {
-        StepOutput::new(StandardObjective.compute(&self.model, batch))
-    }
-}
-
-impl TrainStep for ConfidenceTrainee {
-    type Input = LookaheadBatch;
-    type Output = StepOutput;
-
-    fn step(&self, batch: LookaheadBatch) -> TrainOutput<StepOutput> {
-        train_output(self, self.objective.compute(&self.model, batch))
-    }
-
-    fn optimize(
-        self,
-        optim: &mut ModuleOptimizer,
-        lr: ModuleLearningRate,
-        grads: GradientsParams,
-    ) -> Self {
-        let checkpointer = self.checkpointer.clone();
-        clipped_step(self, optim, lr, grads, checkpointer)
-    }
-}
-
-impl InferenceStep for ConfidenceTrainee {
+impl<M, O> InferenceStep for Trainee<M, O>
+where
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
+{
     type Input = LookaheadBatch;
     type Output = StepOutput;
 
     fn step(&self, batch: LookaheadBatch) -> StepOutput {
         StepOutput::new(self.objective.compute(&self.model, batch))
+    }
+}
+
+/// The trainee an objective implies: `standard` trains the parameter-matched MiniGPT, the
+/// confidence objectives train ConfidenceAwareGPT.
+pub enum ObjectiveTrainee {
+    Standard(ModelTrainee<MiniGpt>),
+    Confidence(ModelTrainee<ConfidenceAwareGpt>),
+}
+
+impl ObjectiveTrainee {
+    /// Builds (and so initialises, from the device's generator) the model `objective` trains.
+    pub fn new(
+        objective: ObjectiveKind,
+        model: &ConfidenceGptConfig,
+        confidence: ConfidenceSettings,
+        grad_clip: f64,
+        device: &Device,
+    ) -> Self {
+        let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match objective {
+            ObjectiveKind::Standard => {
+                let standard = model.matched_standard().standard.init_minigpt(device);
+                return Self::Standard(Trainee::new(
+                    standard,
+                    Arc::new(StandardObjective),
+                    grad_clip,
+                ));
+            }
+            ObjectiveKind::Seed => Arc::new(SeedObjective(confidence)),
+            ObjectiveKind::Dense => Arc::new(DenseObjective(confidence)),
+            ObjectiveKind::Teacher => Arc::new(TeacherObjective(confidence)),
+        };
+        Self::Confidence(Trainee::new(model.init(device), objective, grad_clip))
+    }
+
+    pub fn parameters(&self) -> usize {
+        match self {
+            Self::Standard(t) => t.model.num_params(),
+            Self::Confidence(t) => t.model.num_params(),
+        }
     }
 }

@@ -8,28 +8,26 @@ use std::time::Instant;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
-use burn::module::Module;
+use burn::module::{Module, ModuleDisplay};
 use burn::train::logger::FileMetricLogger;
 use burn::train::metric::IterationSpeedMetric;
-use burn::train::{InferenceStep, Learner, LearnerModel, SupervisedTraining, TrainStep};
-use conf_data::{Corpus, EvalWindows, Split, TrainWindows};
+use burn::train::{InferenceStep, Learner, SupervisedTraining};
+use conf_data::{Corpus, EvalWindows, Split};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
-use crate::batch::{LookaheadBatch, LookaheadBatcher};
-use crate::checkpoint::Checkpointer;
-use crate::history::{EvalRecord, HistoryLogger, RunLog};
-use crate::loader::{StepLoader, StepTimer};
-use crate::metrics::Samples;
-use crate::metrics::{LookaheadMetric, MetricKind};
+use crate::batch::LookaheadBatcher;
+use crate::checkpoint::StepTracker;
+use crate::history::{EvalRecord, HistoryLogger, TrainingLog};
+use crate::loader::{StepLoader, StepTimer, TrainBatches};
+use crate::metrics::{LookaheadMetric, MetricValues, Samples};
+use crate::objective::Objective;
 use crate::optim::{OptimizerSettings, adamw, warmup_cosine};
 use crate::renderer::QuietRenderer;
-use crate::step::StepOutput;
-use crate::trainee::Checkpointed;
+use crate::trainee::Trainee;
 
 /// The schedule and data of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunSettings {
+pub struct TrainingSettings {
     pub training_steps: usize,
     pub eval_interval: usize,
     pub batch_size: usize,
@@ -50,6 +48,8 @@ pub struct RunSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error("{name} must be at least 1, got 0")]
+    NotPositive { name: &'static str },
     #[error("{0}")]
     Settings(String),
     #[error("{0}")]
@@ -62,7 +62,7 @@ pub enum TrainError {
 
 /// What a run returns besides the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunReport {
+pub struct TrainingReport {
     pub history: Vec<EvalRecord>,
     /// The whole run, evaluations included.
     pub wall_seconds: f64,
@@ -72,15 +72,16 @@ pub struct RunReport {
     pub tokens_per_second: f64,
 }
 
-pub struct TrainedModel<M> {
-    pub model: M,
-    pub report: RunReport,
+pub struct TrainedModel<T> {
+    pub model: T,
+    pub report: TrainingReport,
     /// The step of the last checkpoint written, if any.
     pub checkpoint_step: Option<usize>,
 }
 
-impl RunSettings {
-    fn validate(&self) -> Result<(), TrainError> {
+impl TrainingSettings {
+    /// The counts that must be at least 1; the error names the first that is 0.
+    pub fn validate(&self) -> Result<(), TrainError> {
         for (name, value) in [
             ("training_steps", self.training_steps),
             ("eval_interval", self.eval_interval),
@@ -89,7 +90,7 @@ impl RunSettings {
             ("save_interval", self.save_interval),
         ] {
             if value == 0 {
-                return Err(TrainError::Settings(format!("{name} must be at least 1")));
+                return Err(TrainError::NotPositive { name });
             }
         }
         Ok(())
@@ -97,50 +98,43 @@ impl RunSettings {
 }
 
 /// Trains `trainee` (built on an autodiff device) on `corpus` and evaluates it every
-/// `eval_interval` steps on the fixed evaluation windows, showing `metrics`.
-pub fn fit<M>(
-    trainee: M,
-    metrics: &[MetricKind],
+/// `eval_interval` steps on the fixed evaluation windows, showing its objective's metrics.
+pub fn fit<M, O>(
+    trainee: Trainee<M, O>,
     corpus: &Corpus,
     split: &Split,
-    settings: &RunSettings,
-) -> Result<TrainedModel<M>, TrainError>
+    settings: &TrainingSettings,
+) -> Result<TrainedModel<Trainee<M, O>>, TrainError>
 where
-    M: LearnerModel + TrainStep<Input = LookaheadBatch, Output = StepOutput> + Checkpointed,
-    M: InferenceStep<Input = LookaheadBatch, Output = StepOutput>,
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
 {
     settings.validate()?;
     let mut trainee = trainee;
     let device = trainee.devices()[0].clone();
-    let batcher = LookaheadBatcher {
-        seed: settings.seed,
-    };
-    let windows = TrainWindows::new(
-        corpus.tokens.clone(),
-        split.train.clone(),
-        settings.seq_len,
-        settings.seed,
-        settings.training_steps * settings.batch_size,
-    );
+    let metrics = trainee.objective.metrics();
     let step_timer = StepTimer::default();
-    let train_loader = StepLoader::new(
-        windows,
-        batcher,
+    let batches = TrainBatches::new(
+        corpus,
+        split,
+        settings.seq_len,
         settings.batch_size,
-        settings.eval_interval,
         settings.training_steps,
+        settings.seed,
         device.clone(),
-    )
-    .with_timer(step_timer.clone());
-    let eval = eval_windows(corpus, split, settings);
-    let valid_loader = DataLoaderBuilder::new(batcher)
-        .batch_size(settings.batch_size)
-        .build(eval);
+    );
+    let train_loader = StepLoader::new(batches, settings.eval_interval, settings.training_steps)
+        .with_timer(step_timer.clone());
+    let valid_loader = DataLoaderBuilder::new(LookaheadBatcher {
+        seed: settings.seed,
+    })
+    .batch_size(settings.batch_size)
+    .build(eval_windows(corpus, split, settings));
 
     let mut optim = adamw(&trainee, &settings.optimizer);
     let mut scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
         .map_err(TrainError::Settings)?;
-    let log = Arc::new(Mutex::new(RunLog::default()));
+    let log = Arc::new(Mutex::new(TrainingLog::default()));
 
     let checkpoints = settings.artifact_dir.join("checkpoints");
     let restored = if settings.resume {
@@ -157,20 +151,21 @@ where
         optim = optim
             .from_bytes(restored.optimizer)
             .map_err(|e| TrainError::Settings(format!("{}: {e}", checkpoints.display())))?;
+        let mut log = log.lock().expect("training log lock");
         for _ in 0..start {
-            scheduler.step();
+            log.lr = scheduler.step().base();
         }
         train_loader.set_next_step(start);
-        log.lock().expect("run log lock").records = restored.state.history;
+        log.records = restored.state.history;
     }
-    let checkpointer = Arc::new(Checkpointer::new(
+    let tracker = Arc::new(StepTracker::new(
         checkpoints,
         settings.save_interval,
         settings.training_steps,
         start,
         log.clone(),
     ));
-    trainee.set_checkpointer(checkpointer.clone());
+    trainee.set_tracker(tracker.clone());
     let spe = settings.eval_interval;
     let num_epochs = if start >= settings.training_steps {
         0
@@ -179,9 +174,9 @@ where
     };
 
     // A checkpoint taken at an evaluation step precedes that evaluation: redo it.
-    let evaluated = |log: &Arc<Mutex<RunLog>>| {
+    let evaluated = |log: &Arc<Mutex<TrainingLog>>| {
         log.lock()
-            .expect("run log lock")
+            .expect("training log lock")
             .records
             .iter()
             .any(|r| r.step == start)
@@ -190,13 +185,15 @@ where
         && (start.is_multiple_of(spe) || start == settings.training_steps)
         && !evaluated(&log)
     {
-        let (valid, _) = evaluate(&trainee.valid(), metrics, corpus, split, settings);
+        let (valid, _) = evaluate(&trainee.valid(), corpus, split, settings);
+        let mut log = log.lock().expect("training log lock");
         let record = EvalRecord {
             step: start,
+            lr: log.lr,
             valid,
             ..EvalRecord::default()
         };
-        log.lock().expect("run log lock").records.push(record);
+        log.records.push(record);
     }
 
     let dashboard = !settings.no_tui && std::io::stdout().is_terminal();
@@ -236,9 +233,9 @@ where
     let wall_seconds = started.elapsed().as_secs_f64();
     let train_seconds = step_timer.seconds();
 
-    let log = std::mem::take(&mut *log.lock().expect("run log lock"));
+    let log = std::mem::take(&mut *log.lock().expect("training log lock"));
     if let Some(failure) = log.failure {
-        let kept = match checkpointer.last_saved() {
+        let kept = match tracker.last_saved() {
             Some(step) => format!(
                 "the last good checkpoint (step {step}) is in {}",
                 settings.artifact_dir.join("checkpoints").display()
@@ -255,9 +252,9 @@ where
     let steps = (settings.training_steps - start).max(1) as f64;
     let tokens = steps * (settings.batch_size * settings.seq_len) as f64;
     Ok(TrainedModel {
-        checkpoint_step: checkpointer.last_saved(),
+        checkpoint_step: tracker.last_saved(),
         model,
-        report: RunReport {
+        report: TrainingReport {
             history: log.records,
             wall_seconds,
             train_seconds,
@@ -268,7 +265,7 @@ where
 }
 
 /// The fixed evaluation windows of a run.
-fn eval_windows(corpus: &Corpus, split: &Split, settings: &RunSettings) -> EvalWindows {
+fn eval_windows(corpus: &Corpus, split: &Split, settings: &TrainingSettings) -> EvalWindows {
     EvalWindows::new(
         corpus.tokens.clone(),
         split.val.clone(),
@@ -277,19 +274,20 @@ fn eval_windows(corpus: &Corpus, split: &Split, settings: &RunSettings) -> EvalW
     )
 }
 
-/// Every metric of `kinds` on the fixed evaluation windows, with the samples they came from,
-/// computed by the model's inference step (the same conditioning and lookahead as training).
-pub fn evaluate<M>(
-    model: &M,
-    kinds: &[MetricKind],
+/// Every metric of the trainee's objective on the fixed evaluation windows, with the samples
+/// they came from, computed by its inference step (the same conditioning and lookahead as
+/// training).
+pub fn evaluate<M, O>(
+    trainee: &Trainee<M, O>,
     corpus: &Corpus,
     split: &Split,
-    settings: &RunSettings,
-) -> (BTreeMap<String, f64>, Samples)
+    settings: &TrainingSettings,
+) -> (MetricValues, Samples)
 where
-    M: InferenceStep<Input = LookaheadBatch, Output = StepOutput> + Module,
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
 {
-    let device = model.devices()[0].clone();
+    let device = trainee.devices()[0].clone();
     let batcher = LookaheadBatcher {
         seed: settings.seed,
     };
@@ -298,343 +296,8 @@ where
     let indices: Vec<usize> = (0..eval.len()).collect();
     for chunk in indices.chunks(settings.batch_size) {
         let items = chunk.iter().filter_map(|&i| eval.get(i).ok()).collect();
-        let output = model.step(batcher.batch(items, &device));
-        samples.push(&output.summary());
+        let output = InferenceStep::step(trainee, batcher.batch(items, &device));
+        samples.extend(&output.samples());
     }
-    let values = kinds
-        .iter()
-        .filter_map(|&k| k.evaluate(&samples).ok().map(|v| (k.name().to_string(), v)))
-        .collect();
-    (values, samples)
-}
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lookahead::ConfInput;
-    use crate::objective::{ConfidenceSettings, DenseObjective, Objective, StandardObjective};
-    use crate::trainee::{ConfidenceTrainee, StandardTrainee};
-    use burn::data::dataloader::batcher::Batcher;
-    use burn::data::dataset::Dataset;
-    use burn::prelude::*;
-    use conf_data::{CorpusRequest, load_corpus};
-    use conf_model::{ConfidenceGptConfig, GptConfig};
-
-    const SEQ: usize = 32;
-
-    fn settings(dir: &std::path::Path, steps: usize, eval_interval: usize) -> RunSettings {
-        RunSettings {
-            training_steps: steps,
-            eval_interval,
-            batch_size: 16,
-            seq_len: SEQ,
-            eval_windows: Some(32),
-            seed: 42,
-            optimizer: OptimizerSettings {
-                learning_rate: 3e-3,
-                min_learning_rate: 3e-4,
-                warmup_steps: 10,
-                weight_decay: 0.1,
-                grad_clip: 1.0,
-            },
-            artifact_dir: dir.to_path_buf(),
-            no_tui: true,
-            save_interval: 20,
-            resume: false,
-        }
-    }
-
-    fn corpus() -> (Corpus, Split) {
-        let corpus = load_corpus(&CorpusRequest::new("synthetic", std::env::temp_dir())).unwrap();
-        let split = Split::contiguous(&corpus, 0.1, SEQ).unwrap();
-        (corpus, split)
-    }
-
-    fn gpt(vocab: usize) -> GptConfig {
-        GptConfig::new(vocab, SEQ, 32, 2, 4, 128)
-    }
-
-    #[test]
-    fn the_standard_model_closes_a_third_of_the_gap_to_the_entropy_floor() {
-        let dir = tempfile::tempdir().unwrap();
-        let (corpus, split) = corpus();
-        let oracle = corpus.oracle.clone().unwrap();
-        let run = settings(dir.path(), 120, 40);
-        let device = Device::flex().autodiff();
-        device.seed(42);
-        let trainee = StandardTrainee::new(gpt(corpus.vocab_size()).init_minigpt(&device));
-
-        // Loss before training and the exact source's floor, on the evaluation windows.
-        let eval = EvalWindows::new(corpus.tokens.clone(), split.val.clone(), SEQ, Some(32));
-        let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
-        let floor = items
-            .iter()
-            .map(|w| {
-                oracle.token_losses(&w.tokens[..SEQ + 1])[1..]
-                    .iter()
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / (items.len() * SEQ) as f64;
-        let batch = LookaheadBatcher { seed: 42 }.batch(items, &Device::flex());
-        let initial = StandardObjective
-            .compute(&trainee.model.valid(), batch)
-            .lm_loss
-            .into_scalar::<f64>();
-
-        let trained = fit(trainee, &MetricKind::STANDARD, &corpus, &split, &run).unwrap();
-        let history = &trained.report.history;
-        assert_eq!(
-            history.iter().map(|r| r.step).collect::<Vec<_>>(),
-            vec![40, 80, 120]
-        );
-        let last = history.last().unwrap().valid[MetricKind::LmLoss.name()];
-        eprintln!("initial {initial:.3} final {last:.3} floor {floor:.3}");
-        assert!(
-            initial - last >= 0.3 * (initial - floor),
-            "{initial} → {last}, floor {floor}"
-        );
-        let ppl = history.last().unwrap().valid[MetricKind::Perplexity.name()];
-        assert!((ppl - last.exp()).abs() < 1e-6 * ppl);
-        for record in history {
-            for kind in MetricKind::STANDARD {
-                assert!(
-                    record.valid[kind.name()].is_finite(),
-                    "{} at {}",
-                    kind.name(),
-                    record.step
-                );
-            }
-        }
-        assert!(trained.report.tokens_per_second > 0.0);
-    }
-
-    #[test]
-    fn the_confidence_model_trains_with_the_dense_objective_and_reports_calibration() {
-        let dir = tempfile::tempdir().unwrap();
-        let (corpus, split) = corpus();
-        let run = settings(dir.path(), 50, 25);
-        let device = Device::flex().autodiff();
-        device.seed(42);
-        let trainee = ConfidenceTrainee::new(
-            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
-            Arc::new(DenseObjective(ConfidenceSettings {
-                alpha: 1.0,
-                conf_input: ConfInput::SelfConditioned,
-            })),
-        );
-        let metrics: Vec<MetricKind> = MetricKind::STANDARD
-            .into_iter()
-            .chain(MetricKind::CONFIDENCE)
-            .collect();
-        let trained = fit(trainee, &metrics, &corpus, &split, &run).unwrap();
-        let history = &trained.report.history;
-        assert_eq!(history.len(), 2);
-        let first = &history[0].valid;
-        let last = &history[1].valid;
-        for kind in &metrics {
-            assert!(
-                last.contains_key(kind.name()),
-                "{} missing: {last:?}",
-                kind.name()
-            );
-        }
-        assert!(last[MetricKind::LmLoss.name()] < first[MetricKind::LmLoss.name()]);
-        for record in history {
-            let v = &record.valid;
-            for kind in [MetricKind::Auroc, MetricKind::EntropyAuroc] {
-                assert!((0.0..=1.0).contains(&v[kind.name()]));
-            }
-            for kind in [
-                MetricKind::Pearson,
-                MetricKind::Spearman,
-                MetricKind::EntropySpearman,
-            ] {
-                assert!((-1.0..=1.0).contains(&v[kind.name()]));
-            }
-            // total = lm + alpha · conf with alpha = 1; the batches are equal in size, so the
-            // epoch means add up exactly.
-            let parts = v[MetricKind::LmLoss.name()] + v[MetricKind::ConfidenceLoss.name()];
-            assert!(
-                (v[MetricKind::TotalLoss.name()] - parts).abs() < 1e-4,
-                "{v:?}"
-            );
-        }
-    }
-
-    /// Dense, but the loss turns to NaN from the `after`-th call on.
-    #[derive(Debug)]
-    struct NanAfter {
-        inner: DenseObjective,
-        after: usize,
-        calls: std::sync::atomic::AtomicUsize,
-    }
-
-    impl Objective<conf_model::ConfidenceAwareGpt> for NanAfter {
-        fn name(&self) -> &'static str {
-            "nan-after"
-        }
-
-        fn compute(
-            &self,
-            model: &conf_model::ConfidenceAwareGpt,
-            batch: LookaheadBatch,
-        ) -> crate::ObjectiveOutput {
-            let mut out = self.inner.compute(model, batch);
-            let calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if calls >= self.after {
-                out.total = out.total * f64::NAN;
-            }
-            out
-        }
-    }
-
-    #[test]
-    fn a_non_finite_loss_stops_the_run_naming_the_step_and_the_loss_parts() {
-        let dir = tempfile::tempdir().unwrap();
-        let (corpus, split) = corpus();
-        let run = settings(dir.path(), 40, 10);
-        let device = Device::flex().autodiff();
-        let trainee = ConfidenceTrainee::new(
-            ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
-            Arc::new(NanAfter {
-                inner: DenseObjective(ConfidenceSettings {
-                    alpha: 1.0,
-                    conf_input: ConfInput::SelfConditioned,
-                }),
-                after: 5,
-                calls: Default::default(),
-            }),
-        );
-        let metrics: Vec<MetricKind> = MetricKind::STANDARD
-            .into_iter()
-            .chain(MetricKind::CONFIDENCE)
-            .collect();
-        let err = match fit(trainee, &metrics, &corpus, &split, &run) {
-            Ok(_) => panic!("a NaN loss must stop the run"),
-            Err(e) => e.to_string(),
-        };
-        assert!(err.contains("non-finite loss at step 6"), "{err}");
-        assert!(
-            err.contains("Total Loss = NaN")
-                && err.contains("LM Loss")
-                && err.contains("Confidence MSE"),
-            "{err}"
-        );
-    }
-
-    fn params(model: &conf_model::ConfidenceAwareGpt) -> Vec<f32> {
-        let mut all = Vec::new();
-        for t in [
-            model.tok_emb.weight.val(),
-            model.blocks[1].mlp.fc.weight.val(),
-        ] {
-            all.extend(t.into_data().try_into_vec_as::<f32>().unwrap());
-        }
-        all.extend(
-            model
-                .confidence_predictor
-                .weight
-                .val()
-                .into_data()
-                .try_into_vec_as::<f32>()
-                .unwrap(),
-        );
-        all
-    }
-
-    #[test]
-    fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
-        let (corpus, split) = corpus();
-        let dense = DenseObjective(ConfidenceSettings {
-            alpha: 1.0,
-            conf_input: ConfInput::SelfConditioned,
-        });
-        let metrics: Vec<MetricKind> = MetricKind::STANDARD
-            .into_iter()
-            .chain(MetricKind::CONFIDENCE)
-            .collect();
-        let device = Device::flex().autodiff();
-        // One initial model for all three runs: tests share the process-wide generator, so
-        // re-seeding it would not guarantee equal initialisations.
-        let initial = ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device);
-        let fresh = |_: &Device| initial.clone();
-
-        // The reference: 60 steps in one go.
-        let reference_dir = tempfile::tempdir().unwrap();
-        let run = settings(reference_dir.path(), 60, 20);
-        let reference = fit(
-            ConfidenceTrainee::new(fresh(&device), Arc::new(dense)),
-            &metrics,
-            &corpus,
-            &split,
-            &run,
-        )
-        .unwrap();
-        assert_eq!(reference.checkpoint_step, Some(60));
-
-        // The same run, but its loss turns NaN at step 41 (after 40 steps and two evaluations
-        // of two batches each): it stops, naming the step and the checkpoint it keeps.
-        let dir = tempfile::tempdir().unwrap();
-        let run = settings(dir.path(), 60, 20);
-        let diverging = Arc::new(NanAfter {
-            inner: dense,
-            after: 44,
-            calls: Default::default(),
-        });
-        let err = match fit(
-            ConfidenceTrainee::new(fresh(&device), diverging),
-            &metrics,
-            &corpus,
-            &split,
-            &run,
-        ) {
-            Ok(_) => panic!("must stop"),
-            Err(e) => e.to_string(),
-        };
-        assert!(
-            err.contains("step 41") && err.contains("step 40") && err.contains("checkpoints"),
-            "{err}"
-        );
-
-        // Resumed with a healthy objective, it ends exactly where the reference did.
-        let resume = RunSettings {
-            resume: true,
-            ..run
-        };
-        let resumed = fit(
-            ConfidenceTrainee::new(fresh(&device), Arc::new(dense)),
-            &metrics,
-            &corpus,
-            &split,
-            &resume,
-        )
-        .unwrap();
-        let (a, b) = (params(&resumed.model.model), params(&reference.model.model));
-        let max_diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        assert!(
-            max_diff == 0.0,
-            "resumed weights differ from the reference by up to {max_diff}"
-        );
-        let steps = |h: &[EvalRecord]| h.iter().map(|r| r.step).collect::<Vec<_>>();
-        assert_eq!(steps(&resumed.report.history), vec![20, 40, 60]);
-        // Equal up to the last digit of the decimal text the history is stored in.
-        // Iteration speed is a timing, the one train metric that may differ.
-        let same = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
-            a.len() == b.len()
-                && a.iter()
-                    .filter(|(k, _)| k.as_str() != "Iteration Speed")
-                    .all(|(k, v)| (v - b[k]).abs() <= 1e-12 * v.abs().max(1.0))
-        };
-        for (a, b) in resumed.report.history.iter().zip(&reference.report.history) {
-            assert!(same(&a.valid, &b.valid), "evaluation at step {}", a.step);
-        }
-        assert!(same(
-            &resumed.report.history[0].train,
-            &reference.report.history[0].train
-        ));
-    }
+    (samples.evaluate(trainee.objective.metrics()), samples)
 }

@@ -1,34 +1,74 @@
 //! The lookahead passes and objectives, asserted with numbers.
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::{Distribution, Tolerance};
-use conf_model::{AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
-
-use crate::batch::{LookaheadBatch, LookaheadBatcher};
-use crate::lookahead::*;
-use crate::objective::*;
+use conf_model::test_util::Perturb;
+use conf_model::{
+    AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, positions,
+};
+use conf_train::batch::{LookaheadBatch, LookaheadBatcher};
+use conf_train::lookahead::*;
+use conf_train::objective::*;
 
 const L: usize = 12;
 const V: usize = 13;
 
-/// Adds noise to every parameter, so the zero-initialised AdaptiveLayers matter too.
-struct Perturb;
+// The reference paths the fast paths of `conf_train::lookahead` must equal.
 
-impl ModuleMapper for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.08), &t.device());
-            t + noise
-        })
-    }
+/// The tree mask of the reference 2L pass, `[2L, 2L]`: the prefix is causal and never sees the
+/// samples; sample k sees `x_0..x_k` and itself.
+fn dense_tree_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
+    let ones = Tensor::<2, Int>::ones([seq, seq], device);
+    let top = Tensor::cat(vec![ones.clone().triu(1), ones.clone()], 1);
+    let bottom = dense_extension_mask(seq, device).int();
+    Tensor::cat(vec![top, bottom], 0).bool()
+}
+
+/// Pass 2 of `dense`, reference path: the full 2L pass `[x, s]` under the tree mask.
+fn dense_pass2_reference(
+    valid: &ConfidenceAwareGpt,
+    x: Tensor<2, Int>,
+    history: Tensor<2>,
+    samples: Tensor<2, Int>,
+    conf: Tensor<2>,
+) -> Tensor<3> {
+    let [batch, seq] = x.dims();
+    let device = x.device();
+    let pos = Tensor::cat(vec![positions(&x, 0), positions(&samples, 1)], 1);
+    let ids = Tensor::cat(vec![x, samples], 1);
+    let conf = Tensor::cat(vec![history, conf], 1);
+    let mask = AttentionMask::explicit(dense_tree_mask(seq, &device));
+    let logits = valid.forward_at(ids, conf, pos, &mask).logits;
+    let vocab = logits.dims()[2];
+    logits.slice([0..batch, seq..2 * seq, 0..vocab])
+}
+
+/// Pass 2 of `seed`, reference path: the model on `[tokens_t, s]` with confidence
+/// `[prev_conf, conf_last]`; the last position's logits, `[B, 1, V]`.
+fn seed_pass2_reference(
+    valid: &ConfidenceAwareGpt,
+    x: Tensor<2, Int>,
+    history: Tensor<2>,
+    sample: Tensor<2, Int>,
+    conf: Tensor<2>,
+) -> Tensor<3> {
+    let [batch, seq] = x.dims();
+    let ids = Tensor::cat(vec![x, sample], 1);
+    let conf = Tensor::cat(vec![history, conf], 1);
+    let logits = valid.forward(ids, conf, &AttentionMask::Causal).logits;
+    let vocab = logits.dims()[2];
+    logits.slice([0..batch, seq..seq + 1, 0..vocab])
 }
 
 fn model(head: ConfHead, device: &Device) -> ConfidenceAwareGpt {
     let flex = Device::flex();
     flex.seed(11);
     let config = ConfidenceGptConfig::new(GptConfig::new(V, L, 32, 2, 4, 128)).with_conf_head(head);
-    let record = config.init(&flex).map(&mut Perturb).into_record();
+    let record = config
+        .init(&flex)
+        .map(&mut Perturb { std: 0.08 })
+        .into_record();
     config.init(device).load_record(record)
 }
 
@@ -73,7 +113,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let device = Device::flex();
-    let model = model(ConfHead::Seed, &device);
+    let model = model(ConfHead::Final, &device);
     let batch = windows(3, &device);
     let x = WindowParts::new(batch.tokens).x;
     let history = confidence_history(&model, &x, ConfInput::SelfConditioned);
@@ -174,7 +214,7 @@ fn scalars(out: &ObjectiveOutput) -> Vec<f32> {
 #[test]
 fn a_fixed_seed_reproduces_the_samples_and_the_losses() {
     let device = Device::flex().autodiff();
-    let model = model(ConfHead::Seed, &device);
+    let model = model(ConfHead::Final, &device);
     let batch = windows(4, &device);
     let other_noise = LookaheadBatch {
         uniforms: Tensor::random([4, L], Distribution::Uniform(0.0, 1.0), &device),
@@ -246,7 +286,7 @@ fn assert_same(a: &[f32], b: &[f32]) {
 #[test]
 fn the_second_pass_contributes_no_gradient() {
     let device = Device::flex().autodiff();
-    let model = model(ConfHead::Seed, &device);
+    let model = model(ConfHead::Final, &device);
     let batch = windows(3, &device);
     let out = DenseObjective(settings(0.7)).compute(&model, batch.clone());
     let actual = out.lookahead.as_ref().unwrap().actual.clone();
@@ -326,7 +366,7 @@ fn with_the_probe_the_trunk_gets_the_plain_lm_gradient_whatever_alpha() {
 #[test]
 fn teacher_targets_are_pass_one_losses_one_position_ahead() {
     let device = Device::flex();
-    let model = model(ConfHead::Seed, &device);
+    let model = model(ConfHead::Final, &device);
     let out = TeacherObjective(settings(1.0)).compute(&model, windows(2, &device));
     let look = out.lookahead.unwrap();
     assert_eq!(look.actual.dims(), [2, L]);
@@ -345,7 +385,7 @@ fn teacher_targets_are_pass_one_losses_one_position_ahead() {
 #[test]
 fn objectives_report_the_shapes_their_metrics_need() {
     let device = Device::flex();
-    let model = model(ConfHead::Seed, &device);
+    let model = model(ConfHead::Final, &device);
     let batch = windows(2, &device);
     let seed = SeedObjective(settings(1.0)).compute(&model, batch.clone());
     assert_eq!(

@@ -1,12 +1,13 @@
 //! Behaviour of both models, asserted with numbers.
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::Param;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData, Tolerance};
 
-use crate::*;
+use conf_model::test_util::Perturb;
+use conf_model::*;
 
 fn tiny(vocab: usize) -> GptConfig {
     GptConfig::new(vocab, 16, 32, 2, 4, 128)
@@ -30,16 +31,9 @@ fn random_ids(batch: usize, seq: usize, vocab: usize, device: &Device) -> Tensor
     .int()
 }
 
-/// Adds noise to every parameter, so zero-initialised parts (the AdaptiveLayers) matter too.
-struct Perturb;
-
-impl ModuleMapper for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.1), &t.device());
-            t + noise
-        })
-    }
+/// Noise on every parameter, so zero-initialised parts (the AdaptiveLayers) matter too.
+fn perturb() -> Perturb {
+    Perturb { std: 0.1 }
 }
 
 fn values(t: Tensor<3>) -> Vec<f32> {
@@ -55,7 +49,7 @@ fn both_models_produce_logits_and_confidence_of_the_right_shape() {
         standard.forward(x.clone(), &AttentionMask::Causal).dims(),
         [3, 16, 11]
     );
-    for head in [ConfHead::Seed, ConfHead::Probe] {
+    for head in [ConfHead::Final, ConfHead::Probe] {
         let model = conf_config(head).init(&device);
         let out = model.forward(
             x.clone(),
@@ -74,8 +68,10 @@ fn both_models_produce_logits_and_confidence_of_the_right_shape() {
 fn changing_a_future_token_leaves_past_outputs_unchanged() {
     let device = Device::flex();
     device.seed(3);
-    let standard = tiny(11).init_minigpt(&device).map(&mut Perturb);
-    let confidence = conf_config(ConfHead::Seed).init(&device).map(&mut Perturb);
+    let standard = tiny(11).init_minigpt(&device).map(&mut perturb());
+    let confidence = conf_config(ConfHead::Final)
+        .init(&device)
+        .map(&mut perturb());
     let base: Vec<i64> = (0..16).map(|i| (i * 7 % 11) as i64).collect();
     let conf_in = Tensor::<2>::random([1, 16], Distribution::Uniform(0.0, 4.0), &device);
     for j in [1usize, 8, 15] {
@@ -129,7 +125,9 @@ fn changing_a_future_token_leaves_past_outputs_unchanged() {
 #[test]
 fn an_explicit_causal_mask_equals_the_built_in_causal_path() {
     let device = Device::flex();
-    let model = conf_config(ConfHead::Seed).init(&device).map(&mut Perturb);
+    let model = conf_config(ConfHead::Final)
+        .init(&device)
+        .map(&mut perturb());
     let x = random_ids(2, 16, 11, &device);
     let c = Tensor::<2>::random([2, 16], Distribution::Uniform(0.0, 3.0), &device);
     let a = model.forward(x.clone(), c.clone(), &AttentionMask::Causal);
@@ -142,7 +140,7 @@ fn an_explicit_causal_mask_equals_the_built_in_causal_path() {
 #[test]
 fn a_fresh_confidence_model_computes_exactly_what_minigpt_does_with_the_same_weights() {
     let device = Device::flex();
-    let conf = conf_config(ConfHead::Seed).init(&device);
+    let conf = conf_config(ConfHead::Final).init(&device);
     // Copy every shared weight into a MiniGPT of the same width; its LayerNorms stay at their
     // fresh gain 1 and shift 0, which is what zero-initialised AdaptiveLayers compute.
     let mut standard = tiny(11).init_minigpt(&device);
@@ -189,7 +187,7 @@ fn grad_norm<const D: usize>(
 
 #[test]
 fn the_seed_heads_confidence_loss_trains_the_trunk() {
-    let (model, grads) = confidence_loss_grads(ConfHead::Seed);
+    let (model, grads) = confidence_loss_grads(ConfHead::Final);
     let trunk = [
         grad_norm(&model.tok_emb.weight, &grads),
         grad_norm(&model.blocks[0].attn.query.weight, &grads),
@@ -231,9 +229,12 @@ fn parameter_counts_equal_the_closed_form() {
         shared + n * 4 * d
     );
     assert_eq!(tiny(v).minigpt_params(), shared + n * 4 * d);
-    let seed = conf_config(ConfHead::Seed);
-    assert_eq!(seed.init(&device).num_params(), shared + n * 8 * d + d + 1);
-    assert_eq!(seed.params(), shared + n * 8 * d + d + 1);
+    let final_head = conf_config(ConfHead::Final);
+    assert_eq!(
+        final_head.init(&device).num_params(),
+        shared + n * 8 * d + d + 1
+    );
+    assert_eq!(final_head.params(), shared + n * 8 * d + d + 1);
     let probe = conf_config(ConfHead::Probe);
     assert_eq!(
         probe.init(&device).num_params(),
@@ -245,12 +246,13 @@ fn parameter_counts_equal_the_closed_form() {
 #[test]
 fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
     let device = Device::flex();
-    for (shape, head) in [
-        ("quick", ConfHead::Seed),
-        ("quick", ConfHead::Probe),
-        ("gpu", ConfHead::Seed),
+    // The quick and gpu presets' shapes: (context, d_model, layers, heads).
+    for (shape, (l, d, n, h), head) in [
+        ("quick", (64, 64, 2, 4), ConfHead::Final),
+        ("quick", (64, 64, 2, 4), ConfHead::Probe),
+        ("gpu", (512, 768, 12, 12), ConfHead::Final),
     ] {
-        let gpt = presets::model_shape(shape).unwrap().gpt(65);
+        let gpt = GptConfig::new(65, l, d, n, h, 4 * d);
         let conf = ConfidenceGptConfig::new(gpt).with_conf_head(head);
         let matched = conf.matched_standard();
         assert!(
@@ -267,7 +269,7 @@ fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
         assert!(count(h) <= count(h - 1) && count(h) <= count(h + 1));
         assert_eq!(matched.standard_params, matched.standard.minigpt_params());
     }
-    let conf = conf_config(ConfHead::Seed);
+    let conf = conf_config(ConfHead::Final);
     let matched = conf.matched_standard();
     assert_eq!(
         matched.standard.init_minigpt(&device).num_params(),
@@ -322,16 +324,8 @@ fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
     }
 
     let valid = model.valid();
+    let floor = oracle.entropy_floor(&eval);
     let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
-    let floor: f64 = items
-        .iter()
-        .map(|w| {
-            oracle.token_losses(&w.tokens[..seq + 1])[1..]
-                .iter()
-                .sum::<f64>()
-        })
-        .sum::<f64>()
-        / (items.len() * seq) as f64;
     let tokens = WindowBatcher.batch(items, &Device::flex()).tokens;
     let loss = lm_loss(&valid, tokens).into_scalar::<f64>();
     eprintln!("eval loss {loss:.3}, entropy floor {floor:.3}");

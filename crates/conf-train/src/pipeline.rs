@@ -1,0 +1,110 @@
+//! One model end to end: built from its seed, trained through the Learner, evaluated on the
+//! evaluation windows and sampled from. The binary decides what to run and reports it; this is
+//! how a model is run.
+
+use burn::module::{Module, ModuleDisplay};
+use burn::prelude::*;
+use conf_data::{Corpus, Split};
+use conf_model::ConfidenceGptConfig;
+
+use crate::cost::flops_per_token;
+use crate::generate::{Generate, Generated};
+use crate::metrics::{MetricValues, Samples};
+use crate::objective::{ConfidenceSettings, ObjectiveKind};
+use crate::trainee::{ModelTrainee, ObjectiveTrainee};
+use crate::training::{TrainError, TrainingReport, TrainingSettings, evaluate, fit};
+
+/// Everything that decides one model's run.
+#[derive(Debug, Clone)]
+pub struct ModelPlan {
+    /// `standard` trains the parameter-matched MiniGPT, the others ConfidenceAwareGPT.
+    pub objective: ObjectiveKind,
+    /// The confidence model; the standard model is its parameter-matched MiniGPT.
+    pub model: ConfidenceGptConfig,
+    pub confidence: ConfidenceSettings,
+    pub training: TrainingSettings,
+    pub sample: SampleSettings,
+}
+
+/// The text sampled from the final model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleSettings {
+    /// The prompt: this many tokens from the start of the validation split (at most L).
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+}
+
+/// A trained model's measurements.
+#[derive(Debug, Clone)]
+pub struct ModelOutcome {
+    pub parameters: usize,
+    /// Training FLOPs per token (see [`crate::cost`]).
+    pub flops_per_token: f64,
+    pub report: TrainingReport,
+    /// Every metric of the final model on the evaluation windows.
+    pub final_metrics: MetricValues,
+    /// The evaluation samples behind them (predicted/actual pairs for the confidence model).
+    pub samples: Samples,
+    /// The prompt's ids and the ids sampled after it (the caller decodes them).
+    pub prompt: Vec<u32>,
+    pub generated: Generated,
+}
+
+/// Builds the plan's model from its seed on `device` (with autodiff), trains, evaluates and
+/// samples it.
+pub fn train_model(
+    plan: &ModelPlan,
+    corpus: &Corpus,
+    split: &Split,
+    device: &Device,
+) -> Result<ModelOutcome, TrainError> {
+    let device = device.clone().autodiff();
+    // Initialisation is seeded: both models of a seed start from that seed's generator.
+    device.seed(plan.training.seed);
+    let grad_clip = plan.training.optimizer.grad_clip;
+    match ObjectiveTrainee::new(
+        plan.objective,
+        &plan.model,
+        plan.confidence,
+        grad_clip,
+        &device,
+    ) {
+        ObjectiveTrainee::Standard(trainee) => run(trainee, plan, corpus, split),
+        ObjectiveTrainee::Confidence(trainee) => run(trainee, plan, corpus, split),
+    }
+}
+
+fn run<M>(
+    trainee: ModelTrainee<M>,
+    plan: &ModelPlan,
+    corpus: &Corpus,
+    split: &Split,
+) -> Result<ModelOutcome, TrainError>
+where
+    M: Module + ModuleDisplay + Generate + 'static,
+{
+    let settings = &plan.training;
+    let parameters = Module::num_params(&trainee.model);
+    let extra_passes = trainee.objective.extra_forward_passes(settings.seq_len);
+    let trained = fit(trainee, corpus, split, settings)?;
+    let (final_metrics, samples) = evaluate(&trained.model, corpus, split, settings);
+    let start = split.val.start;
+    let prompt = corpus
+        .tokens
+        .slice(start..start + plan.sample.prompt_tokens.min(settings.seq_len));
+    let generated = trained.model.model.generate(
+        &prompt,
+        plan.sample.new_tokens,
+        settings.seq_len,
+        settings.seed,
+    );
+    Ok(ModelOutcome {
+        parameters,
+        flops_per_token: flops_per_token(parameters, &plan.model.gpt, extra_passes),
+        report: trained.report,
+        final_metrics,
+        samples,
+        prompt,
+        generated,
+    })
+}
