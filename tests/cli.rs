@@ -147,7 +147,7 @@ fn bad_data_flags_exit_with_code_2_and_name_the_flag() {
 fn model_reports_both_parameter_counts_within_half_a_percent() {
     let cache = tempfile::tempdir().unwrap();
     let summary = json(&lookahead(
-        &["model", "--preset", "seed", "--json"],
+        &["model", "--preset", "plan", "--json"],
         cache.path(),
     ));
     let counts = &summary["parameter_counts"];
@@ -158,13 +158,13 @@ fn model_reports_both_parameter_counts_within_half_a_percent() {
     assert!(((s - c) / c).abs() < 0.005);
     assert_eq!(summary["confidence"]["gpt"]["vocab_size"], 32);
     assert_eq!(summary["confidence"]["gpt"]["d_model"], 128);
-    assert_eq!(summary["confidence"]["conf_head"], "seed");
+    assert_eq!(summary["confidence"]["conf_head"], "final");
 
     let text = lookahead(
         &[
             "model",
             "--preset",
-            "seed",
+            "plan",
             "--conf-head",
             "probe",
             "--vocab-size",
@@ -187,6 +187,11 @@ fn model_reports_both_parameter_counts_within_half_a_percent() {
         &lookahead(&["model", "--preset", "huge"], cache.path()),
         2,
         &["--preset", "huge", "quick"],
+    );
+    fails_with(
+        &lookahead(&["model", "--preset", "seed"], cache.path()),
+        2,
+        &["--preset", "now called 'plan'"],
     );
 }
 
@@ -374,7 +379,10 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
     let file = results_file(dir.path());
     let loaded = lookahead(&["results", "load", file.to_str().unwrap()], cache.path());
     assert_success(&loaded);
-    assert!(String::from_utf8_lossy(&loaded.stdout).contains("valid (schema 1, 2 seeds"));
+    assert!(String::from_utf8_lossy(&loaded.stdout).contains(&format!(
+        "valid (schema {}, 2 seeds",
+        conf_cli::results::SCHEMA_VERSION
+    )));
 
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();

@@ -9,6 +9,7 @@ use conf_model::ConfHead;
 use conf_train::{ConfInput, ObjectiveKind};
 
 use crate::backend::BackendChoice;
+use crate::config::{ConfidenceExperimentConfig, ConfigError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +33,7 @@ pub enum Command {
     /// Train one model with one seed through burn-train's Learner and save its history.
     Train(TrainArgs),
     /// Both models for every seed, then `{results_dir}/{timestamp}_results.json`.
-    Experiment(RunArgs),
+    Experiment(CommonArgs),
     /// Plots and an HTML/Markdown report next to the first results file; several files from
     /// separate seed runs of one configuration merge into one report.
     Report { files: Vec<PathBuf> },
@@ -40,7 +41,7 @@ pub enum Command {
     #[command(subcommand)]
     Results(ResultsCommand),
     /// Time each objective's training step (ms/step, tokens/s, TFLOP/s, memory) on a backend.
-    Bench(crate::commands::bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,12 +90,12 @@ pub struct DataArgs {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Model preset: quick, seed or gpu.
+    /// Model preset: quick, plan or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
-    /// Confidence head: seed (reads the final state; trains the trunk) or probe (reads the
+    /// Confidence head: final (reads the final state; trains the trunk) or probe (reads the
     /// last blocks, detached).
-    #[arg(long, default_value = "seed")]
+    #[arg(long, default_value = "final")]
     pub conf_head: ConfHead,
     /// Confidence head bias at initialisation (nats).
     #[arg(long, default_value_t = 2.0)]
@@ -109,14 +110,14 @@ pub struct ModelArgs {
     pub json: bool,
 }
 
-/// Flags shared by the training commands. Each overrides the same key of `--config`, which
+/// Flags common to the training commands. Each overrides the same key of `--config`, which
 /// overrides the preset (docs/experiments.md lists every key).
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub struct CommonArgs {
     /// TOML file with any of the experiment's keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Preset: quick, seed or gpu.
+    /// Preset: quick, plan or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
     /// Backend (docs/backends.md); a build holds those of its Cargo features.
@@ -183,5 +184,75 @@ pub struct TrainArgs {
     #[arg(long)]
     pub objective: Option<ObjectiveKind>,
     #[command(flatten)]
-    pub run: RunArgs,
+    pub common: CommonArgs,
+}
+
+impl ModelKind {
+    /// The model an objective trains.
+    pub fn of(objective: ObjectiveKind) -> Self {
+        match objective {
+            ObjectiveKind::Standard => Self::Standard,
+            ObjectiveKind::Seed | ObjectiveKind::Dense | ObjectiveKind::Teacher => Self::Confidence,
+        }
+    }
+}
+
+impl CommonArgs {
+    /// The preset, then `--config`, then these flags; validated.
+    pub fn config(&self) -> Result<ConfidenceExperimentConfig, ConfigError> {
+        let mut config = ConfidenceExperimentConfig::preset(&self.preset)?;
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("config", format!("{}: cannot read: {e}", path.display()))
+            })?;
+            config = config.with_toml(&text, path)?;
+        }
+        let c = &mut config;
+        let corpus = &self.corpus;
+        set(&mut c.dataset, corpus.dataset.clone());
+        if corpus.tokenizer.is_some() {
+            c.tokenizer = corpus.tokenizer;
+        }
+        set(&mut c.training_steps, self.training_steps);
+        set(&mut c.seeds, self.seeds.clone());
+        set(&mut c.batch_size, self.batch_size);
+        set(&mut c.seq_len, self.seq_len);
+        set(&mut c.eval_interval, self.eval_interval);
+        set(&mut c.results_dir, self.results_dir.clone());
+        set(&mut c.save_interval, self.save_interval);
+        set(&mut c.confidence_alpha, self.confidence_alpha);
+        set(&mut c.conf_head, self.conf_head);
+        set(&mut c.conf_input, self.conf_input);
+        set(&mut c.confidence_init_bias, self.confidence_init_bias);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn set<T>(field: &mut T, flag: Option<T>) {
+    if let Some(value) = flag {
+        *field = value;
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Objectives to time; `standard` trains MiniGPT, the others ConfidenceAwareGPT.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "standard,seed,dense,teacher"
+    )]
+    pub objectives: Vec<ObjectiveKind>,
+    /// Steps run before timing (compilation, autotuning, allocator growth).
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Steps timed.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }

@@ -1,12 +1,16 @@
-//! `ConfidenceExperimentConfig`: a preset, then a TOML file (`--config`), then flags, each
-//! layer overriding the one before. Unknown keys and out-of-range values are errors naming the
-//! key.
+//! `ConfidenceExperimentConfig`: a preset (`crate::presets`), then a TOML file (`--config`),
+//! then flags, each layer overriding the one before. Unknown keys and out-of-range values are
+//! errors naming the key. The one place the flat configuration becomes the settings of
+//! conf-train's types.
 
 use std::path::{Path, PathBuf};
 
 use conf_data::TokenizerKind;
-use conf_model::ConfHead;
-use conf_train::{ConfInput, ObjectiveKind};
+use conf_model::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError};
+use conf_train::optim::OptimizerSettings;
+use conf_train::pipeline::{ModelPlan, SampleSettings};
+use conf_train::training::{TrainError, TrainingSettings};
+use conf_train::{ConfInput, ConfidenceSettings, ObjectiveKind};
 use serde::{Deserialize, Serialize};
 
 /// Every setting of an experiment; TOML keys and flags share these names.
@@ -29,14 +33,16 @@ pub struct ConfidenceExperimentConfig {
     /// Clamped to `training_steps − 1` when longer than the run.
     pub warmup_steps: usize,
     pub weight_decay: f64,
+    /// Maximum global L2 norm of the gradient (PyTorch's `clip_grad_norm_`).
+    pub grad_clip: f64,
     pub seeds: Vec<u64>,
     // Data.
     pub dataset: String,
     pub tokenizer: Option<TokenizerKind>,
     pub val_fraction: f64,
-    // The confidence model.
+    // The confidence model (its lookahead is always two tokens: the loss at t+2 after
+    // sampling t+1).
     pub confidence_alpha: f64,
-    pub lookahead_steps: usize,
     pub confidence_init_bias: f64,
     pub objective: ObjectiveKind,
     pub conf_input: ConfInput,
@@ -46,51 +52,17 @@ pub struct ConfidenceExperimentConfig {
     pub save_interval: usize,
 }
 
-pub const PRESETS: &str = "quick, seed, gpu";
+/// The text sampled from each final model: a prompt of this many validation tokens, then this
+/// many new ones.
+const SAMPLE: SampleSettings = SampleSettings {
+    prompt_tokens: 8,
+    new_tokens: 64,
+};
 
 impl ConfidenceExperimentConfig {
-    /// A named preset (see docs/experiments.md).
+    /// A named preset (see `crate::presets`).
     pub fn preset(name: &str) -> Result<Self, ConfigError> {
-        let shape = conf_model::presets::model_shape(name);
-        let schedule = conf_train::presets::schedule(name);
-        let (Some(shape), Some(schedule)) = (shape, schedule) else {
-            return Err(ConfigError::new(
-                "preset",
-                format!("unknown preset '{name}' (expected one of: {PRESETS})"),
-            ));
-        };
-        let objective = if name == "seed" {
-            ObjectiveKind::Seed
-        } else {
-            ObjectiveKind::Dense
-        };
-        Ok(Self {
-            d_model: shape.d_model,
-            n_layers: shape.n_layers,
-            n_heads: shape.n_heads,
-            seq_len: shape.context_length,
-            dropout: 0.0,
-            training_steps: schedule.training_steps,
-            eval_interval: schedule.eval_interval,
-            batch_size: schedule.batch_size,
-            eval_windows: schedule.eval_windows,
-            learning_rate: schedule.optimizer.learning_rate,
-            min_learning_rate: schedule.optimizer.min_learning_rate,
-            warmup_steps: schedule.optimizer.warmup_steps,
-            weight_decay: schedule.optimizer.weight_decay,
-            seeds: vec![42, 123, 456],
-            dataset: "synthetic".into(),
-            tokenizer: None,
-            val_fraction: 0.1,
-            confidence_alpha: 1.0,
-            lookahead_steps: 2,
-            confidence_init_bias: 2.0,
-            objective,
-            conf_input: ConfInput::SelfConditioned,
-            conf_head: ConfHead::Seed,
-            results_dir: PathBuf::from("results/confidence_experiments"),
-            save_interval: 100,
-        })
+        crate::presets::preset(name)
     }
 
     /// The preset with the keys of the TOML text `text` (from `path`) laid over it.
@@ -117,24 +89,28 @@ impl ConfidenceExperimentConfig {
         Ok(table.try_into::<Self>().expect("checked key by key"))
     }
 
-    /// Checks every range; the error names the key and the value.
+    /// Checks every range; the error names the key and the value. The model's shape and the
+    /// run's counts are checked by their own types.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let at_least_one = [
-            ("d_model", self.d_model),
-            ("n_layers", self.n_layers),
-            ("n_heads", self.n_heads),
-            ("seq_len", self.seq_len),
-            ("training_steps", self.training_steps),
-            ("eval_interval", self.eval_interval),
-            ("batch_size", self.batch_size),
-            ("eval_windows", self.eval_windows),
-            ("save_interval", self.save_interval),
-        ];
-        for (key, value) in at_least_one {
-            if value == 0 {
-                return Err(ConfigError::new(key, "must be at least 1, got 0".into()));
+        self.model(1).gpt.validate().map_err(|e| match e {
+            ModelConfigError::Zero { field } => {
+                let key = if field == "context_length" {
+                    "seq_len"
+                } else {
+                    field
+                };
+                ConfigError::new(key, "must be at least 1, got 0".into())
             }
-        }
+            ModelConfigError::HeadsDoNotDivide { .. } => ConfigError::new("n_heads", e.to_string()),
+        })?;
+        self.training(0, PathBuf::new(), true, false)
+            .validate()
+            .map_err(|e| match e {
+                TrainError::NotPositive { name } => {
+                    ConfigError::new(name, "must be at least 1, got 0".into())
+                }
+                other => ConfigError::new("config", other.to_string()),
+            })?;
         let check = |ok: bool, key: &str, message: String| {
             if ok {
                 Ok(())
@@ -143,9 +119,9 @@ impl ConfidenceExperimentConfig {
             }
         };
         check(
-            self.d_model.is_multiple_of(self.n_heads),
-            "n_heads",
-            format!("{} does not divide d_model {}", self.n_heads, self.d_model),
+            self.eval_windows >= 1,
+            "eval_windows",
+            "must be at least 1, got 0".into(),
         )?;
         check(
             (0.0..1.0).contains(&self.dropout),
@@ -164,6 +140,11 @@ impl ConfidenceExperimentConfig {
                 "must lie in [0, learning_rate = {}], got {}",
                 self.learning_rate, self.min_learning_rate
             ),
+        )?;
+        check(
+            self.grad_clip > 0.0 && self.grad_clip.is_finite(),
+            "grad_clip",
+            format!("must be a finite number > 0, got {}", self.grad_clip),
         )?;
         check(
             self.weight_decay >= 0.0,
@@ -186,14 +167,6 @@ impl ConfidenceExperimentConfig {
             format!("must be a finite number ≥ 0, got {}", self.confidence_alpha),
         )?;
         check(
-            self.lookahead_steps == 2,
-            "lookahead_steps",
-            format!(
-                "only 2 is supported (the loss at t+2 after sampling t+1), got {}",
-                self.lookahead_steps
-            ),
-        )?;
-        check(
             self.confidence_init_bias.is_finite(),
             "confidence_init_bias",
             format!("must be finite, got {}", self.confidence_init_bias),
@@ -205,43 +178,78 @@ impl ConfidenceExperimentConfig {
                 .into(),
         )
     }
-}
 
-impl ConfidenceExperimentConfig {
-    /// Preset, then `--config`, then flags; validated.
-    pub fn from_args(args: &crate::cli::RunArgs) -> Result<Self, ConfigError> {
-        let mut config = Self::preset(&args.preset)?;
-        if let Some(path) = &args.config {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new("config", format!("{}: cannot read: {e}", path.display()))
-            })?;
-            config = config.with_toml(&text, path)?;
-        }
-        let c = &mut config;
-        let corpus = &args.corpus;
-        set(&mut c.dataset, corpus.dataset.clone());
-        if corpus.tokenizer.is_some() {
-            c.tokenizer = corpus.tokenizer;
-        }
-        set(&mut c.training_steps, args.training_steps);
-        set(&mut c.seeds, args.seeds.clone());
-        set(&mut c.batch_size, args.batch_size);
-        set(&mut c.seq_len, args.seq_len);
-        set(&mut c.eval_interval, args.eval_interval);
-        set(&mut c.results_dir, args.results_dir.clone());
-        set(&mut c.save_interval, args.save_interval);
-        set(&mut c.confidence_alpha, args.confidence_alpha);
-        set(&mut c.conf_head, args.conf_head);
-        set(&mut c.conf_input, args.conf_input);
-        set(&mut c.confidence_init_bias, args.confidence_init_bias);
-        config.validate()?;
-        Ok(config)
+    /// The confidence model (MLP width 4 · d_model) for a vocabulary; the standard model is its
+    /// parameter-matched MiniGPT.
+    pub fn model(&self, vocab_size: usize) -> ConfidenceGptConfig {
+        let gpt = GptConfig::new(
+            vocab_size,
+            self.seq_len,
+            self.d_model,
+            self.n_layers,
+            self.n_heads,
+            4 * self.d_model,
+        )
+        .with_dropout(self.dropout);
+        ConfidenceGptConfig::new(gpt)
+            .with_conf_head(self.conf_head)
+            .with_confidence_init_bias(self.confidence_init_bias)
     }
-}
 
-fn set<T>(field: &mut T, flag: Option<T>) {
-    if let Some(value) = flag {
-        *field = value;
+    pub fn optimizer(&self) -> OptimizerSettings {
+        OptimizerSettings {
+            learning_rate: self.learning_rate,
+            min_learning_rate: self.min_learning_rate,
+            warmup_steps: self.warmup_steps,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+        }
+    }
+
+    pub fn confidence(&self) -> ConfidenceSettings {
+        ConfidenceSettings {
+            alpha: self.confidence_alpha,
+            conf_input: self.conf_input,
+        }
+    }
+
+    /// The schedule of one model's run with `seed`, writing into `artifact_dir`.
+    pub fn training(
+        &self,
+        seed: u64,
+        artifact_dir: PathBuf,
+        no_tui: bool,
+        resume: bool,
+    ) -> TrainingSettings {
+        TrainingSettings {
+            training_steps: self.training_steps,
+            eval_interval: self.eval_interval,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            eval_windows: Some(self.eval_windows),
+            seed,
+            optimizer: self.optimizer(),
+            artifact_dir,
+            no_tui,
+            save_interval: self.save_interval,
+            resume,
+        }
+    }
+
+    /// One model's run: `objective` (`standard` for the baseline) with `seed`.
+    pub fn plan(
+        &self,
+        objective: ObjectiveKind,
+        vocab_size: usize,
+        training: TrainingSettings,
+    ) -> ModelPlan {
+        ModelPlan {
+            objective,
+            model: self.model(vocab_size),
+            confidence: self.confidence(),
+            training,
+            sample: SAMPLE,
+        }
     }
 }
 
@@ -254,7 +262,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: &str, message: String) -> Self {
+    pub(crate) fn new(key: &str, message: String) -> Self {
         Self {
             key: key.to_string(),
             message,
@@ -272,30 +280,6 @@ mod tests {
 
     fn with(text: &str) -> Result<ConfidenceExperimentConfig, ConfigError> {
         quick().with_toml(text, Path::new("exp.toml"))
-    }
-
-    #[test]
-    fn presets_are_valid_and_keep_the_seed_plans_numbers() {
-        for name in ["quick", "seed", "gpu"] {
-            ConfidenceExperimentConfig::preset(name)
-                .unwrap()
-                .validate()
-                .unwrap();
-        }
-        let seed = ConfidenceExperimentConfig::preset("seed").unwrap();
-        assert_eq!((seed.training_steps, seed.batch_size), (1000, 4));
-        assert_eq!(seed.seeds, vec![42, 123, 456]);
-        assert_eq!(seed.objective, ObjectiveKind::Seed);
-        assert_eq!(quick().confidence_alpha, 1.0);
-        assert_eq!(quick().lookahead_steps, 2);
-        assert_eq!(quick().confidence_init_bias, 2.0);
-        assert_eq!(quick().save_interval, 100);
-        assert_eq!(
-            quick().results_dir,
-            PathBuf::from("results/confidence_experiments")
-        );
-        let err = ConfidenceExperimentConfig::preset("huge").unwrap_err();
-        assert_eq!(err.key, "preset");
     }
 
     #[test]
@@ -331,7 +315,7 @@ mod tests {
     #[test]
     fn every_out_of_range_value_is_rejected_naming_its_key() {
         type Breaker = fn(&mut ConfidenceExperimentConfig);
-        let cases: [(&str, Breaker); 16] = [
+        let cases: [(&str, Breaker); 18] = [
             ("d_model", |c| c.d_model = 0),
             ("n_heads", |c| c.n_heads = 5),
             ("seq_len", |c| c.seq_len = 0),
@@ -346,7 +330,11 @@ mod tests {
             ("seeds", |c| c.seeds.clear()),
             ("val_fraction", |c| c.val_fraction = 1.0),
             ("confidence_alpha", |c| c.confidence_alpha = -1.0),
-            ("lookahead_steps", |c| c.lookahead_steps = 3),
+            ("save_interval", |c| c.save_interval = 0),
+            ("grad_clip", |c| c.grad_clip = 0.0),
+            ("confidence_init_bias", |c| {
+                c.confidence_init_bias = f64::NAN
+            }),
             ("objective", |c| c.objective = ObjectiveKind::Standard),
         ];
         for (key, break_it) in cases {

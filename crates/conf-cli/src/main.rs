@@ -1,32 +1,10 @@
 //! `lookahead`: parses the command line and dispatches; the work lives in the library crates.
 
-mod backend;
-#[cfg(test)]
-mod backend_equivalence;
-mod cli;
-mod commands;
-mod config;
-mod report;
-mod results;
-mod stats;
-
 use std::process::ExitCode;
 
 use clap::Parser;
-
-use crate::cli::{Cli, Command};
-
-/// Exit codes of the command-line contract: 0 ok, 1 run failed, 2 bad usage or input.
-pub enum Failure {
-    BadInput(anyhow::Error),
-    Run(anyhow::Error),
-}
-
-impl<E: Into<anyhow::Error>> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self::Run(e.into())
-    }
-}
+use conf_cli::Failure;
+use conf_cli::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,16 +16,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
-        Command::Data(args) => commands::data::run(args),
-        Command::Model(args) => commands::model::run(args),
-        Command::Train(args) => commands::train::run(args),
-        Command::Experiment(args) => commands::experiment::run(args),
-        Command::Results(command) => commands::results::run(command),
-        Command::Report { files } => commands::report::run(files),
-        Command::Bench(args) => commands::bench::run(args),
-    };
-    match result {
+    match conf_cli::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::BadInput(e)) => {
             eprintln!("error: {e:#}");

@@ -417,14 +417,14 @@ pub fn summary_markdown(results: &ExperimentResults) -> String {
         MetricKind::TokenEce,
     ] {
         let name = kind.name();
-        let diff = s.paired_difference.get(name).map_or("—".into(), |d| {
+        let diff = s.paired_difference.get(&kind).map_or("—".into(), |d| {
             let p = d.p_value.map_or("n/a".into(), |p| format!("{p:.3}"));
             format!("{} ({p})", show(Some(&d.difference)))
         });
         out += &format!(
             "| {name} | {} | {} | {diff} |\n",
-            show(s.standard.get(name)),
-            show(s.confidence.get(name))
+            show(s.standard.get(&kind)),
+            show(s.confidence.get(&kind))
         );
     }
     for kind in [
@@ -436,7 +436,7 @@ pub fn summary_markdown(results: &ExperimentResults) -> String {
         MetricKind::EntropyAuroc,
     ] {
         let name = kind.name();
-        out += &format!("| {name} | — | {} | — |\n", show(s.confidence.get(name)));
+        out += &format!("| {name} | — | {} | — |\n", show(s.confidence.get(&kind)));
     }
     out
 }

@@ -1,19 +1,22 @@
-//! The results file: one schema type used by the writer, `results load` and (later) the report.
+//! The results file: one schema type used by the writer, `results load` and the report.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use conf_data::Tokenizer;
 use conf_model::ParameterMatch;
+use conf_train::ObjectiveKind;
 use conf_train::calibration::{CalibrationBin, loss_calibration};
-use conf_train::metrics::MetricKind;
-use conf_train::{ConfInput, ObjectiveKind};
+use conf_train::generate::Generated;
+use conf_train::metrics::{MetricKind, MetricValues};
+use conf_train::pipeline::{ModelOutcome, ModelPlan};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::run::{GeneratedSample, ModelRun};
 use crate::config::ConfidenceExperimentConfig;
 use crate::stats::{PairedDifference, SeedStats, paired_difference, seed_stats};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: metric keys typed, `grad_clip` a key, `lookahead_steps` gone, `conf_head` "final".
+pub const SCHEMA_VERSION: u32 = 2;
 /// Predicted/actual pairs kept per seed: enough for a scatter plot, small enough for a file.
 pub const PAIR_SAMPLE: usize = 2000;
 
@@ -72,7 +75,7 @@ pub struct TrainingResult {
     pub flops_per_token: f64,
     pub total_flops: f64,
     /// Every metric of the final model on the evaluation windows.
-    pub final_metrics: BTreeMap<String, f64>,
+    pub final_metrics: MetricValues,
     /// A short text sampled from the final model (with per-token predictions for the
     /// confidence model).
     pub sample: GeneratedSample,
@@ -92,99 +95,77 @@ pub struct TrainingResult {
     pub calibration_bins: Option<Vec<CalibrationBin>>,
 }
 
+/// A short text sampled from a trained model after a prompt from the validation split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratedSample {
+    pub prompt: String,
+    /// The generated tokens, each decoded on its own.
+    pub tokens: Vec<String>,
+    /// The confidence model's predicted loss (nats, two tokens ahead) at each token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_loss: Option<Vec<f32>>,
+}
+
+impl GeneratedSample {
+    pub fn decode(prompt: &[u32], generated: &Generated, tokenizer: &dyn Tokenizer) -> Self {
+        Self {
+            prompt: tokenizer.decode(prompt),
+            tokens: generated
+                .tokens
+                .iter()
+                .map(|&t| tokenizer.decode(&[t]))
+                .collect(),
+            predicted_loss: generated.predicted_loss.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
     /// Final metrics across seeds, per model type, then per metric.
-    pub standard: BTreeMap<String, SeedStats>,
-    pub confidence: BTreeMap<String, SeedStats>,
+    pub standard: BTreeMap<MetricKind, SeedStats>,
+    pub confidence: BTreeMap<MetricKind, SeedStats>,
     /// confidence − standard on the metrics both have, paired by seed.
-    pub paired_difference: BTreeMap<String, PairedDifference>,
+    pub paired_difference: BTreeMap<MetricKind, PairedDifference>,
     /// The confidence head against the entropy baseline (head − baseline), paired by seed:
     /// keys `spearman` and `auroc`.
     pub head_vs_entropy: BTreeMap<String, PairedDifference>,
 }
 
-/// No-gradient forward passes over L tokens each objective adds to its trained pass.
-pub fn extra_forward_passes(objective: ObjectiveKind, config: &ConfidenceExperimentConfig) -> f64 {
-    let history = match config.conf_input {
-        ConfInput::SelfConditioned => 1.0,
-        ConfInput::Zeros => 0.0,
-    };
-    match objective {
-        ObjectiveKind::Standard => 0.0,
-        ObjectiveKind::Seed => history + 1.0 / config.seq_len as f64,
-        ObjectiveKind::Dense => history + 1.0,
-        ObjectiveKind::Teacher => history,
-    }
-}
-
-/// Training FLOPs per token: 6N for the trained pass plus 12·n_layers·L·d for its attention,
-/// and 2N + 4·n_layers·L·d for each extra no-gradient forward pass over L tokens.
-pub fn flops_per_token(
-    parameters: usize,
-    n_layers: usize,
-    seq_len: usize,
-    d_model: usize,
-    extra_forward_passes: f64,
-) -> f64 {
-    let n = parameters as f64;
-    let attention = (n_layers * seq_len * d_model) as f64;
-    6.0 * n + 12.0 * attention + extra_forward_passes * (2.0 * n + 4.0 * attention)
-}
-
 impl TrainingResult {
-    pub fn from_run(
-        run: &ModelRun,
-        config: &ConfidenceExperimentConfig,
-        extra_forward_passes: f64,
-        confidence: bool,
-    ) -> Self {
+    /// The record of one model's run: what `plan` asked for, what came out, and the decoded
+    /// sample.
+    pub fn new(plan: &ModelPlan, run: &ModelOutcome, sample: GeneratedSample) -> Self {
         let history = &run.report.history;
-        let schedule = |step: usize| {
-            let mut scheduler = conf_train::optim::warmup_cosine(
-                &run.settings.optimizer,
-                run.settings.training_steps,
-            )
-            .expect("validated settings");
-            (0..step.max(1))
-                .map(|_| scheduler.step().base())
-                .last()
-                .unwrap_or(0.0)
-        };
-        let lm = MetricKind::LmLoss.name();
+        let lm = MetricKind::LmLoss;
         let loss_history: Vec<LossPoint> = history
             .iter()
             .filter_map(|r| {
-                let eval_loss = *r.valid.get(lm)?;
+                let eval_loss = *r.valid.get(&lm)?;
                 Some(LossPoint {
                     step: r.step,
-                    train_loss: r.train.get(lm).copied(),
+                    train_loss: r.train.get(&lm).copied(),
                     eval_loss,
                     perplexity: eval_loss.exp(),
-                    lr: schedule(r.step),
+                    lr: r.lr,
                 })
             })
             .collect();
-        let final_eval_loss = run.final_metrics.get(lm).copied().unwrap_or(f64::NAN);
+        let final_eval_loss = run.final_metrics.get(&lm).copied().unwrap_or(f64::NAN);
         let best_eval_loss = loss_history
             .iter()
             .map(|p| p.eval_loss)
             .fold(final_eval_loss, f64::min);
-        let per_token = flops_per_token(
-            run.parameters,
-            config.n_layers,
-            config.seq_len,
-            config.d_model,
-            extra_forward_passes,
-        );
-        let tokens =
-            (run.settings.training_steps * run.settings.batch_size * run.settings.seq_len) as f64;
+        let settings = &plan.training;
+        let tokens = (settings.training_steps * settings.batch_size * settings.seq_len) as f64;
+        let confidence = plan.objective != ObjectiveKind::Standard;
         let series = |kind: MetricKind| {
             history
                 .iter()
                 .filter_map(|r| {
-                    r.valid.get(kind.name()).map(|&value| StepValue {
+                    r.valid.get(&kind).map(|&value| StepValue {
                         step: r.step,
                         value,
                     })
@@ -212,10 +193,10 @@ impl TrainingResult {
             ms_per_step: run.report.ms_per_step,
             tokens_per_second: run.report.tokens_per_second,
             parameters: run.parameters,
-            flops_per_token: per_token,
-            total_flops: per_token * tokens,
+            flops_per_token: run.flops_per_token,
+            total_flops: run.flops_per_token * tokens,
             final_metrics: run.final_metrics.clone(),
-            sample: run.sample.clone(),
+            sample,
             confidence_loss_history: confidence.then(|| series(MetricKind::ConfidenceLoss)),
             token_loss_history: confidence.then(|| series(MetricKind::LmLoss)),
             confidence_predictions: confidence.then(|| pick(&s.predicted)),
@@ -231,22 +212,22 @@ impl Summary {
         confidence: &BTreeMap<String, TrainingResult>,
     ) -> Self {
         let per_metric = |results: &BTreeMap<String, TrainingResult>| {
-            let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            let mut values: BTreeMap<MetricKind, Vec<f64>> = BTreeMap::new();
             for r in results.values() {
-                for (k, v) in &r.final_metrics {
-                    values.entry(k.clone()).or_default().push(*v);
+                for (&k, &v) in &r.final_metrics {
+                    values.entry(k).or_default().push(v);
                 }
             }
             values
         };
         let (s, c) = (per_metric(standard), per_metric(confidence));
-        let stats = |m: &BTreeMap<String, Vec<f64>>| {
-            m.iter().map(|(k, v)| (k.clone(), seed_stats(v))).collect()
+        let stats = |m: &BTreeMap<MetricKind, Vec<f64>>| {
+            m.iter().map(|(&k, v)| (k, seed_stats(v))).collect()
         };
         let paired = s
             .iter()
             .filter(|(k, v)| c.get(*k).is_some_and(|w| w.len() == v.len()))
-            .map(|(k, v)| (k.clone(), paired_difference(v, &c[k])))
+            .map(|(&k, v)| (k, paired_difference(v, &c[&k])))
             .collect();
         let mut head_vs_entropy = BTreeMap::new();
         for (name, head, baseline) in [
@@ -257,7 +238,7 @@ impl Summary {
             ),
             ("auroc", MetricKind::Auroc, MetricKind::EntropyAuroc),
         ] {
-            if let (Some(h), Some(b)) = (c.get(head.name()), c.get(baseline.name()))
+            if let (Some(h), Some(b)) = (c.get(&head), c.get(&baseline))
                 && h.len() == b.len()
             {
                 head_vs_entropy.insert(name.to_string(), paired_difference(b, h));

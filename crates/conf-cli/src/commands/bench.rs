@@ -1,48 +1,14 @@
 //! `lookahead bench`: ms/step, tokens/s, FLOP rate and peak memory of each objective's training
 //! step on one backend, at a preset's shape.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use anyhow::anyhow;
-use clap::Args;
 use conf_data::write_atomic;
-use conf_model::ConfidenceAwareGpt;
-use conf_train::bench::{BenchSettings, StepTiming, time_steps};
-use conf_train::optim::OptimizerSettings;
-use conf_train::trainee::{ConfidenceTrainee, GRAD_CLIP, StandardTrainee};
-use conf_train::{
-    ConfidenceSettings, DenseObjective, Objective, ObjectiveKind, SeedObjective, TeacherObjective,
-};
+use conf_train::ObjectiveKind;
+use conf_train::bench::{BenchSettings, StepTiming, time_objective};
 use serde::Serialize;
 
-use super::run::model_configs;
 use crate::Failure;
-use crate::cli::RunArgs;
-use crate::config::ConfidenceExperimentConfig;
-use crate::results::{extra_forward_passes, flops_per_token};
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Objectives to time; `standard` trains MiniGPT, the others ConfidenceAwareGPT.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "standard,seed,dense,teacher"
-    )]
-    pub objectives: Vec<ObjectiveKind>,
-    /// Steps run before timing (compilation, autotuning, allocator growth).
-    #[arg(long, default_value_t = 3)]
-    pub warmup_steps: usize,
-    /// Steps timed.
-    #[arg(long, default_value_t = 10)]
-    pub steps: usize,
-    /// Also write the figures as JSON to this file.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    #[command(flatten)]
-    pub run: RunArgs,
-}
+use crate::cli::BenchArgs;
 
 #[derive(Debug, Serialize)]
 struct BenchRow {
@@ -78,66 +44,36 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     if args.steps == 0 {
         return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
     }
-    let config = ConfidenceExperimentConfig::from_args(&args.run)
-        .map_err(|e| Failure::BadInput(e.into()))?;
-    let device = super::open_device(&args.run)?;
-    let (corpus, split) = super::load_run_data(&config, &args.run.corpus)?;
-    let (confidence, matched) = model_configs(&config, corpus.vocab_size());
+    let config = super::config(&args.common)?;
+    let device = super::open_device(&args.common)?;
+    let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
+    let model = config.model(corpus.vocab_size());
     let settings = BenchSettings {
         warmup_steps: args.warmup_steps,
         timed_steps: args.steps,
         batch_size: config.batch_size,
         seq_len: config.seq_len,
         seed: config.seeds[0],
-        optimizer: OptimizerSettings {
-            learning_rate: config.learning_rate,
-            min_learning_rate: config.min_learning_rate,
-            warmup_steps: 0,
-            weight_decay: config.weight_decay,
-            grad_clip: GRAD_CLIP,
-        },
-    };
-    let autodiff = device.clone().autodiff();
-    let conf = ConfidenceSettings {
-        alpha: config.confidence_alpha,
-        conf_input: config.conf_input,
+        optimizer: config.optimizer(),
     };
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
-        autodiff.seed(settings.seed);
-        let (parameters, timing) = match objective {
-            ObjectiveKind::Standard => {
-                let model = matched.standard.init_minigpt(&autodiff);
-                let parameters = burn::module::Module::num_params(&model);
-                let timing = time_steps(StandardTrainee::new(model), &corpus, &split, &settings);
-                (parameters, timing)
-            }
-            kind => {
-                let model = confidence.init(&autodiff);
-                let parameters = burn::module::Module::num_params(&model);
-                let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match kind {
-                    ObjectiveKind::Seed => Arc::new(SeedObjective(conf)),
-                    ObjectiveKind::Teacher => Arc::new(TeacherObjective(conf)),
-                    _ => Arc::new(DenseObjective(conf)),
-                };
-                let trainee = ConfidenceTrainee::new(model, objective);
-                (parameters, time_steps(trainee, &corpus, &split, &settings))
-            }
-        };
-        let per_token = flops_per_token(
-            parameters,
-            config.n_layers,
-            config.seq_len,
-            config.d_model,
-            extra_forward_passes(objective, &config),
+        let timed = time_objective(
+            objective,
+            &model,
+            config.confidence(),
+            &corpus,
+            &split,
+            &settings,
+            &device,
         );
         let row = BenchRow {
             objective,
-            parameters,
+            parameters: timed.parameters,
             relative_to_standard: None,
-            flops_per_token: per_token,
-            tflops: per_token * timing.tokens_per_second / 1e12,
-            timing,
+            flops_per_token: timed.flops_per_token,
+            tflops: timed.flops_per_token * timed.timing.tokens_per_second / 1e12,
+            timing: timed.timing,
         };
         eprintln!(
             "{:<9} {:>9.1} ms/step {:>10.0} tokens/s {:>8.3} TFLOP/s  (loss {:.3})",
@@ -157,7 +93,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         row.relative_to_standard = standard_ms.map(|s| row.timing.ms_per_step / s);
     }
     let report = BenchReport {
-        backend: args.run.backend.name().to_string(),
+        backend: args.common.backend.name().to_string(),
         device: format!("{device:?}"),
         d_model: config.d_model,
         n_layers: config.n_layers,

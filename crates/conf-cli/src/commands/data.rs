@@ -27,18 +27,7 @@ pub fn run(args: DataArgs) -> Result<(), Failure> {
     let split = Split::contiguous(&corpus, args.val_fraction, args.seq_len)
         .map_err(|e| Failure::BadInput(e.into()))?;
     let eval = EvalWindows::new(corpus.tokens.clone(), split.val.clone(), args.seq_len, None);
-    let entropy_floor = corpus.oracle.as_ref().map(|oracle| {
-        let total: f64 = eval
-            .starts()
-            .iter()
-            .map(|&s| {
-                let window = corpus.tokens.slice(s..s + args.seq_len + 1);
-                // Targets are window[1..=L], each predicted from the window's own prefix.
-                oracle.token_losses(&window)[1..].iter().sum::<f64>()
-            })
-            .sum();
-        total / (eval.starts().len() * args.seq_len) as f64
-    });
+    let entropy_floor = corpus.oracle.as_ref().map(|o| o.entropy_floor(&eval));
     let sample_len = corpus.len().min(80);
     let summary = DataSummary {
         dataset: corpus.source.clone(),

@@ -8,11 +8,11 @@ use conf_train::ObjectiveKind;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::run::{RunRequest, model_configs, run_model};
+use conf_train::pipeline::train_model;
+
 use crate::Failure;
-use crate::cli::{ModelKind, RunArgs};
-use crate::config::ConfidenceExperimentConfig;
-use crate::results::{ExperimentResults, SCHEMA_VERSION, Summary, TrainingResult};
+use crate::cli::{CommonArgs, ModelKind};
+use crate::results::{ExperimentResults, GeneratedSample, SCHEMA_VERSION, Summary, TrainingResult};
 
 fn git_commit() -> Option<String> {
     let out = std::process::Command::new("git")
@@ -24,11 +24,11 @@ fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-pub fn run(args: RunArgs) -> Result<(), Failure> {
-    let config =
-        ConfidenceExperimentConfig::from_args(&args).map_err(|e| Failure::BadInput(e.into()))?;
+pub fn run(args: CommonArgs) -> Result<(), Failure> {
+    let config = super::config(&args)?;
     let device = super::open_device(&args)?;
-    let (corpus, split) = super::load_run_data(&config, &args.corpus)?;
+    let (corpus, split) = super::load_corpus_and_split(&config, &args.corpus)?;
+    let tokenizer = corpus.tokenizer.build();
     let now = OffsetDateTime::now_utc();
     let stamp = format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
@@ -45,38 +45,25 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let mut confidence = BTreeMap::new();
     let mut training_time: BTreeMap<String, f64> = BTreeMap::new();
     for &seed in &config.seeds {
-        for (model, objective) in [
-            (ModelKind::Standard, ObjectiveKind::Standard),
-            (ModelKind::Confidence, config.objective),
-        ] {
+        for objective in [ObjectiveKind::Standard, config.objective] {
+            let model = ModelKind::of(objective);
             tracing::info!(seed, model = model.name(), "training");
-            let run = run_model(RunRequest {
-                config: &config,
-                model,
-                objective,
-                seed,
-                corpus: &corpus,
-                split: &split,
-                device: device.clone(),
-                run_dir: experiment_dir.join(format!("{}-seed{seed}", model.name())),
-                no_tui: args.no_tui,
-                resume: args.resume,
-            })?;
-            *training_time.entry(model.name().to_string()).or_default() += run.report.train_seconds;
-            print_sample(model.name(), seed, &run.sample);
-            let is_confidence = model == ModelKind::Confidence;
-            let result = TrainingResult::from_run(
-                &run,
-                &config,
-                crate::results::extra_forward_passes(objective, &config),
-                is_confidence,
-            );
-            let target = if is_confidence {
-                &mut confidence
-            } else {
-                &mut standard
+            let run_dir = experiment_dir.join(format!("{}-seed{seed}", model.name()));
+            let training = config.training(seed, run_dir, args.no_tui, args.resume);
+            let plan = config.plan(objective, corpus.vocab_size(), training);
+            let outcome = train_model(&plan, &corpus, &split, &device)?;
+            *training_time.entry(model.name().to_string()).or_default() +=
+                outcome.report.train_seconds;
+            let sample = GeneratedSample::decode(&outcome.prompt, &outcome.generated, &*tokenizer);
+            print_sample(model.name(), seed, &sample);
+            let target = match model {
+                ModelKind::Standard => &mut standard,
+                ModelKind::Confidence => &mut confidence,
             };
-            target.insert(seed.to_string(), result);
+            target.insert(
+                seed.to_string(),
+                TrainingResult::new(&plan, &outcome, sample),
+            );
         }
     }
     let summary = Summary::new(&standard, &confidence);
@@ -86,7 +73,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         git_commit: git_commit(),
         backend: args.backend.name().to_string(),
         device: format!("{device:?}"),
-        parameter_counts: model_configs(&config, corpus.vocab_size()).1,
+        parameter_counts: config.model(corpus.vocab_size()).matched_standard(),
         config,
         standard_model_results: standard,
         confidence_model_results: confidence,
@@ -104,7 +91,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 /// The sampled text; for the confidence model each token is followed by its predicted loss.
-fn print_sample(model: &str, seed: u64, sample: &super::run::GeneratedSample) {
+fn print_sample(model: &str, seed: u64, sample: &GeneratedSample) {
     let text: String = match &sample.predicted_loss {
         Some(losses) => sample
             .tokens

@@ -1,17 +1,18 @@
+//! One module per subcommand: parse what it needs, call the library crates, report.
+
 pub mod bench;
 pub mod data;
 pub mod experiment;
 pub mod model;
 pub mod report;
 pub mod results;
-pub mod run;
 pub mod train;
 
 use anyhow::Context;
 use conf_data::{Corpus, CorpusRequest, DataError, Split, load_corpus};
 
 use crate::Failure;
-use crate::cli::{CorpusArgs, RunArgs};
+use crate::cli::{CommonArgs, CorpusArgs};
 use crate::config::ConfidenceExperimentConfig;
 
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
@@ -32,10 +33,9 @@ pub fn load(args: &CorpusArgs) -> Result<Corpus, Failure> {
     })
 }
 
-/// Prints `value` as pretty JSON on stdout.
 /// The corpus and split of a run: `--dataset` and `--tokenizer` as the configuration resolved
 /// them, the other corpus flags as given.
-pub fn load_run_data(
+pub fn load_corpus_and_split(
     config: &ConfidenceExperimentConfig,
     corpus: &CorpusArgs,
 ) -> Result<(Corpus, Split), Failure> {
@@ -49,9 +49,14 @@ pub fn load_run_data(
     Ok((corpus, split))
 }
 
+/// The configuration the flags resolve to; a bad one is a usage error (exit 2).
+pub fn config(args: &CommonArgs) -> Result<ConfidenceExperimentConfig, Failure> {
+    args.config().map_err(|e| Failure::BadInput(e.into()))
+}
+
 /// The device of `--backend` / `--device`; a backend missing from this build is a usage error
 /// (exit 2), a missing GPU or library a failed run (exit 1).
-pub fn open_device(args: &RunArgs) -> Result<burn::prelude::Device, Failure> {
+pub fn open_device(args: &CommonArgs) -> Result<burn::prelude::Device, Failure> {
     let device = crate::backend::device(args.backend, args.device).map_err(|e| {
         if e.is_usage() {
             Failure::BadInput(e.into())
@@ -63,6 +68,7 @@ pub fn open_device(args: &RunArgs) -> Result<burn::prelude::Device, Failure> {
     Ok(device)
 }
 
+/// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value).context("serialising the output")?;
     println!("{text}");

@@ -1,12 +1,12 @@
 //! `lookahead model`: both architectures of a preset with their parameter counts.
 
 use anyhow::anyhow;
-use conf_model::presets::{PRESET_NAMES, model_shape};
 use conf_model::{ConfidenceGptConfig, GptConfig, ParameterMatch};
 use serde::Serialize;
 
 use crate::Failure;
 use crate::cli::ModelArgs;
+use crate::presets::preset;
 
 #[derive(Debug, Serialize)]
 struct ModelSummary {
@@ -17,12 +17,7 @@ struct ModelSummary {
 }
 
 pub fn run(args: ModelArgs) -> Result<(), Failure> {
-    let shape = model_shape(&args.preset).ok_or_else(|| {
-        Failure::BadInput(anyhow!(
-            "--preset: unknown preset '{}' (expected one of: {PRESET_NAMES})",
-            args.preset
-        ))
-    })?;
+    let preset = preset(&args.preset).map_err(|e| Failure::BadInput(anyhow!("--{e}")))?;
     let vocab_size = match args.vocab_size {
         Some(0) => {
             return Err(Failure::BadInput(anyhow!(
@@ -32,7 +27,8 @@ pub fn run(args: ModelArgs) -> Result<(), Failure> {
         Some(v) => v,
         None => super::load(&args.corpus)?.vocab_size(),
     };
-    let confidence = ConfidenceGptConfig::new(shape.gpt(vocab_size))
+    let confidence = preset
+        .model(vocab_size)
         .with_conf_head(args.conf_head)
         .with_confidence_init_bias(args.confidence_init_bias);
     confidence

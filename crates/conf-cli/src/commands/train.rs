@@ -3,11 +3,11 @@
 use anyhow::{Context, anyhow};
 use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
-use conf_train::training::{RunReport, RunSettings};
+use conf_train::metrics::MetricValues;
+use conf_train::pipeline::train_model;
+use conf_train::training::{TrainingReport, TrainingSettings};
 use serde::Serialize;
-use std::collections::BTreeMap;
 
-use super::run::{RunRequest, run_model};
 use crate::Failure;
 use crate::cli::{ModelKind, TrainArgs};
 use crate::config::ConfidenceExperimentConfig;
@@ -23,19 +23,19 @@ struct TrainRecord<'a> {
     seed: u64,
     parameters: usize,
     config: &'a ConfidenceExperimentConfig,
-    settings: &'a RunSettings,
-    report: &'a RunReport,
-    final_metrics: &'a BTreeMap<String, f64>,
+    settings: &'a TrainingSettings,
+    report: &'a TrainingReport,
+    final_metrics: &'a MetricValues,
 }
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
-    let config = ConfidenceExperimentConfig::from_args(&args.run)
-        .map_err(|e| Failure::BadInput(e.into()))?;
+    let config = super::config(&args.common)?;
     let objective = match (args.model, args.objective) {
         (ModelKind::Standard, None | Some(ObjectiveKind::Standard)) => ObjectiveKind::Standard,
         (ModelKind::Standard, Some(other)) => {
             return Err(bad(format!(
-                "--objective {other:?}: the standard model trains only with 'standard'"
+                "--objective {}: the standard model trains only with 'standard'",
+                other.name()
             )));
         }
         (ModelKind::Confidence, None) => config.objective,
@@ -47,43 +47,40 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         (ModelKind::Confidence, Some(kind)) => kind,
     };
     let seed = config.seeds[0];
-    let device = super::open_device(&args.run)?;
-    let (corpus, split) = super::load_run_data(&config, &args.run.corpus)?;
+    let device = super::open_device(&args.common)?;
+    let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model_name = args.model.name();
     let run_dir = config
         .results_dir
         .join("train")
-        .join(format!("{model_name}-{objective:?}-seed{seed}").to_lowercase());
-    let run = run_model(RunRequest {
-        config: &config,
-        model: args.model,
-        objective,
+        .join(format!("{model_name}-{}-seed{seed}", objective.name()));
+    let training = config.training(
         seed,
-        corpus: &corpus,
-        split: &split,
-        device,
-        run_dir: run_dir.clone(),
-        no_tui: args.run.no_tui,
-        resume: args.run.resume,
-    })?;
+        run_dir.clone(),
+        args.common.no_tui,
+        args.common.resume,
+    );
+    let plan = config.plan(objective, corpus.vocab_size(), training);
+    let outcome = train_model(&plan, &corpus, &split, &device)?;
     let record = TrainRecord {
         model: model_name,
         objective,
         seed,
-        parameters: run.parameters,
+        parameters: outcome.parameters,
         config: &config,
-        settings: &run.settings,
-        report: &run.report,
-        final_metrics: &run.final_metrics,
+        settings: &plan.training,
+        report: &outcome.report,
+        final_metrics: &outcome.final_metrics,
     };
     let path = run_dir.join("history.json");
     let json = serde_json::to_vec_pretty(&record).context("serialising the history")?;
     write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "trained {model_name} ({objective:?}) for {} steps: {:.1} ms/step, {:.0} tokens/s; history in {}",
-        run.settings.training_steps,
-        run.report.ms_per_step,
-        run.report.tokens_per_second,
+        "trained {model_name} ({}) for {} steps: {:.1} ms/step, {:.0} tokens/s; history in {}",
+        objective.name(),
+        plan.training.training_steps,
+        outcome.report.ms_per_step,
+        outcome.report.tokens_per_second,
         path.display()
     );
     Ok(())

@@ -9,25 +9,24 @@
 // A flex-only build has nothing to compare with; the comparison code is then unused.
 #![cfg_attr(not(any(feature = "wgpu", feature = "tch")), allow(dead_code))]
 
-use std::sync::Arc;
-
 use burn::data::dataloader::batcher::Batcher;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::store::ModuleRecord;
-use burn::tensor::{Bytes, Distribution};
+use burn::tensor::Bytes;
 use burn::train::TrainStep;
+use conf_model::test_util::Perturb;
 use conf_model::{AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
 use conf_train::optim::{OptimizerSettings, adamw, named_params};
-use conf_train::trainee::ConfidenceTrainee;
+use conf_train::trainee::Trainee;
 use conf_train::{
     ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatch, LookaheadBatcher, Objective,
     WindowParts,
 };
 
-use crate::backend::{BackendChoice, device};
+use conf_cli::backend::{BackendChoice, device};
 
 const RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-5;
@@ -45,26 +44,13 @@ const BATCH: usize = 3;
 
 fn config() -> ConfidenceGptConfig {
     ConfidenceGptConfig::new(GptConfig::new(VOCAB, SEQ, 32, 2, 4, 96))
-        .with_conf_head(ConfHead::Seed)
+        .with_conf_head(ConfHead::Final)
 }
 
-/// Adds noise to every parameter so the zero-initialised modulation layers take part.
-struct Perturb;
-
-impl ModuleMapper for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.map(|t| {
-            let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, 0.05), &t.device());
-            t + noise
-        })
-    }
-}
-
-/// The weights every backend loads: built on flex, serialised as checkpoints are.
 fn record_bytes() -> Vec<u8> {
     let flex = Device::flex();
     flex.seed(7);
-    let model = config().init(&flex).map(&mut Perturb);
+    let model = config().init(&flex).map(&mut Perturb { std: 0.05 });
     model
         .into_record()
         .into_bytes()
@@ -157,7 +143,6 @@ fn after_one_step(bytes: &[u8], device: &Device) -> Vec<(String, Vec<f32>)> {
         alpha: 1.0,
         conf_input: ConfInput::SelfConditioned,
     };
-    let trainee = ConfidenceTrainee::new(load(bytes, &device), Arc::new(DenseObjective(settings)));
     let optimizer_settings = OptimizerSettings {
         learning_rate: LR,
         min_learning_rate: LR / 10.0,
@@ -165,6 +150,11 @@ fn after_one_step(bytes: &[u8], device: &Device) -> Vec<(String, Vec<f32>)> {
         weight_decay: 0.1,
         grad_clip: 1.0,
     };
+    let trainee = Trainee::new(
+        load(bytes, &device),
+        DenseObjective(settings),
+        optimizer_settings.grad_clip,
+    );
     let mut optim = adamw(&trainee, &optimizer_settings);
     let output = TrainStep::step(&trainee, batch(&device));
     let grads: GradientsParams = output.grads;

@@ -1,0 +1,38 @@
+//! The `lookahead` command: command-line parsing, backend dispatch, the experiment runner, the
+//! results file and the report. The training itself lives in the library crates.
+
+pub mod backend;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod presets;
+pub mod report;
+pub mod results;
+pub mod stats;
+
+use crate::cli::Command;
+
+/// Exit codes of the command-line contract: 0 ok, 1 run failed, 2 bad usage or input.
+pub enum Failure {
+    BadInput(anyhow::Error),
+    Run(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self::Run(e.into())
+    }
+}
+
+/// Runs one subcommand.
+pub fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Data(args) => commands::data::run(args),
+        Command::Model(args) => commands::model::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Experiment(args) => commands::experiment::run(args),
+        Command::Results(command) => commands::results::run(command),
+        Command::Report { files } => commands::report::run(files),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}
