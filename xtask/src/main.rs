@@ -19,8 +19,6 @@ struct Xtask {
 
 #[derive(Subcommand)]
 enum Task {
-    /// The checks CI runs: formatting, clippy with warnings as errors, the test suite.
-    Ci,
     /// Install what a backend needs: libtorch through a project-local Python venv (tch-cpu,
     /// tch-cuda), Mesa's software Vulkan where there is no GPU driver (wgpu).
     Setup {
@@ -36,7 +34,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Time each objective's training step on a backend (`lookahead bench`) at the benchmark
-    /// shape (the `seed` preset, batch 16; `gpu` preset on CUDA backends); `--smoke` runs a
+    /// shape (the `plan` preset, batch 16; `gpu` preset on CUDA backends); `--smoke` runs a
     /// few steps of the quick preset. Figures go to results/bench/{backend}.json.
     Bench {
         #[arg(long, value_enum, default_value = "flex")]
@@ -56,22 +54,6 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Xtask::parse().task {
-        Task::Ci => {
-            cargo(&["fmt", "--all", "--check"], &BuildEnv::default())?;
-            cargo(
-                &[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--release",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-                &BuildEnv::default(),
-            )?;
-            cargo(&["test", "--workspace", "--release"], &BuildEnv::default())
-        }
         Task::Setup { backend } => backend::setup(backend),
         Task::Experiment { backend, args } => {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -89,7 +71,7 @@ fn main() -> anyhow::Result<()> {
             } else if matches!(backend, Backend::Cuda | Backend::TchCuda) {
                 vec!["--preset", "gpu"]
             } else {
-                vec!["--preset", "seed", "--batch-size", "16"]
+                vec!["--preset", "plan", "--batch-size", "16"]
             };
             bench_args.extend(["--output", &output]);
             bench_args.extend(args.iter().map(String::as_str));

@@ -200,7 +200,7 @@ impl ModelKind {
 impl CommonArgs {
     /// The preset, then `--config`, then these flags; validated.
     pub fn config(&self) -> Result<ConfidenceExperimentConfig, ConfigError> {
-        let mut config = ConfidenceExperimentConfig::preset(&self.preset)?;
+        let mut config = crate::presets::preset(&self.preset)?;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new("config", format!("{}: cannot read: {e}", path.display()))

@@ -1,5 +1,5 @@
 //! `ConfidenceExperimentConfig`: a preset (`crate::presets`), then a TOML file (`--config`),
-//! then flags, each layer overriding the one before. Unknown keys and out-of-range values are
+//! then flags (`crate::cli::CommonArgs::config`), each layer overriding the one before. Unknown keys and out-of-range values are
 //! errors naming the key. The one place the flat configuration becomes the settings of
 //! conf-train's types.
 
@@ -60,11 +60,6 @@ const SAMPLE: SampleSettings = SampleSettings {
 };
 
 impl ConfidenceExperimentConfig {
-    /// A named preset (see `crate::presets`).
-    pub fn preset(name: &str) -> Result<Self, ConfigError> {
-        crate::presets::preset(name)
-    }
-
     /// The preset with the keys of the TOML text `text` (from `path`) laid over it.
     pub fn with_toml(self, text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file_error = |key: &str, message: String| {
@@ -275,7 +270,7 @@ mod tests {
     use super::*;
 
     fn quick() -> ConfidenceExperimentConfig {
-        ConfidenceExperimentConfig::preset("quick").unwrap()
+        crate::presets::preset("quick").unwrap()
     }
 
     fn with(text: &str) -> Result<ConfidenceExperimentConfig, ConfigError> {

@@ -11,14 +11,10 @@ mod tokens;
 mod windows;
 
 pub use atomic::write_atomic;
-pub use corpus::{Corpus, CorpusRequest, TokenMeta, load_corpus, meta_path};
-pub use download::{REMOTE_CORPORA, RemoteCorpus, TINYSHAKESPEARE, TINYSTORIES, sha256_hex};
+pub use corpus::{Corpus, CorpusRequest, load_corpus, meta_path};
+pub use download::{RemoteCorpus, TINYSHAKESPEARE, TINYSTORIES, sha256_hex};
 pub use error::DataError;
-pub use synthetic::{HiddenMarkovSource, SyntheticConfig};
-pub use tokenizer::{
-    ByteTokenizer, CharTokenizer, GPT2_VOCAB_SIZE, Gpt2Tokenizer, Tokenizer, TokenizerKind,
-    TokenizerSpec,
-};
+pub use tokenizer::{Tokenizer, TokenizerKind, TokenizerSpec};
 pub use tokens::{TokenDtype, TokenStore, encode_bin};
 pub use windows::{EvalWindows, Split, TrainWindows, Window, WindowBatch, WindowBatcher};
 

@@ -186,7 +186,7 @@ fn grad_norm<const D: usize>(
 }
 
 #[test]
-fn the_seed_heads_confidence_loss_trains_the_trunk() {
+fn the_final_heads_confidence_loss_trains_the_trunk() {
     let (model, grads) = confidence_loss_grads(ConfHead::Final);
     let trunk = [
         grad_norm(&model.tok_emb.weight, &grads),
