@@ -76,21 +76,21 @@ impl MetricKind {
         Self::EntropyAuroc,
     ];
     /// Every metric of the confidence model: the LM metrics, then the confidence ones.
-    pub const ALL: [MetricKind; 13] = [
-        Self::LmLoss,
-        Self::Perplexity,
-        Self::Accuracy,
-        Self::TokenEce,
-        Self::TotalLoss,
-        Self::ConfidenceLoss,
-        Self::ConfidenceMae,
-        Self::LossEce,
-        Self::Pearson,
-        Self::Spearman,
-        Self::Auroc,
-        Self::EntropySpearman,
-        Self::EntropyAuroc,
-    ];
+    pub const ALL: [MetricKind; 13] = {
+        let (lm, conf) = (Self::STANDARD.len(), Self::CONFIDENCE.len());
+        assert!(lm + conf == 13);
+        let mut all = [Self::LmLoss; 13];
+        let mut i = 0;
+        while i < lm + conf {
+            all[i] = if i < lm {
+                Self::STANDARD[i]
+            } else {
+                Self::CONFIDENCE[i - lm]
+            };
+            i += 1;
+        }
+        all
+    };
 
     /// The metric shown under `name` (its display name), if it is one of ours.
     pub fn from_name(name: &str) -> Option<Self> {
