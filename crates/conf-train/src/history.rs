@@ -170,6 +170,13 @@ impl MetricLogger for HistoryLogger {
         if matches!(summary.split, Split::Valid) {
             let mut record = std::mem::take(&mut self.current);
             record.step = self.step_of(summary.epoch_number);
+            // Resumed between evaluations, the first interval's train means cover only the
+            // steps since the resume: not a mean over the interval, so not recorded.
+            let resumed_mid_interval = !self.start_step.is_multiple_of(self.eval_interval)
+                && record.step - self.start_step < self.eval_interval;
+            if resumed_mid_interval {
+                record.train.clear();
+            }
             let mut log = self.log.lock().expect("training log lock");
             record.lr = log.lr;
             if self.print {

@@ -16,6 +16,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod renderer;
 pub mod step;
+pub mod stop;
 pub mod trainee;
 pub mod training;
 

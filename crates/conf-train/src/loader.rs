@@ -15,17 +15,33 @@ use conf_data::{Corpus, Split, TrainWindows};
 use crate::batch::{LookaheadBatch, LookaheadBatcher};
 
 /// Time spent inside training epochs: from the request of an epoch's first batch to the end of
-/// its last step.
+/// its last step, the epoch in progress included.
 #[derive(Debug, Clone, Default)]
-pub struct StepTimer(Arc<Mutex<Duration>>);
+pub struct StepTimer(Arc<Mutex<TimerState>>);
+
+#[derive(Debug, Default)]
+struct TimerState {
+    done: Duration,
+    epoch_started: Option<Instant>,
+}
 
 impl StepTimer {
     pub fn seconds(&self) -> f64 {
-        self.0.lock().expect("timer lock").as_secs_f64()
+        let state = self.0.lock().expect("timer lock");
+        let running = state.epoch_started.map_or(Duration::ZERO, |s| s.elapsed());
+        (state.done + running).as_secs_f64()
     }
 
-    fn add(&self, elapsed: Duration) {
-        *self.0.lock().expect("timer lock") += elapsed;
+    fn start_epoch(&self) {
+        let mut state = self.0.lock().expect("timer lock");
+        state.epoch_started.get_or_insert_with(Instant::now);
+    }
+
+    pub(crate) fn end_epoch(&self) {
+        let mut state = self.0.lock().expect("timer lock");
+        if let Some(started) = state.epoch_started.take() {
+            state.done += started.elapsed();
+        }
     }
 }
 
@@ -114,7 +130,6 @@ struct StepIterator<'a> {
     end: usize,
     done: usize,
     total: usize,
-    started: Option<Instant>,
 }
 
 impl Iterator for StepIterator<'_> {
@@ -123,12 +138,10 @@ impl Iterator for StepIterator<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         let step = self.loader.next_step();
         if step >= self.end {
-            if let Some(started) = self.started.take() {
-                self.loader.timer.add(started.elapsed());
-            }
+            self.loader.timer.end_epoch();
             return None;
         }
-        self.started.get_or_insert_with(Instant::now);
+        self.loader.timer.start_epoch();
         self.loader.next_step.store(step + 1, Ordering::SeqCst);
         self.done += 1;
         Some(self.loader.batches.batch(step))
@@ -156,7 +169,6 @@ impl DataLoader<LookaheadBatch> for StepLoader {
             end,
             done: 0,
             total: end.saturating_sub(start),
-            started: None,
         })
     }
 

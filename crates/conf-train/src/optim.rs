@@ -21,11 +21,11 @@ pub struct OptimizerSettings {
     pub grad_clip: f64,
 }
 
-/// A float parameter with its module path (`blocks.0.attn.query.bias`), its rank and its
+/// A float parameter with its module path (`blocks.0.attn.query.bias`), its shape and its
 /// values flattened.
 pub struct NamedParam {
     pub path: String,
-    pub rank: usize,
+    pub shape: Vec<usize>,
     pub values: Tensor<1>,
 }
 
@@ -44,10 +44,11 @@ pub fn named_params<M: Module>(module: &M) -> Vec<NamedParam> {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values = param.val();
             self.found.push(NamedParam {
                 path: self.path.join("."),
-                rank: D,
-                values: param.val().flatten(0, D - 1),
+                shape: values.dims().to_vec(),
+                values: values.flatten(0, D - 1),
             });
         }
     }
@@ -61,7 +62,7 @@ pub fn named_params<M: Module>(module: &M) -> Vec<NamedParam> {
 pub fn vector_param_paths<M: Module>(module: &M) -> Vec<String> {
     named_params(module)
         .into_iter()
-        .filter(|p| p.rank < 2)
+        .filter(|p| p.shape.len() < 2)
         .map(|p| p.path)
         .collect()
 }

@@ -11,6 +11,7 @@ use crate::cost::flops_per_token;
 use crate::generate::{Generate, Generated};
 use crate::metrics::{MetricValues, Samples};
 use crate::objective::{ConfidenceSettings, ObjectiveKind};
+use crate::stop::{RunStatus, StopRequest};
 use crate::trainee::{ModelTrainee, ObjectiveTrainee};
 use crate::training::{TrainError, TrainingReport, TrainingSettings, evaluate, fit};
 
@@ -37,6 +38,8 @@ pub struct SampleSettings {
 /// A trained model's measurements.
 #[derive(Debug, Clone)]
 pub struct ModelOutcome {
+    /// Whether every configured step trained; a stopped run is measured as it stands.
+    pub status: RunStatus,
     pub parameters: usize,
     /// Training FLOPs per token (see [`crate::cost`]).
     pub flops_per_token: f64,
@@ -51,12 +54,13 @@ pub struct ModelOutcome {
 }
 
 /// Builds the plan's model from its seed on `device` (with autodiff), trains, evaluates and
-/// samples it.
+/// samples it; `stop` ends the training early (see [`crate::stop`]).
 pub fn train_model(
     plan: &ModelPlan,
     corpus: &Corpus,
     split: &Split,
     device: &Device,
+    stop: &StopRequest,
 ) -> Result<ModelOutcome, TrainError> {
     let device = device.clone().autodiff();
     // Initialisation is seeded: both models of a seed start from that seed's generator.
@@ -69,8 +73,8 @@ pub fn train_model(
         grad_clip,
         &device,
     ) {
-        ObjectiveTrainee::Standard(trainee) => run(trainee, plan, corpus, split),
-        ObjectiveTrainee::Confidence(trainee) => run(trainee, plan, corpus, split),
+        ObjectiveTrainee::Standard(trainee) => run(trainee, plan, corpus, split, stop),
+        ObjectiveTrainee::Confidence(trainee) => run(trainee, plan, corpus, split, stop),
     }
 }
 
@@ -79,6 +83,7 @@ fn run<M>(
     plan: &ModelPlan,
     corpus: &Corpus,
     split: &Split,
+    stop: &StopRequest,
 ) -> Result<ModelOutcome, TrainError>
 where
     M: Module + ModuleDisplay + Generate + 'static,
@@ -86,7 +91,7 @@ where
     let settings = &plan.training;
     let parameters = Module::num_params(&trainee.model);
     let extra_passes = trainee.objective.extra_forward_passes(settings.seq_len);
-    let trained = fit(trainee, corpus, split, settings)?;
+    let trained = fit(trainee, corpus, split, settings, stop)?;
     let (final_metrics, samples) = evaluate(&trained.model, corpus, split, settings);
     let start = split.val.start;
     let prompt = corpus
@@ -99,6 +104,7 @@ where
         settings.seed,
     );
     Ok(ModelOutcome {
+        status: trained.status,
         parameters,
         flops_per_token: flops_per_token(parameters, &plan.model.gpt, extra_passes),
         report: trained.report,

@@ -3,7 +3,6 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataloader::batcher::Batcher;
@@ -16,13 +15,14 @@ use conf_data::{Corpus, EvalWindows, Split};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::LookaheadBatcher;
-use crate::checkpoint::StepTracker;
+use crate::checkpoint::{CheckpointError, RunIdentity, StepTracker, TrackerStart};
 use crate::history::{EvalRecord, HistoryLogger, TrainingLog};
 use crate::loader::{StepLoader, StepTimer, TrainBatches};
 use crate::metrics::{LookaheadMetric, MetricValues, Samples};
 use crate::objective::Objective;
 use crate::optim::{OptimizerSettings, adamw, warmup_cosine};
 use crate::renderer::QuietRenderer;
+use crate::stop::{RunStatus, StopRequest};
 use crate::trainee::Trainee;
 
 /// The schedule and data of one run.
@@ -54,16 +54,32 @@ pub enum TrainError {
     Settings(String),
     #[error("{0}")]
     NonFinite(String),
-    #[error("training stopped: {0}")]
-    Interrupted(String),
+    /// The run's output directory cannot be made.
+    #[error("{path}: cannot write the run's outputs there: {message}")]
+    Output { path: PathBuf, message: String },
     #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] CheckpointError),
 }
 
-/// What a run returns besides the model.
+impl TrainError {
+    /// Whether the caller's input is at fault (settings, output place, a checkpoint that does
+    /// not fit) rather than the run.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::NotPositive { .. } | Self::Settings(_) | Self::Output { .. } => true,
+            Self::Checkpoint(e) => matches!(e, CheckpointError::Mismatch(_)),
+            Self::NonFinite(_) => false,
+        }
+    }
+}
+
+/// What a run returns besides the model. Times and rates cover the whole run, over every
+/// resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainingReport {
     pub history: Vec<EvalRecord>,
+    /// Optimizer steps trained (fewer than configured when the run was stopped).
+    pub steps_trained: usize,
     /// The whole run, evaluations included.
     pub wall_seconds: f64,
     /// Training steps only (from the first batch request of each epoch to its end).
@@ -74,6 +90,7 @@ pub struct TrainingReport {
 
 pub struct TrainedModel<T> {
     pub model: T,
+    pub status: RunStatus,
     pub report: TrainingReport,
     /// The step of the last checkpoint written, if any.
     pub checkpoint_step: Option<usize>,
@@ -99,17 +116,26 @@ impl TrainingSettings {
 
 /// Trains `trainee` (built on an autodiff device) on `corpus` and evaluates it every
 /// `eval_interval` steps on the fixed evaluation windows, showing its objective's metrics.
+///
+/// A run stopped from the dashboard or through `stop` ends at the step in progress, saves a
+/// checkpoint there and returns what it trained with its [`RunStatus`]; a non-finite loss is an
+/// error that keeps the last good checkpoint.
 pub fn fit<M, O>(
     trainee: Trainee<M, O>,
     corpus: &Corpus,
     split: &Split,
     settings: &TrainingSettings,
+    stop: &StopRequest,
 ) -> Result<TrainedModel<Trainee<M, O>>, TrainError>
 where
     M: Module + ModuleDisplay + 'static,
     O: Objective<M> + Clone + 'static,
 {
     settings.validate()?;
+    std::fs::create_dir_all(&settings.artifact_dir).map_err(|e| TrainError::Output {
+        path: settings.artifact_dir.clone(),
+        message: e.to_string(),
+    })?;
     let mut trainee = trainee;
     let device = trainee.devices()[0].clone();
     let metrics = trainee.objective.metrics();
@@ -135,42 +161,74 @@ where
     let mut scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
         .map_err(TrainError::Settings)?;
     let log = Arc::new(Mutex::new(TrainingLog::default()));
+    let identity = RunIdentity {
+        training_steps: settings.training_steps,
+        eval_interval: settings.eval_interval,
+        batch_size: settings.batch_size,
+        seq_len: settings.seq_len,
+        eval_windows: settings.eval_windows,
+        seed: settings.seed,
+        optimizer: settings.optimizer,
+        parameters: RunIdentity::parameters_of(&trainee),
+    };
 
     let checkpoints = settings.artifact_dir.join("checkpoints");
-    let restored = if settings.resume {
-        crate::checkpoint::restore(&checkpoints)?
-    } else {
-        // A fresh run never mixes with the checkpoints of an earlier one.
-        let _ = std::fs::remove_dir_all(&checkpoints);
-        None
+    let mut start = TrackerStart {
+        step: 0,
+        train_seconds: 0.0,
+        wall_seconds: 0.0,
     };
-    let start = restored.as_ref().map_or(0, |r| r.state.step);
-    if let Some(restored) = restored {
-        tracing::info!(step = start, "resuming from {}", checkpoints.display());
+    if settings.resume {
+        let restored = crate::checkpoint::restore(&checkpoints)?;
+        if let Some(difference) = identity.difference(&restored.state.identity) {
+            return Err(CheckpointError::Mismatch(format!(
+                "--resume: {difference} ({}); resume with the run's own settings",
+                checkpoints.display()
+            ))
+            .into());
+        }
+        start = TrackerStart {
+            step: restored.state.step,
+            train_seconds: restored.state.train_seconds,
+            wall_seconds: restored.state.wall_seconds,
+        };
+        tracing::info!(step = start.step, "resuming from {}", checkpoints.display());
         trainee = trainee.load_record(restored.model);
         optim = optim
             .from_bytes(restored.optimizer)
             .map_err(|e| TrainError::Settings(format!("{}: {e}", checkpoints.display())))?;
         let mut log = log.lock().expect("training log lock");
-        for _ in 0..start {
+        for _ in 0..start.step {
             log.lr = scheduler.step().base();
         }
-        train_loader.set_next_step(start);
+        train_loader.set_next_step(start.step);
         log.records = restored.state.history;
+    } else if crate::checkpoint::has_checkpoints(&checkpoints) {
+        // Never silently replace an earlier run's checkpoints.
+        return Err(CheckpointError::Mismatch(format!(
+            "{} holds the checkpoints of an earlier run: --resume continues it; remove the directory to start over",
+            checkpoints.display()
+        ))
+        .into());
     }
+    let first = start.step;
+    let dashboard = !settings.no_tui && std::io::stdout().is_terminal();
     let tracker = Arc::new(StepTracker::new(
         checkpoints,
         settings.save_interval,
         settings.training_steps,
         start,
         log.clone(),
+        identity,
+        step_timer.clone(),
+        (!dashboard).then_some(PROGRESS_EVERY),
     ));
     trainee.set_tracker(tracker.clone());
     let spe = settings.eval_interval;
-    let num_epochs = if start >= settings.training_steps {
+    let num_epochs = if first >= settings.training_steps {
         0
     } else {
-        settings.training_steps.div_ceil(spe) - start / spe
+        settings.training_steps.div_ceil(spe) - first / spe
     };
 
     // A checkpoint taken at an evaluation step precedes that evaluation: redo it.
@@ -179,16 +237,16 @@ where
             .expect("training log lock")
             .records
             .iter()
-            .any(|r| r.step == start)
+            .any(|r| r.step == first)
     };
-    if start > 0
-        && (start.is_multiple_of(spe) || start == settings.training_steps)
+    if first > 0
+        && (first.is_multiple_of(spe) || first == settings.training_steps)
         && !evaluated(&log)
     {
         let (valid, _) = evaluate(&trainee.valid(), corpus, split, settings);
         let mut log = log.lock().expect("training log lock");
         let record = EvalRecord {
-            step: start,
+            step: first,
             lr: log.lr,
             valid,
             ..EvalRecord::default()
@@ -196,17 +254,19 @@ where
         log.records.push(record);
     }
 
-    let dashboard = !settings.no_tui && std::io::stdout().is_terminal();
     let mut training =
         SupervisedTraining::new(&settings.artifact_dir, Arc::new(train_loader), valid_loader)
             .num_epochs(num_epochs);
+    let interrupter = training.interrupter();
+    tracker.watch(interrupter.clone());
+    stop.attach(interrupter.clone());
     let history = HistoryLogger::new(
         log.clone(),
         settings.eval_interval,
         settings.training_steps,
-        start,
+        first,
         !dashboard,
-        training.interrupter(),
+        interrupter,
     );
     // The binary owns the process-wide logger; burn's would replace it with a file.
     training = training
@@ -223,15 +283,14 @@ where
             .metric_valid_numeric(LookaheadMetric::new(kind));
     }
 
-    let started = Instant::now();
     let (model, interrupted) = if num_epochs == 0 {
         (trainee.valid(), None)
     } else {
         let result = training.launch(Learner::new(trainee, optim, scheduler));
         (result.model, result.interrupted)
     };
-    let wall_seconds = started.elapsed().as_secs_f64();
-    let train_seconds = step_timer.seconds();
+    stop.detach();
+    step_timer.end_epoch();
 
     let log = std::mem::take(&mut *log.lock().expect("training log lock"));
     if let Some(failure) = log.failure {
@@ -244,25 +303,32 @@ where
         };
         return Err(TrainError::NonFinite(format!("{failure}; {kept}")));
     }
-    if let Some(interruption) = interrupted {
-        return Err(TrainError::Interrupted(
-            interruption.reason.unwrap_or_default(),
-        ));
-    }
-    let steps = (settings.training_steps - start).max(1) as f64;
-    let tokens = steps * (settings.batch_size * settings.seq_len) as f64;
+    let steps = tracker.steps();
+    let status = match (interrupted, stop.requested()) {
+        _ if steps >= settings.training_steps => RunStatus::Complete,
+        (_, Some(_)) => RunStatus::Interrupted,
+        _ => RunStatus::Stopped,
+    };
+    let (train_seconds, wall_seconds) = tracker.seconds();
+    let tokens = (steps * settings.batch_size * settings.seq_len) as f64;
+    let rate = |value: f64| if steps == 0 { 0.0 } else { value };
     Ok(TrainedModel {
         checkpoint_step: tracker.last_saved(),
         model,
+        status,
         report: TrainingReport {
             history: log.records,
+            steps_trained: steps,
             wall_seconds,
             train_seconds,
-            ms_per_step: train_seconds * 1000.0 / steps,
-            tokens_per_second: tokens / train_seconds,
+            ms_per_step: rate(train_seconds * 1000.0 / steps.max(1) as f64),
+            tokens_per_second: rate(tokens / train_seconds.max(f64::MIN_POSITIVE)),
         },
     })
 }
+
+/// How often plain output prints a progress line between evaluations.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The fixed evaluation windows of a run.
 fn eval_windows(corpus: &Corpus, split: &Split, settings: &TrainingSettings) -> EvalWindows {

@@ -10,6 +10,7 @@ use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig};
 use conf_train::history::EvalRecord;
 use conf_train::metrics::{MetricKind, MetricValues};
 use conf_train::optim::{OptimizerSettings, warmup_cosine};
+use conf_train::stop::{RunStatus, StopReason, StopRequest};
 use conf_train::trainee::Trainee;
 use conf_train::training::{TrainingSettings, fit};
 use conf_train::{
@@ -83,7 +84,7 @@ fn the_standard_model_closes_a_third_of_the_gap_to_the_entropy_floor() {
         .lm_loss
         .into_scalar::<f64>();
 
-    let trained = fit(trainee, &corpus, &split, &run).unwrap();
+    let trained = fit(trainee, &corpus, &split, &run, &StopRequest::default()).unwrap();
     let history = &trained.report.history;
     assert_eq!(
         history.iter().map(|r| r.step).collect::<Vec<_>>(),
@@ -133,7 +134,7 @@ fn the_confidence_model_trains_with_the_dense_objective_and_reports_calibration(
         }),
         1.0,
     );
-    let trained = fit(trainee, &corpus, &split, &run).unwrap();
+    let trained = fit(trainee, &corpus, &split, &run, &StopRequest::default()).unwrap();
     let history = &trained.report.history;
     assert_eq!(history.len(), 2);
     let first = &history[0].valid;
@@ -210,7 +211,7 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_the_loss_parts() {
         }),
         1.0,
     );
-    let err = match fit(trainee, &corpus, &split, &run) {
+    let err = match fit(trainee, &corpus, &split, &run, &StopRequest::default()) {
         Ok(_) => panic!("a NaN loss must stop the run"),
         Err(e) => e.to_string(),
     };
@@ -264,6 +265,7 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
         &corpus,
         &split,
         &run,
+        &StopRequest::default(),
     )
     .unwrap();
     assert_eq!(reference.checkpoint_step, Some(60));
@@ -282,6 +284,7 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
         &corpus,
         &split,
         &run,
+        &StopRequest::default(),
     ) {
         Ok(_) => panic!("must stop"),
         Err(e) => e.to_string(),
@@ -301,6 +304,7 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
         &corpus,
         &split,
         &resume,
+        &StopRequest::default(),
     )
     .unwrap();
     let (a, b) = (params(&resumed.model.model), params(&reference.model.model));
@@ -329,4 +333,198 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
         &resumed.report.history[0].train,
         &reference.report.history[0].train
     ));
+}
+
+/// Dense, but asks `stop` to stop (as a signal would) at its `at`-th call.
+#[derive(Debug)]
+struct StopAt {
+    inner: DenseObjective,
+    at: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    stop: StopRequest,
+}
+
+impl Objective<ConfidenceAwareGpt> for StopAt {
+    fn name(&self) -> &'static str {
+        "stop-at"
+    }
+
+    fn metrics(&self) -> &'static [MetricKind] {
+        self.inner.metrics()
+    }
+
+    fn extra_forward_passes(&self, seq_len: usize) -> f64 {
+        self.inner.extra_forward_passes(seq_len)
+    }
+
+    fn compute(&self, model: &ConfidenceAwareGpt, batch: LookaheadBatch) -> ObjectiveOutput {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.at {
+            self.stop.request(StopReason::Signal(2));
+        }
+        self.inner.compute(model, batch)
+    }
+}
+
+fn dense() -> DenseObjective {
+    DenseObjective(ConfidenceSettings {
+        alpha: 1.0,
+        conf_input: ConfInput::SelfConditioned,
+    })
+}
+
+#[test]
+fn a_stopped_run_saves_its_step_says_so_and_resumes_to_the_same_weights() {
+    let (corpus, split) = corpus();
+    let device = Device::flex().autodiff();
+    let initial = ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device);
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = fit(
+        Trainee::new(initial.clone(), dense(), 1.0),
+        &corpus,
+        &split,
+        &settings(reference_dir.path(), 30, 10),
+        &StopRequest::default(),
+    )
+    .unwrap();
+    assert_eq!(reference.status, RunStatus::Complete);
+    assert_eq!(reference.report.steps_trained, 30);
+
+    // A stop at the 14th step (after one evaluation of two batches): the step finishes, is
+    // saved, and the run reports what it trained.
+    let dir = tempfile::tempdir().unwrap();
+    let run = settings(dir.path(), 30, 10);
+    let stop = StopRequest::default();
+    let stopping = Arc::new(StopAt {
+        inner: dense(),
+        at: 16,
+        calls: Default::default(),
+        stop: stop.clone(),
+    });
+    let stopped = fit(
+        Trainee::new(initial.clone(), stopping, 1.0),
+        &corpus,
+        &split,
+        &run,
+        &stop,
+    )
+    .unwrap();
+    assert_eq!(stopped.status, RunStatus::Interrupted);
+    assert_eq!(stopped.report.steps_trained, 14);
+    assert_eq!(stopped.checkpoint_step, Some(14));
+    assert!(stopped.report.ms_per_step > 0.0);
+
+    // Resumed, it ends where the uninterrupted run did; the interval it was stopped in has no
+    // train means (they would cover steps 15..20 only), the others do.
+    let resumed = fit(
+        Trainee::new(initial, dense(), 1.0),
+        &corpus,
+        &split,
+        &TrainingSettings {
+            resume: true,
+            ..run
+        },
+        &StopRequest::default(),
+    )
+    .unwrap();
+    assert_eq!(resumed.status, RunStatus::Complete);
+    assert_eq!(resumed.report.steps_trained, 30);
+    assert_eq!(params(&resumed.model.model), params(&reference.model.model));
+    let history = &resumed.report.history;
+    assert_eq!(
+        history.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [10, 20, 30]
+    );
+    assert!(history[1].train.is_empty(), "{:?}", history[1].train);
+    assert!(!history[0].train.is_empty() && !history[2].train.is_empty());
+    // Times cover both launches.
+    assert!(resumed.report.train_seconds > stopped.report.train_seconds);
+}
+
+#[test]
+fn resume_refuses_what_it_cannot_continue_and_a_fresh_run_never_replaces_checkpoints() {
+    let (corpus, split) = corpus();
+    let device = Device::flex().autodiff();
+    let initial = ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device);
+    let train = |run: &TrainingSettings| {
+        fit(
+            Trainee::new(initial.clone(), dense(), 1.0),
+            &corpus,
+            &split,
+            run,
+            &StopRequest::default(),
+        )
+    };
+    let message = |r: Result<_, conf_train::training::TrainError>| match r {
+        Ok(_) => panic!("must be refused"),
+        Err(e) => {
+            assert!(e.is_usage(), "{e}");
+            e.to_string()
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = settings(dir.path(), 10, 10);
+
+    // Nothing to resume.
+    let err = message(train(&TrainingSettings {
+        resume: true,
+        ..run.clone()
+    }));
+    assert!(
+        err.contains("no checkpoint") && err.contains("checkpoints"),
+        "{err}"
+    );
+
+    // A finished run's checkpoints are not silently replaced by a fresh run.
+    train(&run).unwrap();
+    let err = message(train(&run));
+    assert!(
+        err.contains("--resume") && err.contains("earlier run"),
+        "{err}"
+    );
+
+    // A different schedule or model is named.
+    let err = message(train(&TrainingSettings {
+        batch_size: 8,
+        resume: true,
+        ..run.clone()
+    }));
+    assert!(
+        err.contains("batch_size is 8") && err.contains("16"),
+        "{err}"
+    );
+    let err = message(train(&TrainingSettings {
+        training_steps: 20,
+        resume: true,
+        ..run.clone()
+    }));
+    assert!(err.contains("training_steps"), "{err}");
+    let wider = ConfidenceGptConfig::new(GptConfig::new(corpus.vocab_size(), SEQ, 48, 2, 4, 128))
+        .init(&device);
+    let err = message(fit(
+        Trainee::new(wider, dense(), 1.0),
+        &corpus,
+        &split,
+        &TrainingSettings {
+            resume: true,
+            ..run.clone()
+        },
+        &StopRequest::default(),
+    ));
+    assert!(
+        err.contains("the model differs") && err.contains("shape"),
+        "{err}"
+    );
+
+    // Without the `latest` pointer the sets are kept and the resume is refused.
+    let checkpoints = dir.path().join("checkpoints");
+    std::fs::remove_file(checkpoints.join("latest")).unwrap();
+    let err = train(&TrainingSettings {
+        resume: true,
+        ..run.clone()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("latest"), "{err}");
+    assert!(checkpoints.join("step-0000010").is_dir());
 }
