@@ -346,11 +346,13 @@ fn train_reads_a_config_file_that_flags_override_and_rejects_unknown_keys() {
         cache.path(),
     );
     fails_with(&out, 2, &["training_stepz", "exp.toml"]);
-    let out = lookahead(
-        &["train", "--model", "standard", "--training-steps", "0"],
-        cache.path(),
-    );
-    fails_with(&out, 2, &["training_steps"]);
+    for bad in ["0", "-5"] {
+        let out = lookahead(
+            &["train", "--model", "standard", "--training-steps", bad],
+            cache.path(),
+        );
+        fails_with(&out, 2, &["--training-steps", "at least 1", bad]);
+    }
 }
 
 #[test]
@@ -579,4 +581,347 @@ fn both_models_train_on_wgpu() {
 #[test]
 fn both_models_train_on_tch_cpu() {
     both_models_train_on("tch-cpu");
+}
+
+/// A tiny experiment's flags writing into `dir`, evaluating every 2 steps.
+fn tiny_experiment<'a>(dir: &'a str, steps: &'a str, seeds: &'a str) -> Vec<&'a str> {
+    vec![
+        "experiment",
+        "--training-steps",
+        steps,
+        "--eval-interval",
+        if steps == "400" { "100" } else { "2" },
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--seeds",
+        seeds,
+        "--no-tui",
+        "--results-dir",
+        dir,
+    ]
+}
+
+fn results_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with("_results.json"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn experiments_started_together_never_share_files() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let results_dir = dir.path().to_str().unwrap();
+    let args = tiny_experiment(results_dir, "2", "1");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_lookahead"))
+            .args(&args)
+            .env("LOOKAHEAD_CACHE", cache.path())
+            .output()
+    };
+    // Started in the same second (they take far longer than the gap between them).
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(spawn);
+        let b = s.spawn(spawn);
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    assert_success(&a);
+    assert_success(&b);
+    let files = results_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    let stamp = |p: &PathBuf| p.file_name().unwrap().to_string_lossy()[..16].to_string();
+    let ids: Vec<String> = files
+        .iter()
+        .map(|f| json_file(f)["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_ne!(ids[0], ids[1]);
+    for (file, id) in files.iter().zip(&ids) {
+        assert!(dir.path().join(format!("{id}_runs")).is_dir());
+        assert_eq!(json_file(file)["status"], "complete");
+        let _ = stamp(file);
+    }
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Runs `args` and sends SIGINT once the run has reached a step (its first checkpoint).
+fn interrupted(args: &[&str], cache: &Path, checkpoints_under: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lookahead"))
+        .args(args)
+        .env("LOOKAHEAD_CACHE", cache)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let started = || {
+        walk(checkpoints_under)
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == "latest"))
+    };
+    while !started() {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!("ended first: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.is_dir() {
+                out.extend(walk(&path));
+            }
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigint_saves_the_step_and_a_resumed_train_ends_with_the_uninterrupted_weights() {
+    let cache = tempfile::tempdir().unwrap();
+    let (full, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |dir: &Path| {
+        [
+            "train",
+            "--model",
+            "confidence",
+            "--training-steps",
+            "300",
+            "--eval-interval",
+            "100",
+            "--save-interval",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--seeds",
+            "3",
+            "--no-tui",
+            "--results-dir",
+            dir.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    assert_success(&lookahead(&refs(&args(full.path())), cache.path()));
+
+    let out = interrupted(&refs(&args(stopped.path())), cache.path(), stopped.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("of 300 steps") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    let run = "train/confidence-dense-seed3";
+    let history = json_file(&stopped.path().join(run).join("history.json"));
+    assert_eq!(history["status"], "interrupted");
+    let trained = history["report"]["steps_trained"].as_u64().unwrap();
+    assert!(trained < 300, "{trained}");
+
+    let mut resume = args(stopped.path());
+    resume.push("--resume".into());
+    assert_success(&lookahead(&refs(&resume), cache.path()));
+    // Equal weights give equal evaluations, to the last digit.
+    let history = json_file(&stopped.path().join(run).join("history.json"));
+    let reference = json_file(&full.path().join(run).join("history.json"));
+    assert_eq!(history["final_metrics"], reference["final_metrics"]);
+    assert_eq!(history["status"], "complete");
+    assert_eq!(history["report"]["steps_trained"], 300);
+}
+
+#[test]
+fn an_interrupted_experiment_says_so_and_resumes_its_own_runs() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let results_dir = dir.path().to_str().unwrap();
+    let mut args = tiny_experiment(results_dir, "400", "5,6");
+    args.extend(["--save-interval", "1"]);
+    let out = interrupted(&args, cache.path(), dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("incomplete") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+
+    let files = results_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let results = json_file(&files[0]);
+    assert_eq!(results["status"], "incomplete");
+    let standard = &results["standard_model_results"]["5"];
+    assert_eq!(standard["status"], "interrupted");
+    assert!(standard["steps_trained"].as_u64().unwrap() < 400);
+    assert_eq!(results["summary"]["seeds"].as_array().unwrap().len(), 0);
+    assert!(
+        results["summary"]["excluded_seeds"]["5"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted")
+    );
+    let loaded = lookahead(
+        &["results", "load", files[0].to_str().unwrap()],
+        cache.path(),
+    );
+    assert_success(&loaded);
+    let text = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        text.contains("INCOMPLETE") && text.contains("seed 5"),
+        "{text}"
+    );
+
+    // --resume continues this experiment (same id), not a new one.
+    let mut resume = args.clone();
+    resume.push("--resume");
+    assert_success(&lookahead(&resume, cache.path()));
+    let files = results_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let results = json_file(&files[0]);
+    assert_eq!(results["status"], "complete");
+    for model in ["standard_model_results", "confidence_model_results"] {
+        for seed in ["5", "6"] {
+            assert_eq!(results[model][seed]["status"], "complete");
+            assert_eq!(results[model][seed]["steps_trained"], 400);
+        }
+    }
+    assert_eq!(results["summary"]["seeds"].as_array().unwrap().len(), 2);
+
+    // Nothing left to resume.
+    fails_with(
+        &lookahead(&resume, cache.path()),
+        2,
+        &["--resume", "no incomplete experiment"],
+    );
+}
+
+#[test]
+fn unusable_places_and_flags_are_one_line_errors_with_exit_2() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for place in [file.to_str().unwrap(), "/proc/lookahead-results"] {
+        let out = lookahead(&tiny_experiment(place, "2", "1"), cache.path());
+        fails_with(&out, 2, &["--results-dir", place]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let out = lookahead(
+            &[
+                "train",
+                "--model",
+                "standard",
+                "--results-dir",
+                place,
+                "--no-tui",
+            ],
+            cache.path(),
+        );
+        fails_with(&out, 2, &[place]);
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+    fails_with(
+        &lookahead(&["data", "--seq-len", "0"], cache.path()),
+        2,
+        &["--seq-len", "at least 1"],
+    );
+    fails_with(
+        &lookahead(
+            &tiny_experiment(dir.path().to_str().unwrap(), "2", "1,1"),
+            cache.path(),
+        ),
+        2,
+        &["seeds", "twice"],
+    );
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "training_steps = 2\nseeds = [1,\n").unwrap();
+    fails_with(
+        &lookahead(
+            &["experiment", "--config", config.to_str().unwrap()],
+            cache.path(),
+        ),
+        2,
+        &["bad.toml", "line"],
+    );
+    // A fresh train never replaces an earlier run's checkpoints.
+    let train = [
+        "train",
+        "--model",
+        "standard",
+        "--training-steps",
+        "2",
+        "--eval-interval",
+        "2",
+        "--seq-len",
+        "16",
+        "--no-tui",
+        "--results-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    assert_success(&lookahead(&train, cache.path()));
+    fails_with(
+        &lookahead(&train, cache.path()),
+        2,
+        &["--resume", "earlier run"],
+    );
+    let mut other = train.to_vec();
+    other.extend(["--batch-size", "3", "--resume"]);
+    fails_with(&lookahead(&other, cache.path()), 2, &["batch_size is 3"]);
+}
+
+#[test]
+fn help_describes_every_flag_and_bench_has_no_training_only_flags() {
+    let cache = tempfile::tempdir().unwrap();
+    let help = |command: &str| {
+        String::from_utf8_lossy(&lookahead(&[command, "--help"], cache.path()).stdout).into_owned()
+    };
+    let experiment = help("experiment");
+    for flag in [
+        "--training-steps",
+        "--batch-size",
+        "--seq-len",
+        "--eval-interval",
+        "--results-dir",
+        "--confidence-alpha",
+        "--conf-head",
+        "--objective",
+    ] {
+        let line = experiment
+            .lines()
+            .skip_while(|l| !l.contains(flag))
+            .nth(1)
+            .unwrap_or_default();
+        assert!(line.trim().len() > 10, "{flag} undescribed:\n{experiment}");
+    }
+    assert!(experiment.contains("quick 400"), "{experiment}");
+    let bench = help("bench");
+    for flag in ["--resume", "--no-tui", "--save-interval"] {
+        assert!(!bench.contains(flag), "bench shows {flag}");
+    }
 }

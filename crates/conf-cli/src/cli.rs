@@ -32,8 +32,8 @@ pub enum Command {
     Model(ModelArgs),
     /// Train one model with one seed through burn-train's Learner and save its history.
     Train(TrainArgs),
-    /// Both models for every seed, then `{results_dir}/{timestamp}_results.json`.
-    Experiment(CommonArgs),
+    /// Both models for every seed, then `{results_dir}/{id}_results.json` and its report.
+    Experiment(ExperimentArgs),
     /// Plots and an HTML/Markdown report next to the first results file; several files from
     /// separate seed runs of one configuration merge into one report.
     Report { files: Vec<PathBuf> },
@@ -78,7 +78,7 @@ pub struct DataArgs {
     #[command(flatten)]
     pub corpus: CorpusArgs,
     /// Context length L; windows hold L + 2 tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse_count, allow_hyphen_values = true)]
     pub seq_len: usize,
     /// Fraction of the corpus, taken from its end, used for validation.
     #[arg(long, default_value_t = 0.1)]
@@ -111,13 +111,15 @@ pub struct ModelArgs {
 }
 
 /// Flags common to the training commands. Each overrides the same key of `--config`, which
-/// overrides the preset (docs/experiments.md lists every key).
+/// overrides the preset; unset, the preset's value holds (docs/experiments.md lists every key
+/// and each preset's values).
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// TOML file with any of the experiment's keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Preset: quick, plan or gpu.
+    /// Preset, a whole configuration: quick (minutes on a CPU), plan (the original plan's run)
+    /// or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
     /// Backend (docs/backends.md); a build holds those of its Cargo features.
@@ -128,37 +130,63 @@ pub struct CommonArgs {
     pub device: Option<usize>,
     #[command(flatten)]
     pub corpus: CorpusArgs,
-    #[arg(long)]
+    /// Optimizer steps per model [preset: quick 400, plan 1000, gpu 5000].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     pub training_steps: Option<usize>,
-    /// Comma-separated seeds; `train` uses the first.
+    /// Comma-separated seeds, each trained for both models; `train` uses the first
+    /// [preset: 42,123,456].
     #[arg(long, value_delimiter = ',')]
     pub seeds: Option<Vec<u64>>,
-    #[arg(long)]
+    /// Windows per optimizer step [preset: quick 16, plan 4, gpu 32].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    /// Context length L; windows hold L + 2 tokens [preset: quick 64, plan 128, gpu 512].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     pub seq_len: Option<usize>,
-    #[arg(long)]
+    /// Optimizer steps between evaluations [preset: quick 50, plan 100, gpu 250].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
     pub eval_interval: Option<usize>,
+    /// Where runs, results files and reports go [default: results/confidence_experiments].
     #[arg(long)]
     pub results_dir: Option<PathBuf>,
-    /// Plain log lines instead of the dashboard.
-    #[arg(long)]
-    pub no_tui: bool,
-    /// Optimizer steps between checkpoints (one is also written at the end).
-    #[arg(long)]
-    pub save_interval: Option<usize>,
-    /// Continue from the run's latest checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    #[arg(long)]
+    /// Weight of the confidence loss: total = lm + alpha · conf [default: 1.0].
+    #[arg(long, allow_hyphen_values = true)]
     pub confidence_alpha: Option<f64>,
+    /// Confidence head: final (on the final state; trains the trunk too) or probe (on the last
+    /// blocks, detached) [default: final].
     #[arg(long)]
     pub conf_head: Option<ConfHead>,
-    /// Confidence history: self (previous predictions) or zeros.
+    /// Confidence history: self (previous predictions) or zeros [default: self].
     #[arg(long)]
     pub conf_input: Option<ConfInput>,
-    #[arg(long)]
+    /// The confidence head's initial bias: its first predictions, in nats [default: 2.0].
+    #[arg(long, allow_hyphen_values = true)]
     pub confidence_init_bias: Option<f64>,
+}
+
+/// Flags of the commands that train through the Learner (`train`, `experiment`).
+#[derive(Debug, Clone, Args)]
+pub struct RunFlags {
+    /// Plain lines (one per evaluation, progress between) instead of the dashboard; the
+    /// default when stdout is not a terminal.
+    #[arg(long)]
+    pub no_tui: bool,
+    /// Optimizer steps between checkpoints; one is also written at the end and where a run
+    /// is stopped [default: 100].
+    #[arg(long, value_parser = parse_count, allow_hyphen_values = true)]
+    pub save_interval: Option<usize>,
+    /// Continue: `train` from the run's latest checkpoint, `experiment` the latest incomplete
+    /// experiment with the same configuration (give the flags it was started with).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// A count flag: a whole number of at least 1, with the flag's name in the error.
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got '{s}'")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -174,20 +202,7 @@ impl ModelKind {
             Self::Confidence => "confidence",
         }
     }
-}
 
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    #[arg(long, value_enum)]
-    pub model: ModelKind,
-    /// standard (for --model standard), or seed, dense (default) or teacher.
-    #[arg(long)]
-    pub objective: Option<ObjectiveKind>,
-    #[command(flatten)]
-    pub common: CommonArgs,
-}
-
-impl ModelKind {
     /// The model an objective trains.
     pub fn of(objective: ObjectiveKind) -> Self {
         match objective {
@@ -197,9 +212,41 @@ impl ModelKind {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// standard (MiniGPT) or confidence (ConfidenceAwareGPT).
+    #[arg(long, value_enum)]
+    pub model: ModelKind,
+    /// standard (for --model standard), or seed, dense or teacher [default: the
+    /// configuration's objective, dense for quick and gpu, seed for plan].
+    #[arg(long)]
+    pub objective: Option<ObjectiveKind>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// The confidence model's objective: seed, dense or teacher [default: the configuration's,
+    /// dense for quick and gpu, seed for plan]; the standard model always trains with standard.
+    #[arg(long)]
+    pub objective: Option<ObjectiveKind>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub run: RunFlags,
+}
+
 impl CommonArgs {
-    /// The preset, then `--config`, then these flags; validated.
-    pub fn config(&self) -> Result<ConfidenceExperimentConfig, ConfigError> {
+    /// The preset, then `--config`, then these flags (with the run's flags and objective where
+    /// the command has them); validated.
+    pub fn config(
+        &self,
+        run: Option<&RunFlags>,
+        objective: Option<ObjectiveKind>,
+    ) -> Result<ConfidenceExperimentConfig, ConfigError> {
         let mut config = crate::presets::preset(&self.preset)?;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -219,11 +266,12 @@ impl CommonArgs {
         set(&mut c.seq_len, self.seq_len);
         set(&mut c.eval_interval, self.eval_interval);
         set(&mut c.results_dir, self.results_dir.clone());
-        set(&mut c.save_interval, self.save_interval);
         set(&mut c.confidence_alpha, self.confidence_alpha);
         set(&mut c.conf_head, self.conf_head);
         set(&mut c.conf_input, self.conf_input);
         set(&mut c.confidence_init_bias, self.confidence_init_bias);
+        set(&mut c.save_interval, run.and_then(|r| r.save_interval));
+        set(&mut c.objective, objective);
         config.validate()?;
         Ok(config)
     }

@@ -66,7 +66,8 @@ impl ConfidenceExperimentConfig {
             ConfigError::new(key, format!("{}: {message}", path.display()))
         };
         let overrides: toml::Table =
-            toml::from_str(text).map_err(|e| file_error("config", e.message().to_string()))?;
+            // The parser's full text: the message with the line and column.
+            toml::from_str(text).map_err(|e| file_error("config", e.to_string()))?;
         let mut table = toml::Table::try_from(&self).expect("the config serialises to a table");
         let known: Vec<String> = table.keys().cloned().collect();
         for (key, value) in overrides {
@@ -151,6 +152,15 @@ impl ConfidenceExperimentConfig {
             "seeds",
             "give at least one seed".into(),
         )?;
+        if let Some(twice) = (1..self.seeds.len()).find_map(|i| {
+            let seed = self.seeds[i];
+            self.seeds[..i].contains(&seed).then_some(seed)
+        }) {
+            return Err(ConfigError::new(
+                "seeds",
+                format!("seed {twice} is given twice; each seed trains once"),
+            ));
+        }
         check(
             self.val_fraction > 0.0 && self.val_fraction < 1.0,
             "val_fraction",
@@ -310,7 +320,7 @@ mod tests {
     #[test]
     fn every_out_of_range_value_is_rejected_naming_its_key() {
         type Breaker = fn(&mut ConfidenceExperimentConfig);
-        let cases: [(&str, Breaker); 18] = [
+        let cases: [(&str, Breaker); 19] = [
             ("d_model", |c| c.d_model = 0),
             ("n_heads", |c| c.n_heads = 5),
             ("seq_len", |c| c.seq_len = 0),
@@ -323,6 +333,7 @@ mod tests {
             ("eval_windows", |c| c.eval_windows = 0),
             ("weight_decay", |c| c.weight_decay = -0.1),
             ("seeds", |c| c.seeds.clear()),
+            ("seeds", |c| c.seeds = vec![1, 2, 1]),
             ("val_fraction", |c| c.val_fraction = 1.0),
             ("confidence_alpha", |c| c.confidence_alpha = -1.0),
             ("save_interval", |c| c.save_interval = 0),

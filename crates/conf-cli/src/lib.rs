@@ -8,14 +8,17 @@ pub mod config;
 pub mod presets;
 pub mod report;
 pub mod results;
+pub mod signals;
 pub mod stats;
 
 use crate::cli::Command;
 
-/// Exit codes of the command-line contract: 0 ok, 1 run failed, 2 bad usage or input.
+/// Exit codes of the command-line contract: 0 ok, 1 run failed, 2 bad usage or input, and
+/// 128 + the signal (130 also for the dashboard's stop) for a run stopped early.
 pub enum Failure {
     BadInput(anyhow::Error),
     Run(anyhow::Error),
+    Stopped { code: u8, message: String },
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {

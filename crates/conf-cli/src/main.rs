@@ -1,5 +1,6 @@
 //! `lookahead`: parses the command line and dispatches; the work lives in the library crates.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,6 +16,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,burn_train=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal, never in a redirected log.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match conf_cli::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -25,6 +28,10 @@ fn main() -> ExitCode {
         Err(Failure::Run(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
+        }
+        Err(Failure::Stopped { code, message }) => {
+            eprintln!("stopped: {message}");
+            ExitCode::from(code)
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use conf_data::write_atomic;
 use plotters::prelude::*;
 
-use crate::results::{ExperimentResults, Summary, TrainingResult};
+use crate::results::{ExperimentResults, ExperimentStatus, Summary, TrainingResult};
 
 type Series = Vec<(f64, f64)>;
 
@@ -33,13 +33,14 @@ pub fn merge(mut files: Vec<ExperimentResults>) -> Result<ExperimentResults, Str
         for (seed, r) in other.confidence_model_results {
             merged.confidence_model_results.insert(seed, r);
         }
-        for (model, t) in other.training_time {
-            *merged.training_time.entry(model).or_default() += t;
+        if other.status == ExperimentStatus::Incomplete {
+            merged.status = ExperimentStatus::Incomplete;
         }
         merged.config.seeds.extend(other.config.seeds);
     }
     merged.config.seeds.sort_unstable();
     merged.config.seeds.dedup();
+    merged.training_time = merged.training_time_by_model();
     merged.summary = Summary::new(
         &merged.standard_model_results,
         &merged.confidence_model_results,
@@ -396,6 +397,15 @@ fn html_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The final evaluation, one metric a line, so that it stays on screen after the dashboard
+/// closes.
+pub fn print_metrics(values: &conf_train::metrics::MetricValues) {
+    println!("final evaluation:");
+    for (kind, value) in values {
+        println!("  {:<20} {value:.4}", kind.name());
+    }
+}
+
 /// The summary as a Markdown table (also printed to the terminal).
 pub fn summary_markdown(results: &ExperimentResults) -> String {
     use conf_train::metrics::MetricKind;
@@ -407,9 +417,14 @@ pub fn summary_markdown(results: &ExperimentResults) -> String {
         },
         None => "—".into(),
     };
-    let mut out = String::from(
-        "| metric | standard | confidence | confidence − standard (p) |\n|---|---|---|---|\n",
-    );
+    let mut out = String::new();
+    for caveat in results.caveats() {
+        out += &format!("> **{caveat}**\n");
+    }
+    if !out.is_empty() {
+        out += "\n";
+    }
+    out += "| metric | standard | confidence | confidence − standard (p) |\n|---|---|---|---|\n";
     for kind in [
         MetricKind::LmLoss,
         MetricKind::Perplexity,
@@ -441,9 +456,18 @@ pub fn summary_markdown(results: &ExperimentResults) -> String {
     out
 }
 
+/// The summary's caveats as warning paragraphs, then its table.
 fn markdown_table_to_html(markdown: &str) -> String {
-    let mut html = String::from("<table>");
-    for (i, line) in markdown.lines().enumerate() {
+    let mut html = String::new();
+    for caveat in markdown.lines().filter_map(|l| l.strip_prefix("> ")) {
+        html += &format!(
+            "<p style=\"color:#a00;font-weight:bold\">{}</p>",
+            html_escape(caveat.trim_matches('*'))
+        );
+    }
+    html += "<table>";
+    let table = markdown.lines().filter(|l| l.starts_with('|'));
+    for (i, line) in table.enumerate() {
         if i == 1 {
             continue; // the |---| separator
         }

@@ -10,12 +10,14 @@ use conf_train::calibration::{CalibrationBin, loss_calibration};
 use conf_train::generate::Generated;
 use conf_train::metrics::{MetricKind, MetricValues};
 use conf_train::pipeline::{ModelOutcome, ModelPlan};
+use conf_train::stop::RunStatus;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfidenceExperimentConfig;
 use crate::stats::{PairedDifference, SeedStats, paired_difference, seed_stats};
 
-/// 2: metric keys typed, `grad_clip` a key, `lookahead_steps` gone, `conf_head` "final".
+/// 2: metric keys typed, `grad_clip` a key, `lookahead_steps` gone, `conf_head` "final";
+/// the experiment's id and status, each run's status and steps trained.
 pub const SCHEMA_VERSION: u32 = 2;
 /// Predicted/actual pairs kept per seed: enough for a scatter plot, small enough for a file.
 pub const PAIR_SAMPLE: usize = 2000;
@@ -24,7 +26,11 @@ pub const PAIR_SAMPLE: usize = 2000;
 #[serde(deny_unknown_fields)]
 pub struct ExperimentResults {
     pub schema_version: u32,
-    /// UTC, RFC 3339.
+    /// The experiment's id: its files are `{id}_results.json` and `{id}_runs/`.
+    pub id: String,
+    /// `incomplete` while it runs and when it was stopped: `experiment --resume` continues it.
+    pub status: ExperimentStatus,
+    /// UTC, RFC 3339, of the start.
     pub timestamp: String,
     pub git_commit: Option<String>,
     pub backend: String,
@@ -37,6 +43,13 @@ pub struct ExperimentResults {
     /// Seconds of training steps summed over seeds, per model type.
     pub training_time: BTreeMap<String, f64>,
     pub summary: Summary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExperimentStatus {
+    Complete,
+    Incomplete,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +74,9 @@ pub struct StepValue {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingResult {
+    /// `complete`, or `stopped` (dashboard) / `interrupted` (signal) after `steps_trained`.
+    pub status: RunStatus,
+    pub steps_trained: usize,
     pub final_eval_loss: f64,
     pub best_eval_loss: f64,
     pub final_perplexity: f64,
@@ -124,6 +140,11 @@ impl GeneratedSample {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Summary {
+    /// The seeds summarised: those whose two runs both completed.
+    pub seeds: Vec<String>,
+    /// Seeds left out, with the reason (a run stopped early, or not run yet).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub excluded_seeds: BTreeMap<String, String>,
     /// Final metrics across seeds, per model type, then per metric.
     pub standard: BTreeMap<MetricKind, SeedStats>,
     pub confidence: BTreeMap<MetricKind, SeedStats>,
@@ -159,7 +180,8 @@ impl TrainingResult {
             .map(|p| p.eval_loss)
             .fold(final_eval_loss, f64::min);
         let settings = &plan.training;
-        let tokens = (settings.training_steps * settings.batch_size * settings.seq_len) as f64;
+        let steps = run.report.steps_trained;
+        let tokens = (steps * settings.batch_size * settings.seq_len) as f64;
         let confidence = plan.objective != ObjectiveKind::Standard;
         let series = |kind: MetricKind| {
             history
@@ -184,6 +206,8 @@ impl TrainingResult {
                 .collect::<Vec<_>>()
         };
         Self {
+            status: run.status,
+            steps_trained: steps,
             final_eval_loss,
             best_eval_loss,
             final_perplexity: final_eval_loss.exp(),
@@ -207,13 +231,40 @@ impl TrainingResult {
 }
 
 impl Summary {
+    /// Statistics over the seeds whose two runs both completed; a stopped run never enters a
+    /// comparison.
     pub fn new(
         standard: &BTreeMap<String, TrainingResult>,
         confidence: &BTreeMap<String, TrainingResult>,
     ) -> Self {
+        let mut seeds = Vec::new();
+        let mut excluded_seeds = BTreeMap::new();
+        let all: std::collections::BTreeSet<&String> =
+            standard.keys().chain(confidence.keys()).collect();
+        for seed in all {
+            let state = |runs: &BTreeMap<String, TrainingResult>, model: &str| match runs.get(seed)
+            {
+                None => Some(format!("the {model} model has not run")),
+                Some(r) if r.status != RunStatus::Complete => Some(format!(
+                    "the {model} model was {} after {} steps",
+                    match r.status {
+                        RunStatus::Interrupted => "interrupted",
+                        _ => "stopped",
+                    },
+                    r.steps_trained
+                )),
+                Some(_) => None,
+            };
+            match state(standard, "standard").or_else(|| state(confidence, "confidence")) {
+                Some(reason) => {
+                    excluded_seeds.insert(seed.clone(), reason);
+                }
+                None => seeds.push(seed.clone()),
+            }
+        }
         let per_metric = |results: &BTreeMap<String, TrainingResult>| {
             let mut values: BTreeMap<MetricKind, Vec<f64>> = BTreeMap::new();
-            for r in results.values() {
+            for r in seeds.iter().filter_map(|s| results.get(s)) {
                 for (&k, &v) in &r.final_metrics {
                     values.entry(k).or_default().push(v);
                 }
@@ -245,6 +296,8 @@ impl Summary {
             }
         }
         Self {
+            seeds,
+            excluded_seeds,
             standard: stats(&s),
             confidence: stats(&c),
             paired_difference: paired,
@@ -283,7 +336,7 @@ pub fn load(path: &Path) -> Result<ExperimentResults, ResultsError> {
             &results.confidence_model_results,
         ),
     ] {
-        if runs.is_empty() {
+        if runs.is_empty() && results.status == ExperimentStatus::Complete {
             return Err(invalid(format!("{model} holds no seed")));
         }
         for (seed, r) in runs {
@@ -302,4 +355,41 @@ pub fn load(path: &Path) -> Result<ExperimentResults, ResultsError> {
         }
     }
     Ok(results)
+}
+
+impl ExperimentResults {
+    /// What a reader must know before trusting the numbers: an incomplete experiment, runs
+    /// stopped early, seeds left out of the comparison. Empty for a complete experiment.
+    pub fn caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.status == ExperimentStatus::Incomplete {
+            out.push(format!(
+                "INCOMPLETE experiment: {} of {} seeds summarised; `lookahead experiment --resume` with the same flags continues it",
+                self.summary.seeds.len(),
+                self.config.seeds.len()
+            ));
+        }
+        for (seed, reason) in &self.summary.excluded_seeds {
+            out.push(format!(
+                "seed {seed} is left out of the comparison: {reason}"
+            ));
+        }
+        out
+    }
+
+    /// Seconds of training steps summed over seeds, per model type.
+    pub fn training_time_by_model(&self) -> BTreeMap<String, f64> {
+        [
+            ("standard", &self.standard_model_results),
+            ("confidence", &self.confidence_model_results),
+        ]
+        .into_iter()
+        .map(|(model, runs)| {
+            (
+                model.to_string(),
+                runs.values().map(|r| r.training_time).sum(),
+            )
+        })
+        .collect()
+    }
 }

@@ -44,7 +44,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
     if args.steps == 0 {
         return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
     }
-    let config = super::config(&args.common)?;
+    let config = super::config(&args.common, None, None)?;
     let device = super::open_device(&args.common)?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model = config.model(corpus.vocab_size());

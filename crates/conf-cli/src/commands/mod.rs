@@ -11,8 +11,12 @@ pub mod train;
 use anyhow::Context;
 use conf_data::{Corpus, CorpusRequest, DataError, Split, load_corpus};
 
+use conf_train::ObjectiveKind;
+use conf_train::stop::{StopReason, StopRequest};
+use conf_train::training::TrainError;
+
 use crate::Failure;
-use crate::cli::{CommonArgs, CorpusArgs};
+use crate::cli::{CommonArgs, CorpusArgs, RunFlags};
 use crate::config::ConfidenceExperimentConfig;
 
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
@@ -50,8 +54,45 @@ pub fn load_corpus_and_split(
 }
 
 /// The configuration the flags resolve to; a bad one is a usage error (exit 2).
-pub fn config(args: &CommonArgs) -> Result<ConfidenceExperimentConfig, Failure> {
-    args.config().map_err(|e| Failure::BadInput(e.into()))
+pub fn config(
+    args: &CommonArgs,
+    run: Option<&RunFlags>,
+    objective: Option<ObjectiveKind>,
+) -> Result<ConfidenceExperimentConfig, Failure> {
+    args.config(run, objective)
+        .map_err(|e| Failure::BadInput(e.into()))
+}
+
+/// A training error as an exit code: the user's input (settings, output place, a checkpoint
+/// that does not fit) is 2, a failed run 1.
+pub fn train_failure(e: TrainError) -> Failure {
+    if e.is_usage() {
+        Failure::BadInput(e.into())
+    } else {
+        Failure::Run(e.into())
+    }
+}
+
+/// A run stopped early: exit 128 + the signal (130 for the dashboard's stop too), with what
+/// was kept and the command that continues it.
+pub fn stopped(stop: &StopRequest, what: String) -> Failure {
+    let code = stop.requested().map_or(130, StopReason::exit_code);
+    let mut command: Vec<String> = std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a
+            }
+        })
+        .collect();
+    if !command.iter().any(|a| a == "--resume") {
+        command.push("--resume".into());
+    }
+    Failure::Stopped {
+        code,
+        message: format!("{what}\ncontinue with: {}", command.join(" ")),
+    }
 }
 
 /// The device of `--backend` / `--device`; a backend missing from this build is a usage error

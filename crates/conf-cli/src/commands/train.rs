@@ -5,6 +5,7 @@ use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
 use conf_train::metrics::MetricValues;
 use conf_train::pipeline::train_model;
+use conf_train::stop::RunStatus;
 use conf_train::training::{TrainingReport, TrainingSettings};
 use serde::Serialize;
 
@@ -21,6 +22,7 @@ struct TrainRecord<'a> {
     model: &'static str,
     objective: ObjectiveKind,
     seed: u64,
+    status: RunStatus,
     parameters: usize,
     config: &'a ConfidenceExperimentConfig,
     settings: &'a TrainingSettings,
@@ -29,7 +31,7 @@ struct TrainRecord<'a> {
 }
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
-    let config = super::config(&args.common)?;
+    let config = super::config(&args.common, Some(&args.run), None)?;
     let objective = match (args.model, args.objective) {
         (ModelKind::Standard, None | Some(ObjectiveKind::Standard)) => ObjectiveKind::Standard,
         (ModelKind::Standard, Some(other)) => {
@@ -54,18 +56,16 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         .results_dir
         .join("train")
         .join(format!("{model_name}-{}-seed{seed}", objective.name()));
-    let training = config.training(
-        seed,
-        run_dir.clone(),
-        args.common.no_tui,
-        args.common.resume,
-    );
+    let training = config.training(seed, run_dir.clone(), args.run.no_tui, args.run.resume);
     let plan = config.plan(objective, corpus.vocab_size(), training);
-    let outcome = train_model(&plan, &corpus, &split, &device)?;
+    let stop = crate::signals::install().context("installing the signal handlers")?;
+    let outcome =
+        train_model(&plan, &corpus, &split, &device, &stop).map_err(super::train_failure)?;
     let record = TrainRecord {
         model: model_name,
         objective,
         seed,
+        status: outcome.status,
         parameters: outcome.parameters,
         config: &config,
         settings: &plan.training,
@@ -75,12 +75,26 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     let path = run_dir.join("history.json");
     let json = serde_json::to_vec_pretty(&record).context("serialising the history")?;
     write_atomic(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    let report = &outcome.report;
+    if outcome.status != RunStatus::Complete {
+        return Err(super::stopped(
+            &stop,
+            format!(
+                "trained {model_name} ({}) for {} of {} steps; checkpoint and history in {}",
+                objective.name(),
+                report.steps_trained,
+                config.training_steps,
+                run_dir.display()
+            ),
+        ));
+    }
+    crate::report::print_metrics(&outcome.final_metrics);
     println!(
         "trained {model_name} ({}) for {} steps: {:.1} ms/step, {:.0} tokens/s; history in {}",
         objective.name(),
-        plan.training.training_steps,
-        outcome.report.ms_per_step,
-        outcome.report.tokens_per_second,
+        report.steps_trained,
+        report.ms_per_step,
+        report.tokens_per_second,
         path.display()
     );
     Ok(())
