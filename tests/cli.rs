@@ -460,7 +460,22 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
         cache.path(),
     );
     assert_success(&merged);
-    assert!(String::from_utf8_lossy(&merged.stdout).contains("report:"));
+    let stdout = String::from_utf8_lossy(&merged.stdout);
+    assert!(
+        stdout.contains("report:") && stdout.contains("_merged-"),
+        "{stdout}"
+    );
+    // The merged report has a name of its own: the first file's report is untouched.
+    assert_eq!(
+        std::fs::read_to_string(format!("{stem}_report.html")).unwrap(),
+        html
+    );
+    // The reliability diagram names each seed; the time chart labels both bars.
+    assert!(html.contains("seed 1") && html.contains("seed 2"));
+    assert!(
+        html.contains(">standard<") && html.contains(">confidence<"),
+        "time chart labels"
+    );
 
     // A damaged file is rejected naming it.
     std::fs::write(&file, "{\"schema_version\": 1}").unwrap();

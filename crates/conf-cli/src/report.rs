@@ -86,10 +86,10 @@ fn bounds(
     (x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))
 }
 
-/// Mean line with a min–max band across seeds, per model.
+/// Mean line with a min–max band across seeds, per model; `x_label` writes the x-axis ticks.
 fn band_chart(
     title: &str,
-    x_desc: &str,
+    (x_desc, x_label): (&str, fn(&f64) -> String),
     y_desc: &str,
     models: &[(&str, RGBColor, Vec<Series>)],
 ) -> String {
@@ -108,6 +108,8 @@ fn band_chart(
         chart
             .configure_mesh()
             .x_desc(x_desc)
+            .x_labels(6)
+            .x_label_formatter(&x_label)
             .y_desc(y_desc)
             .draw()?;
         for (name, color, runs) in models {
@@ -153,6 +155,21 @@ fn band_chart(
     })
 }
 
+/// A step count as the axis shows it.
+fn step_label(x: &f64) -> String {
+    format!("{x:.0}")
+}
+
+/// A large count with an SI prefix (`3.2T`), so that FLOP ticks stay short.
+fn si_label(x: &f64) -> String {
+    let magnitude = x.abs();
+    let (value, prefix) = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|&(scale, _)| magnitude >= scale)
+        .map_or((*x, ""), |(scale, p)| (x / scale, p));
+    format!("{value:.1}{prefix}")
+}
+
 fn reliability_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
     let points: Vec<(f64, f64)> = runs
         .values()
@@ -183,7 +200,7 @@ fn reliability_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
             .y_desc("mean actual (nats)")
             .draw()?;
         chart.draw_series(LineSeries::new(vec![(lo, lo), (hi, hi)], BLACK.mix(0.4)))?;
-        for (i, r) in runs.values().enumerate() {
+        for (i, (seed, r)) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let bins: Series = r
                 .calibration_bins
@@ -191,9 +208,18 @@ fn reliability_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
                 .flatten()
                 .map(|b| (b.mean_predicted, b.mean_actual))
                 .collect();
-            chart.draw_series(LineSeries::new(bins.clone(), color))?;
+            chart
+                .draw_series(LineSeries::new(bins.clone(), color))?
+                .label(format!("seed {seed}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             chart.draw_series(bins.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
         root.present()?;
         Ok(())
     })
@@ -232,13 +258,13 @@ fn scatter_chart(runs: &BTreeMap<String, TrainingResult>) -> String {
     })
 }
 
+/// One bar per model, in the colours every other chart gives them.
 fn time_chart(training_time: &BTreeMap<String, f64>) -> String {
-    let max = training_time
-        .values()
-        .cloned()
-        .fold(0.0, f64::max)
-        .max(1e-9);
-    let names: Vec<String> = training_time.keys().cloned().collect();
+    let bars: Vec<(&str, f64, RGBColor)> = [("standard", RED), ("confidence", BLUE)]
+        .into_iter()
+        .filter_map(|(model, color)| training_time.get(model).map(|&t| (model, t, color)))
+        .collect();
+    let max = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9);
     svg((480, 300), |root| {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
@@ -246,18 +272,27 @@ fn time_chart(training_time: &BTreeMap<String, f64>) -> String {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d(0f64..names.len() as f64, 0f64..max * 1.1)?;
+            .build_cartesian_2d((0..bars.len()).into_segmented(), 0f64..max * 1.1)?;
         chart
             .configure_mesh()
-            .x_labels(names.len())
-            .x_label_formatter(&|x| names.get(x.floor() as usize).cloned().unwrap_or_default())
+            .disable_x_mesh()
+            .x_labels(bars.len())
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => bars.get(*i).map_or("", |b| b.0).to_string(),
+                _ => String::new(),
+            })
             .y_desc("seconds")
             .draw()?;
-        chart.draw_series(training_time.values().enumerate().map(|(i, &t)| {
-            Rectangle::new(
-                [(i as f64 + 0.2, 0.0), (i as f64 + 0.8, t)],
-                Palette99::pick(i).filled(),
-            )
+        chart.draw_series(bars.iter().enumerate().map(|(i, &(_, t, color))| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), t),
+                ],
+                color.filled(),
+            );
+            bar.set_margin(0, 0, 30, 30);
+            bar
         }))?;
         root.present()?;
         Ok(())
@@ -289,7 +324,7 @@ pub fn write_report(
     let tokens_per_step = (results.config.batch_size * results.config.seq_len) as f64;
     let vs_steps = band_chart(
         "Evaluation loss (mean and range over seeds)",
-        "step",
+        ("step", step_label),
         "nats/token",
         &[
             ("standard", RED, loss_series(std_runs, |_, s| s as f64)),
@@ -298,7 +333,7 @@ pub fn write_report(
     );
     let vs_flops = band_chart(
         "Evaluation loss vs training FLOPs",
-        "FLOPs",
+        ("FLOPs", si_label),
         "nats/token",
         &[
             (
@@ -329,7 +364,7 @@ pub fn write_report(
         .collect();
     let conf_chart = band_chart(
         "Confidence MSE over training",
-        "step",
+        ("step", step_label),
         "nats²",
         &[("confidence", BLUE, conf_loss)],
     );

@@ -50,7 +50,26 @@ pub fn load_corpus_and_split(
     })?;
     let split = Split::contiguous(&corpus, config.val_fraction, config.seq_len)
         .map_err(|e| Failure::BadInput(e.into()))?;
+    warn_if_the_vocabulary_dominates(config, corpus.vocab_size());
     Ok((corpus, split))
+}
+
+/// A large vocabulary on a small model (GPT-2's 50,257 tokens at the quick preset) makes the
+/// embedding and the tied output layer most of the model and of every step's cost: say so
+/// before a run that is then many times slower than the same preset with characters.
+fn warn_if_the_vocabulary_dominates(config: &ConfidenceExperimentConfig, vocab_size: usize) {
+    let model = config.model(vocab_size);
+    let share = (vocab_size * config.d_model) as f64 / model.params() as f64;
+    if share > 0.5 {
+        tracing::warn!(
+            "the {vocab_size}-token vocabulary is {:.0}% of the model's {} parameters at d_model {}: \
+             the output layer dominates each step (slow, and little left for the transformer); \
+             a larger preset or --tokenizer char|byte suits this size",
+            100.0 * share,
+            model.params(),
+            config.d_model
+        );
+    }
 }
 
 /// The configuration the flags resolve to; a bad one is a usage error (exit 2).

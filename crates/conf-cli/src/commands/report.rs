@@ -24,7 +24,16 @@ pub fn run(files: Vec<PathBuf>) -> Result<(), Failure> {
     let stem = name
         .strip_suffix("_results.json")
         .unwrap_or(name.trim_end_matches(".json"));
-    let html = crate::report::write_report(&results, &dir, stem)
+    // A merged report is named after all its files, so it never replaces a single file's.
+    let stem = if files.len() > 1 {
+        let mut names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        names.sort();
+        let digest = conf_data::sha256_hex(names.join("\n").as_bytes());
+        format!("{stem}_merged-{}", &digest[..8])
+    } else {
+        stem.to_string()
+    };
+    let html = crate::report::write_report(&results, &dir, &stem)
         .with_context(|| format!("writing the report into {}", dir.display()))?;
     print!("{}", crate::report::summary_markdown(&results));
     println!("report: {}", html.display());
