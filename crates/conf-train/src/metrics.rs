@@ -92,6 +92,36 @@ impl MetricKind {
         all
     };
 
+    /// Also averaged over the training steps (the dashboard's train split and the train means
+    /// of each evaluation record). Ranking and calibration over a few training batches say
+    /// little; they are evaluation metrics only, which also keeps the dashboard short.
+    pub fn on_training_steps(self) -> bool {
+        matches!(self, Self::LmLoss | Self::TotalLoss | Self::ConfidenceLoss)
+    }
+
+    /// Position on the dashboard: the losses and the confidence head's quality against its
+    /// baseline first, so that a short terminal still shows them.
+    pub fn dashboard_rank(self) -> usize {
+        [
+            Self::LmLoss,
+            Self::ConfidenceLoss,
+            Self::Spearman,
+            Self::EntropySpearman,
+            Self::Auroc,
+            Self::EntropyAuroc,
+            Self::TotalLoss,
+            Self::Perplexity,
+            Self::Accuracy,
+            Self::TokenEce,
+            Self::ConfidenceMae,
+            Self::LossEce,
+            Self::Pearson,
+        ]
+        .iter()
+        .position(|&k| k == self)
+        .unwrap_or(usize::MAX)
+    }
+
     /// The metric shown under `name` (its display name), if it is one of ours.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == name)

@@ -277,10 +277,13 @@ where
         training = training.renderer(Box::new(QuietRenderer));
     }
     training = training.metric_train_numeric(IterationSpeedMetric::new());
-    for &kind in metrics {
-        training = training
-            .metric_train_numeric(LookaheadMetric::new(kind))
-            .metric_valid_numeric(LookaheadMetric::new(kind));
+    let mut shown = metrics.to_vec();
+    shown.sort_by_key(|k| k.dashboard_rank());
+    for kind in shown {
+        if kind.on_training_steps() {
+            training = training.metric_train_numeric(LookaheadMetric::new(kind));
+        }
+        training = training.metric_valid_numeric(LookaheadMetric::new(kind));
     }
 
     let (model, interrupted) = if num_epochs == 0 {
