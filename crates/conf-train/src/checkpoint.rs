@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{EvalRecord, TrainingLog};
 use crate::loader::StepTimer;
-use crate::optim::{OptimizerSettings, named_params};
+use crate::optim::named_params;
+use crate::training::TrainingSettings;
 
 const LATEST: &str = "latest";
 const MODEL: &str = "model.bpk";
@@ -48,62 +49,62 @@ fn file_error(path: &Path, message: impl ToString) -> CheckpointError {
     }
 }
 
-/// What a resumed run must share with the run that wrote the checkpoint.
+/// What a resumed run must share with the run that wrote the checkpoint: its schedule and data
+/// (the training settings less where it writes and how it shows progress) and every
+/// parameter's path and shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunIdentity {
-    pub training_steps: usize,
-    pub eval_interval: usize,
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub eval_windows: Option<usize>,
-    pub seed: u64,
-    pub optimizer: OptimizerSettings,
-    /// Every parameter's path and shape.
+    pub schedule: TrainingSettings,
     pub parameters: Vec<(String, Vec<usize>)>,
 }
 
 impl RunIdentity {
-    /// The parameter paths and shapes of `module`.
-    pub fn parameters_of<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
-        named_params(module)
-            .into_iter()
-            .map(|p| (p.path, p.shape))
-            .collect()
+    pub fn of<M: Module>(settings: &TrainingSettings, module: &M) -> Self {
+        Self {
+            schedule: TrainingSettings {
+                artifact_dir: PathBuf::new(),
+                no_tui: false,
+                save_interval: 1,
+                resume: false,
+                ..settings.clone()
+            },
+            parameters: named_params(module)
+                .into_iter()
+                .map(|p| (p.path, p.shape))
+                .collect(),
+        }
     }
 
     /// The first difference from `saved`, as a message naming the setting and both values.
     pub fn difference(&self, saved: &RunIdentity) -> Option<String> {
-        let differs = |name: &str, here: String, there: String| {
-            (here != there)
-                .then(|| format!("{name} is {here} for this run but {there} in the checkpoint"))
+        let as_map = |s: &TrainingSettings| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => Default::default(),
         };
-        differs("training_steps", self.training_steps.to_string(), saved.training_steps.to_string())
-            .or_else(|| differs("eval_interval", self.eval_interval.to_string(), saved.eval_interval.to_string()))
-            .or_else(|| differs("batch_size", self.batch_size.to_string(), saved.batch_size.to_string()))
-            .or_else(|| differs("seq_len", self.seq_len.to_string(), saved.seq_len.to_string()))
-            .or_else(|| differs("eval_windows", format!("{:?}", self.eval_windows), format!("{:?}", saved.eval_windows)))
-            .or_else(|| differs("seed", self.seed.to_string(), saved.seed.to_string()))
-            .or_else(|| differs("the optimizer settings", format!("{:?}", self.optimizer), format!("{:?}", saved.optimizer)))
-            .or_else(|| {
-                if self.parameters == saved.parameters {
-                    return None;
-                }
-                let first = self
-                    .parameters
-                    .iter()
-                    .zip(&saved.parameters)
-                    .find(|(a, b)| a != b)
-                    .map(|((path, here), (_, there))| {
-                        format!("the model differs: {path} has shape {here:?} here but {there:?} in the checkpoint")
-                    });
-                Some(first.unwrap_or_else(|| {
-                    format!(
-                        "the model differs: {} parameters here, {} in the checkpoint",
-                        self.parameters.len(),
-                        saved.parameters.len()
-                    )
-                }))
-            })
+        let (here, there) = (as_map(&self.schedule), as_map(&saved.schedule));
+        let setting = here.iter().find_map(|(key, value)| {
+            let saved = there.get(key).unwrap_or(&serde_json::Value::Null);
+            (value != saved)
+                .then(|| format!("{key} is {value} for this run but {saved} in the checkpoint"))
+        });
+        setting.or_else(|| {
+            let differing = self
+                .parameters
+                .iter()
+                .zip(&saved.parameters)
+                .find(|(a, b)| a != b);
+            match differing {
+                Some(((path, here), (_, there))) => Some(format!(
+                    "the model differs: {path} has shape {here:?} here but {there:?} in the checkpoint"
+                )),
+                None if self.parameters.len() != saved.parameters.len() => Some(format!(
+                    "the model differs: {} parameters here, {} in the checkpoint",
+                    self.parameters.len(),
+                    saved.parameters.len()
+                )),
+                None => None,
+            }
+        })
     }
 }
 

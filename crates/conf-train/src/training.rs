@@ -161,16 +161,7 @@ where
     let mut scheduler = warmup_cosine(&settings.optimizer, settings.training_steps)
         .map_err(TrainError::Settings)?;
     let log = Arc::new(Mutex::new(TrainingLog::default()));
-    let identity = RunIdentity {
-        training_steps: settings.training_steps,
-        eval_interval: settings.eval_interval,
-        batch_size: settings.batch_size,
-        seq_len: settings.seq_len,
-        eval_windows: settings.eval_windows,
-        seed: settings.seed,
-        optimizer: settings.optimizer,
-        parameters: RunIdentity::parameters_of(&trainee),
-    };
+    let identity = RunIdentity::of(settings, &trainee);
 
     let checkpoints = settings.artifact_dir.join("checkpoints");
     let mut start = TrackerStart {
