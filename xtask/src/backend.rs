@@ -98,6 +98,16 @@ fn venv_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join(".venv"))
 }
 
+/// The venv's Python when it can import torch (the PyTorch reference of the benchmark).
+pub fn torch_python() -> Option<PathBuf> {
+    let python = venv_dir().join("bin/python");
+    Command::new(&python)
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        .then_some(python)
+}
+
 fn library_path_var() -> &'static str {
     if cfg!(target_os = "macos") {
         "DYLD_LIBRARY_PATH"

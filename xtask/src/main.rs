@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: project tasks that shell out to cargo, pip and the `lookahead` binary.
 
 mod backend;
+mod bench;
 
 use std::path::Path;
 use std::process::Command;
@@ -33,16 +34,25 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Time each objective's training step on a backend (`lookahead bench`) at the benchmark
-    /// shape (the `plan` preset, batch 16; `gpu` preset on CUDA backends); `--smoke` runs a
-    /// few steps of the quick preset. Figures go to results/bench/{backend}.json.
+    /// Time each objective's training step: `lookahead bench` on each backend and the PyTorch
+    /// reference (bench/reference.py, from the tch-cpu set-up's venv) on the same shapes and
+    /// thread counts, interleaved, medians over rounds, ratios to PyTorch's standard step and
+    /// to each one's own; figures in results/bench/{shape}-threads{N}.json. Shapes: plan-b16
+    /// (DESIGN §9's) and quick on CPU backends, gpu on CUDA ones. `--smoke` runs one short
+    /// round of the quick shape.
     Bench {
-        #[arg(long, value_enum, default_value = "flex")]
-        backend: Backend,
+        #[arg(long = "backend", value_enum, default_value = "flex")]
+        backends: Vec<Backend>,
         #[arg(long)]
         smoke: bool,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Thread counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Timed steps per objective and round (after 3 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
     },
     /// Lint conf-cli with these backends and cuda compiled in, then run its tests with these
     /// backends: the cross-backend equivalence tests and a short training of both models on each.
@@ -60,22 +70,32 @@ fn main() -> anyhow::Result<()> {
             run_lookahead(backend, "experiment", &args)
         }
         Task::Bench {
-            backend,
+            backends,
             smoke,
-            args,
+            rounds,
+            threads,
+            steps,
         } => {
-            let output = format!("results/bench/{}.json", backend.name());
-            std::fs::create_dir_all(workspace_root().join("results/bench"))?;
-            let mut bench_args: Vec<&str> = if smoke {
-                vec!["--preset", "quick", "--steps", "2", "--warmup-steps", "1"]
-            } else if matches!(backend, Backend::Cuda | Backend::TchCuda) {
-                vec!["--preset", "gpu"]
+            let gpu = backends
+                .iter()
+                .any(|b| matches!(b, Backend::Cuda | Backend::TchCuda));
+            let plan = if smoke {
+                bench::BenchPlan::smoke(backends)
             } else {
-                vec!["--preset", "plan", "--batch-size", "16"]
+                bench::BenchPlan {
+                    shapes: if gpu {
+                        vec![bench::GPU]
+                    } else {
+                        vec![bench::PLAN_B16, bench::QUICK]
+                    },
+                    backends,
+                    threads,
+                    rounds: rounds.max(1),
+                    steps: steps.max(1),
+                    warmup_steps: 3,
+                }
             };
-            bench_args.extend(["--output", &output]);
-            bench_args.extend(args.iter().map(String::as_str));
-            run_lookahead(backend, "bench", &bench_args)
+            bench::run(&plan)
         }
         Task::Test { backends } => {
             let env = BuildEnv::for_backends(&backends)?;
@@ -125,7 +145,7 @@ fn run_lookahead(backend: Backend, subcommand: &str, args: &[&str]) -> anyhow::R
 }
 
 /// Runs cargo in the workspace root with the backend's build and run environment.
-fn cargo(args: &[&str], env: &BuildEnv) -> anyhow::Result<()> {
+pub(crate) fn cargo(args: &[&str], env: &BuildEnv) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for (key, value) in &env.vars {
         eprintln!("+ {key}={value}");
@@ -143,7 +163,7 @@ fn cargo(args: &[&str], env: &BuildEnv) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> &'static Path {
+pub(crate) fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace root")

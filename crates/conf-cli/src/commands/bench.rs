@@ -32,6 +32,8 @@ struct BenchReport {
     n_heads: usize,
     seq_len: usize,
     batch_size: usize,
+    vocab_size: usize,
+    /// Worker threads: `RAYON_NUM_THREADS` when set (the CPU backends' pool), else the cores.
     threads: usize,
     rows: Vec<BenchRow>,
     /// Peak resident memory of this process, all objectives together.
@@ -100,7 +102,11 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         n_heads: config.n_heads,
         seq_len: config.seq_len,
         batch_size: config.batch_size,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        vocab_size: corpus.vocab_size(),
+        threads: std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         rows,
         peak_host_mib: peak_host_mib(),
         gpu_mib: gpu_mib(),

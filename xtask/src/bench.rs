@@ -1,0 +1,319 @@
+//! `cargo xtask bench`: `lookahead bench` on each requested backend and the PyTorch reference
+//! (`bench/reference.py`) on the same shapes and thread counts, interleaved round by round
+//! (the first to run alternates), then medians, ratios and `results/bench/*.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::backend::{self, Backend, BuildEnv};
+
+/// A benchmark shape: a preset, with the batch size overridden where it says so.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub name: &'static str,
+    preset: &'static str,
+    batch_size: Option<usize>,
+}
+
+/// DESIGN §9's shape: the plan preset (d 128, 4 layers, L 128) at batch 16.
+pub const PLAN_B16: Shape = Shape {
+    name: "plan-b16",
+    preset: "plan",
+    batch_size: Some(16),
+};
+pub const QUICK: Shape = Shape {
+    name: "quick",
+    preset: "quick",
+    batch_size: None,
+};
+pub const GPU: Shape = Shape {
+    name: "gpu",
+    preset: "gpu",
+    batch_size: None,
+};
+
+pub struct BenchPlan {
+    pub backends: Vec<Backend>,
+    pub shapes: Vec<Shape>,
+    pub threads: Vec<usize>,
+    pub rounds: usize,
+    pub steps: usize,
+    pub warmup_steps: usize,
+}
+
+impl BenchPlan {
+    /// CI's check that everything runs: one short round of the quick shape.
+    pub fn smoke(backends: Vec<Backend>) -> Self {
+        Self {
+            backends,
+            shapes: vec![QUICK],
+            threads: vec![2],
+            rounds: 1,
+            steps: 2,
+            warmup_steps: 1,
+        }
+    }
+}
+
+/// Who produced a timing: the PyTorch reference or a backend of `lookahead`.
+fn source_names(plan: &BenchPlan, torch: bool) -> Vec<String> {
+    let mut names: Vec<String> = plan.backends.iter().map(|b| b.name().to_string()).collect();
+    if torch {
+        names.insert(0, "pytorch".into());
+    }
+    names
+}
+
+pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
+    let env = BuildEnv::for_backends(&plan.backends)?;
+    let binary = build_lookahead(&plan.backends, &env)?;
+    let python = backend::torch_python();
+    if python.is_none() {
+        eprintln!(
+            "no Python with PyTorch: timing lookahead alone (cargo xtask setup --backend tch-cpu installs it)"
+        );
+    }
+    let out_dir = crate::workspace_root().join("results/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    for &shape in &plan.shapes {
+        for &threads in &plan.threads {
+            // (source, objective) → ms/step of each round; the shape as lookahead reports it.
+            let mut ms: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+            let mut reports: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+            let mut dims: Option<Value> = None;
+            for round in 0..plan.rounds {
+                let mut order = source_names(plan, python.is_some());
+                // Round 0 needs lookahead's shape first; later rounds alternate who starts.
+                if round % 2 == 0 {
+                    order.rotate_left(usize::from(python.is_some()));
+                }
+                for source in order {
+                    let report = if source == "pytorch" {
+                        let dims = dims.as_ref().context("the shape comes from lookahead")?;
+                        torch_bench(
+                            python.as_ref().expect("pytorch is a source"),
+                            dims,
+                            threads,
+                            plan,
+                        )?
+                    } else {
+                        let report = lookahead_bench(&binary, &env, &source, shape, threads, plan)?;
+                        dims.get_or_insert_with(|| report.clone());
+                        report
+                    };
+                    for row in report["rows"].as_array().into_iter().flatten() {
+                        let objective = row["objective"].as_str().unwrap_or_default().to_string();
+                        let value = row["ms_per_step"].as_f64().unwrap_or(f64::NAN);
+                        ms.entry((source.clone(), objective))
+                            .or_default()
+                            .push(value);
+                    }
+                    reports.entry(source).or_default().push(report);
+                }
+            }
+            let summary = summarise(&ms);
+            print_table(shape, threads, plan.rounds, dims.as_ref(), &summary);
+            let path = out_dir.join(format!("{}-threads{threads}.json", shape.name));
+            let json = json!({
+                "shape": shape.name,
+                "threads": threads,
+                "rounds": plan.rounds,
+                "steps": plan.steps,
+                "warmup_steps": plan.warmup_steps,
+                "medians": summary,
+                "reports": reports,
+            });
+            std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+            println!("written {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Builds `lookahead` with the backends' features; returns the binary's path.
+fn build_lookahead(backends: &[Backend], env: &BuildEnv) -> anyhow::Result<PathBuf> {
+    let features = backend::features(backends);
+    let mut args = vec!["build", "--release", "-p", "conf-cli"];
+    if !features.is_empty() {
+        args.extend(["--features", &features]);
+    }
+    crate::cargo(&args, env)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    Ok(target.join("release/lookahead"))
+}
+
+fn lookahead_bench(
+    binary: &Path,
+    env: &BuildEnv,
+    backend: &str,
+    shape: Shape,
+    threads: usize,
+    plan: &BenchPlan,
+) -> anyhow::Result<Value> {
+    let output = tempfile_path(&format!("lookahead-{backend}"));
+    let mut command = Command::new(binary);
+    command
+        .args(["bench", "--backend", backend, "--preset", shape.preset])
+        .args(["--steps", &plan.steps.to_string()])
+        .args(["--warmup-steps", &plan.warmup_steps.to_string()])
+        .arg("--output")
+        .arg(&output)
+        .envs(env.vars.iter().map(|(k, v)| (k, v)))
+        // Burn's CPU backend and its matrix kernels run on rayon's pool.
+        .env("RAYON_NUM_THREADS", threads.to_string());
+    if let Some(batch) = shape.batch_size {
+        command.args(["--batch-size", &batch.to_string()]);
+    }
+    let status = command.status().context("running lookahead bench")?;
+    if !status.success() {
+        bail!("lookahead bench --backend {backend} failed with {status}");
+    }
+    let text = std::fs::read_to_string(&output)
+        .with_context(|| format!("reading {}", output.display()))?;
+    let _ = std::fs::remove_file(&output);
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn torch_bench(
+    python: &Path,
+    dims: &Value,
+    threads: usize,
+    plan: &BenchPlan,
+) -> anyhow::Result<Value> {
+    let arg = |key: &str| dims[key].as_u64().unwrap_or_default().to_string();
+    let out = Command::new(python)
+        .arg(crate::workspace_root().join("bench/reference.py"))
+        .arg("bench")
+        .args(["--d-model", &arg("d_model")])
+        .args(["--n-layers", &arg("n_layers")])
+        .args(["--n-heads", &arg("n_heads")])
+        .args(["--seq-len", &arg("seq_len")])
+        .args(["--batch-size", &arg("batch_size")])
+        .args(["--vocab", &arg("vocab_size")])
+        .args(["--threads", &threads.to_string()])
+        .args(["--steps", &plan.steps.to_string()])
+        .args(["--warmup-steps", &plan.warmup_steps.to_string()])
+        .output()
+        .context("running bench/reference.py")?;
+    if !out.status.success() {
+        bail!(
+            "bench/reference.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn tempfile_path(stem: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{stem}-{}.json", std::process::id()))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Per source and objective: the median ms/step, its ratio to PyTorch's standard step and to
+/// the source's own standard step.
+fn summarise(ms: &BTreeMap<(String, String), Vec<f64>>) -> Value {
+    let median_of = |source: &str, objective: &str| {
+        ms.get(&(source.to_string(), objective.to_string()))
+            .map(|v| median(v))
+    };
+    let torch_standard = median_of("pytorch", "standard");
+    let mut out = serde_json::Map::new();
+    for ((source, objective), values) in ms {
+        let m = median(values);
+        let own = median_of(source, "standard");
+        out.entry(source.clone())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("an object")
+            .insert(
+                objective.clone(),
+                json!({
+                    "median_ms": m,
+                    "rounds_ms": values,
+                    "vs_pytorch_standard": torch_standard.map(|t| m / t),
+                    "vs_own_standard": own.map(|s| m / s),
+                }),
+            );
+    }
+    Value::Object(out)
+}
+
+fn print_table(shape: Shape, threads: usize, rounds: usize, dims: Option<&Value>, summary: &Value) {
+    let dim = |key: &str| dims.and_then(|d| d[key].as_u64()).unwrap_or_default();
+    println!(
+        "\n{}: d {} × {} layers, {} heads, L {}, batch {}, vocab {}; {threads} thread{}, median of {rounds} round{}",
+        shape.name,
+        dim("d_model"),
+        dim("n_layers"),
+        dim("n_heads"),
+        dim("seq_len"),
+        dim("batch_size"),
+        dim("vocab_size"),
+        if threads == 1 { "" } else { "s" },
+        if rounds == 1 { "" } else { "s" },
+    );
+    println!("| source | objective | ms/step | × PyTorch standard | × own standard |");
+    println!("|---|---|---:|---:|---:|");
+    let ratio = |v: &Value| v.as_f64().map_or("–".into(), |r| format!("{r:.2}"));
+    for (source, objectives) in summary.as_object().into_iter().flatten() {
+        for objective in ["standard", "seed", "dense", "teacher"] {
+            let Some(row) = objectives.get(objective) else {
+                continue;
+            };
+            println!(
+                "| {source} | {objective} | {:.1} | {} | {} |",
+                row["median_ms"].as_f64().unwrap_or(f64::NAN),
+                ratio(&row["vs_pytorch_standard"]),
+                ratio(&row["vs_own_standard"]),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios_are_per_source_against_pytorch_and_its_own_standard() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let mut ms = BTreeMap::new();
+        ms.insert(
+            ("pytorch".into(), "standard".into()),
+            vec![100.0, 120.0, 110.0],
+        );
+        ms.insert(("pytorch".into(), "dense".into()), vec![170.0]);
+        ms.insert(
+            ("flex".into(), "standard".into()),
+            vec![300.0, 330.0, 320.0],
+        );
+        ms.insert(("flex".into(), "dense".into()), vec![480.0]);
+        let s = summarise(&ms);
+        assert_eq!(
+            s["flex"]["standard"]["vs_pytorch_standard"],
+            json!(320.0 / 110.0)
+        );
+        assert_eq!(s["flex"]["dense"]["vs_own_standard"], json!(1.5));
+        assert_eq!(
+            s["pytorch"]["dense"]["vs_own_standard"],
+            json!(170.0 / 110.0)
+        );
+    }
+}
