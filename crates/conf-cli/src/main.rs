@@ -8,6 +8,7 @@ use conf_cli::Failure;
 use conf_cli::cli::Cli;
 
 fn main() -> ExitCode {
+    keep_freed_buffers();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,5 +34,19 @@ fn main() -> ExitCode {
             eprintln!("stopped: {message}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// A training step frees and allocates many 1–4 MB tensors. glibc serves blocks that size with
+/// fresh mmaps (zeroed pages, a page fault each) and trims the heap behind them; raising both
+/// thresholds keeps freed buffers for reuse (measured: about 7% of the step on flex,
+/// docs/performance.md).
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
 }

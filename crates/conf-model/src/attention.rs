@@ -3,10 +3,12 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
+use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::init;
+use crate::layers::rows;
 
 /// Which keys each query may attend to.
 #[derive(Debug, Clone)]
@@ -77,10 +79,10 @@ impl CausalSelfAttention {
         past: Option<&LayerKv>,
     ) -> (Tensor<3>, LayerKv) {
         let [batch, seq, d_model] = x.dims();
-        let q = self.split_heads(self.query.forward(x.clone())); // [B, H, S, dh]
+        let q = self.split_heads(rows(&self.query, x.clone())); // [B, H, S, dh]
         let own = LayerKv {
-            key: self.split_heads(self.key.forward(x.clone())),
-            value: self.split_heads(self.value.forward(x)),
+            key: self.split_heads(rows(&self.key, x.clone())),
+            value: self.split_heads(rows(&self.value, x)),
         };
         let (k, v) = match past {
             Some(p) => (
@@ -90,28 +92,43 @@ impl CausalSelfAttention {
             None => (own.key.clone(), own.value.clone()),
         };
         let keys = k.dims()[2];
-        let (bias, is_causal) = match mask {
-            AttentionMask::Causal => (None, true),
-            AttentionMask::Unmasked => (None, false),
-            // An additive −inf bias rather than a boolean mask: burn-tch 0.22.1 hands boolean
-            // masks to libtorch, whose convention (true = attend) is the opposite of Burn's
-            // (true = masked out); a bias means the same on every backend.
-            AttentionMask::Explicit(m) => {
-                let bias = Tensor::<2>::zeros(m.dims(), &m.device())
-                    .mask_fill((**m).clone(), f32::NEG_INFINITY)
-                    .unsqueeze::<4>()
-                    .expand([batch, self.n_heads, seq, keys]);
-                (Some(bias), false)
-            }
+        // An explicit mask reaches attention as an additive −inf bias: burn-tch passes boolean
+        // masks to libtorch with the opposite meaning (docs/backends.md).
+        let bias = |mask: &Tensor<2, Bool>| {
+            Tensor::<2>::zeros(mask.dims(), &mask.device())
+                .mask_fill(mask.clone(), f32::NEG_INFINITY)
+                .unsqueeze::<4>() // [1, 1, S, K]
         };
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal,
+        let context = if q.is_autodiff() {
+            // The trained pass. Burn's `attention` under autodiff falls back to decomposed ops
+            // whose row maximum is not detached (its backward scatters into a fresh
+            // [B, H, S, K] tensor) and rebuilds the causal mask on every call; this form
+            // differentiates through `softmax`, whose maximum is detached. Same values.
+            let bias = match mask {
+                AttentionMask::Causal => Some(bias(&causal_mask(seq, &q.device()))),
+                AttentionMask::Explicit(m) => Some(bias(m)),
+                AttentionMask::Unmasked => None,
+            };
+            softmax_attention(q, k, v, bias)
+        } else {
+            // The no-gradient passes: Burn's fused kernel.
+            let (bias, is_causal) = match mask {
+                AttentionMask::Causal => (None, true),
+                AttentionMask::Unmasked => (None, false),
+                AttentionMask::Explicit(m) => (
+                    Some(bias(m).expand([batch, self.n_heads, seq, keys])),
+                    false,
+                ),
+            };
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal,
+            };
+            attention(q, k, v, None, bias, options) // [B, H, S, dh]
         };
-        let context = attention(q, k, v, None, bias, options); // [B, H, S, dh]
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        (self.output.forward(context), own)
+        (rows(&self.output, context), own)
     }
 
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
@@ -122,6 +139,25 @@ impl CausalSelfAttention {
 }
 
 /// The lower-triangular mask as an explicit `[T, T]` tensor (true above the diagonal).
+/// `softmax(q·kᵀ / √dh + bias) · v` written out, for the trained pass: `q: [B, H, S, dh]`,
+/// `k`, `v: [B, H, K, dh]`, `bias` broadcast to `[B, H, S, K]` → `[B, H, S, dh]`. Under autodiff
+/// its backward is that of `softmax` (maximum detached), where Burn's `attention` falls back to
+/// ops that differentiate through the maximum.
+pub fn softmax_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [B, H, S, K]
+    let scores = match bias {
+        Some(b) => scores + b,
+        None => scores,
+    };
+    softmax(scores, 3).matmul(v)
+}
+
 pub fn causal_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
     Tensor::<2, Int>::ones([seq, seq], device).triu(1).bool()
 }

@@ -5,7 +5,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
 use crate::attention::{AttentionMask, CausalSelfAttention, LayerKv};
-use crate::layers::{AdaptiveLayer, Mlp};
+use crate::layers::{AdaptiveLayer, Mlp, rows};
 use crate::mini_gpt::{embed_at, layer_norm, positions, tied_logits};
 use crate::{ConfidenceGptConfig, GptConfig, init};
 
@@ -171,10 +171,7 @@ impl ConfidenceAwareGpt {
             // Detached: the confidence loss trains the probe only, never the trunk.
             Tensor::cat(probed, 2).detach() // [B, T, k·d]
         };
-        let confidence = self
-            .confidence_predictor
-            .forward(head_input)
-            .squeeze_dim::<2>(2);
+        let confidence = rows(&self.confidence_predictor, head_input).squeeze_dim::<2>(2);
         let output = ConfidenceOutput {
             logits: tied_logits(h, &self.tok_emb),
             confidence,

@@ -24,7 +24,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.proj.forward(gelu(self.fc.forward(x)))
+        rows(&self.proj, gelu(rows(&self.fc, x)))
     }
 }
 
@@ -48,11 +48,21 @@ impl AdaptiveLayer {
     /// `x: [B, T, d]`, `c: [B, T, 1]` → `[B, T, d]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<3>) -> Tensor<3> {
         let [batch, seq, d] = x.dims();
-        let modulation = self.modulation.forward(c); // [B, T, 2d]
+        let modulation = rows(&self.modulation, c); // [B, T, 2d]
         let scale = modulation.clone().slice([0..batch, 0..seq, 0..d]);
         let shift = modulation.slice([0..batch, 0..seq, d..2 * d]);
         normalise(x) * (scale + 1.0) + shift
     }
+}
+
+/// `linear` on `x: [B, T, d_in]` as one `[B·T, d_in]` matrix: one gemm (and one for the
+/// weight's gradient) instead of a broadcast batched product over B that the backward pass
+/// reduces from a `[B, d_in, d_out]` temporary. The same values, computed faster.
+pub fn rows(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [batch, seq, d_in] = x.dims();
+    let y = linear.forward(x.reshape([batch * seq, d_in])); // [B·T, d_out]
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
 }
 
 /// LayerNorm without affine parameters over the last dimension.

@@ -8,7 +8,7 @@ pub mod init;
 pub mod layers;
 mod mini_gpt;
 
-pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask};
+pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask, softmax_attention};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
 pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use layers::{AdaptiveLayer, Mlp};

@@ -354,3 +354,59 @@ fn invalid_shapes_are_rejected_naming_the_field() {
             .contains("n_layers")
     );
 }
+
+#[test]
+fn the_trained_attention_equals_burns_attention_in_values_and_gradients() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+
+    let device = Device::flex().autodiff();
+    let (b, h, s, dh) = (2, 3, 7, 8);
+    let leaf = |seed: f64| {
+        Tensor::<4>::random([b, h, s, dh], Distribution::Normal(seed, 1.0), &device).require_grad()
+    };
+    let (q, k, v) = (leaf(0.1), leaf(-0.2), leaf(0.3));
+    // A fixed weighting, so that every output element has its own gradient.
+    let weights = Tensor::<4>::random([b, h, s, dh], Distribution::Normal(0.0, 1.0), &device);
+    let causal = Tensor::<2>::zeros([s, s], &device)
+        .mask_fill(causal_mask(s, &device), f32::NEG_INFINITY)
+        .unsqueeze::<4>();
+    let ours = softmax_attention(q.clone(), k.clone(), v.clone(), Some(causal));
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    let burns = attention(q.clone(), k.clone(), v.clone(), None, None, options);
+    ours.clone()
+        .into_data()
+        .assert_approx_eq::<f32>(&burns.clone().into_data(), Tolerance::absolute(1e-5));
+    let grads_ours = (ours * weights.clone()).sum().backward();
+    let grads_burn = (burns * weights).sum().backward();
+    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+        let a = x.grad(&grads_ours).unwrap();
+        let e = x.grad(&grads_burn).unwrap();
+        assert!(
+            a.clone().abs().sum().into_scalar::<f32>() > 1e-3,
+            "{name}: a zero gradient proves nothing"
+        );
+        a.into_data()
+            .assert_approx_eq::<f32>(&e.into_data(), Tolerance::absolute(1e-5));
+    }
+}
+
+#[test]
+fn a_linear_on_flattened_rows_equals_the_batched_linear_in_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    let linear = burn::nn::LinearConfig::new(6, 5).init(&device);
+    let x = Tensor::<3>::random([3, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+    let flat = conf_model::layers::rows(&linear, x.clone());
+    let batched = linear.forward(x);
+    flat.clone()
+        .into_data()
+        .assert_approx_eq::<f32>(&batched.clone().into_data(), Tolerance::absolute(1e-6));
+    let g_flat = flat.powi_scalar(2).sum().backward();
+    let g_batched = batched.powi_scalar(2).sum().backward();
+    let grad = |g| linear.weight.grad(g).unwrap().into_data();
+    grad(&g_flat).assert_approx_eq::<f32>(&grad(&g_batched), Tolerance::absolute(1e-5));
+}
