@@ -668,8 +668,8 @@ fn json_file(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Runs `args` and sends SIGINT once the run has reached a step (its first checkpoint).
-fn interrupted(args: &[&str], cache: &Path, checkpoints_under: &Path) -> Output {
+/// Runs `args` and sends `signal` once the run has reached a step (its first checkpoint).
+fn interrupted(args: &[&str], cache: &Path, checkpoints_under: &Path, signal: i32) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lookahead"))
         .args(args)
         .env("LOOKAHEAD_CACHE", cache)
@@ -696,7 +696,7 @@ fn interrupted(args: &[&str], cache: &Path, checkpoints_under: &Path) -> Output 
     }
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, signal);
     }
     child.wait_with_output().unwrap()
 }
@@ -748,7 +748,12 @@ fn sigint_saves_the_step_and_a_resumed_train_ends_with_the_uninterrupted_weights
     };
     assert_success(&lookahead(&refs(&args(full.path())), cache.path()));
 
-    let out = interrupted(&refs(&args(stopped.path())), cache.path(), stopped.path());
+    let out = interrupted(
+        &refs(&args(stopped.path())),
+        cache.path(),
+        stopped.path(),
+        libc::SIGINT,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(
@@ -773,15 +778,15 @@ fn sigint_saves_the_step_and_a_resumed_train_ends_with_the_uninterrupted_weights
 }
 
 #[test]
-fn an_interrupted_experiment_says_so_and_resumes_its_own_runs() {
+fn a_terminated_experiment_says_so_and_resumes_its_own_runs() {
     let cache = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let results_dir = dir.path().to_str().unwrap();
     let mut args = tiny_experiment(results_dir, "400", "5,6");
     args.extend(["--save-interval", "1"]);
-    let out = interrupted(&args, cache.path(), dir.path());
+    let out = interrupted(&args, cache.path(), dir.path(), libc::SIGTERM);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
     assert!(
         stderr.contains("incomplete") && stderr.contains("--resume"),
         "{stderr}"
