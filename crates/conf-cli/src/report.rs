@@ -272,7 +272,8 @@ fn time_chart(training_time: &BTreeMap<String, f64>) -> String {
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(48)
-            .build_cartesian_2d((0..bars.len()).into_segmented(), 0f64..max * 1.1)?;
+            // A segmented 0..=n has n + 1 segments: one per bar.
+            .build_cartesian_2d((0..bars.len().max(1) - 1).into_segmented(), 0f64..max * 1.1)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
