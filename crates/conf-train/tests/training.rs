@@ -162,17 +162,38 @@ fn the_confidence_model_trains_with_the_dense_objective_and_reports_calibration(
     }
 }
 
-/// Dense, but the loss turns to NaN from the `after`-th call on.
+/// What a [`Scripted`] objective does from its `from`-th call (counted from 0) on.
 #[derive(Debug)]
-struct NanAfter {
+enum Fault {
+    /// The total loss turns to NaN.
+    NanLoss,
+    /// A stop is requested (as SIGINT would), before the step is computed.
+    Stop(StopRequest),
+}
+
+/// Dense, with a fault from a given call on.
+#[derive(Debug)]
+struct Scripted {
     inner: DenseObjective,
-    after: usize,
+    from: usize,
+    fault: Fault,
     calls: std::sync::atomic::AtomicUsize,
 }
 
-impl Objective<ConfidenceAwareGpt> for NanAfter {
+impl Scripted {
+    fn new(from: usize, fault: Fault) -> Arc<Self> {
+        Arc::new(Self {
+            inner: dense(),
+            from,
+            fault,
+            calls: Default::default(),
+        })
+    }
+}
+
+impl Objective<ConfidenceAwareGpt> for Scripted {
     fn name(&self) -> &'static str {
-        "nan-after"
+        "scripted"
     }
 
     fn metrics(&self) -> &'static [MetricKind] {
@@ -184,13 +205,23 @@ impl Objective<ConfidenceAwareGpt> for NanAfter {
     }
 
     fn compute(&self, model: &ConfidenceAwareGpt, batch: LookaheadBatch) -> ObjectiveOutput {
+        let faulty = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.from;
+        if let (true, Fault::Stop(stop)) = (faulty, &self.fault) {
+            stop.request(StopReason::Signal(2));
+        }
         let mut out = self.inner.compute(model, batch);
-        let calls = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if calls >= self.after {
+        if let (true, Fault::NanLoss) = (faulty, &self.fault) {
             out.total = out.total * f64::NAN;
         }
         out
     }
+}
+
+fn dense() -> DenseObjective {
+    DenseObjective(ConfidenceSettings {
+        alpha: 1.0,
+        conf_input: ConfInput::SelfConditioned,
+    })
 }
 
 #[test]
@@ -201,14 +232,7 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_the_loss_parts() {
     let device = Device::flex().autodiff();
     let trainee = Trainee::new(
         ConfidenceGptConfig::new(gpt(corpus.vocab_size())).init(&device),
-        Arc::new(NanAfter {
-            inner: DenseObjective(ConfidenceSettings {
-                alpha: 1.0,
-                conf_input: ConfInput::SelfConditioned,
-            }),
-            after: 5,
-            calls: Default::default(),
-        }),
+        Scripted::new(5, Fault::NanLoss),
         1.0,
     );
     let err = match fit(trainee, &corpus, &split, &run, &StopRequest::default()) {
@@ -247,10 +271,7 @@ fn params(model: &conf_model::ConfidenceAwareGpt) -> Vec<f32> {
 #[test]
 fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
     let (corpus, split) = corpus();
-    let dense = DenseObjective(ConfidenceSettings {
-        alpha: 1.0,
-        conf_input: ConfInput::SelfConditioned,
-    });
+    let dense = dense();
     let device = Device::flex().autodiff();
     // One initial model for all three runs: tests share the process-wide generator, so
     // re-seeding it would not guarantee equal initialisations.
@@ -274,11 +295,7 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
     // of two batches each): it stops, naming the step and the checkpoint it keeps.
     let dir = tempfile::tempdir().unwrap();
     let run = settings(dir.path(), 60, 20);
-    let diverging = Arc::new(NanAfter {
-        inner: dense,
-        after: 44,
-        calls: Default::default(),
-    });
+    let diverging = Scripted::new(44, Fault::NanLoss);
     let err = match fit(
         Trainee::new(fresh(&device), diverging, 1.0),
         &corpus,
@@ -335,43 +352,6 @@ fn a_run_that_diverges_keeps_its_last_good_checkpoint_and_resumes_exactly() {
     ));
 }
 
-/// Dense, but asks `stop` to stop (as a signal would) at its `at`-th call.
-#[derive(Debug)]
-struct StopAt {
-    inner: DenseObjective,
-    at: usize,
-    calls: std::sync::atomic::AtomicUsize,
-    stop: StopRequest,
-}
-
-impl Objective<ConfidenceAwareGpt> for StopAt {
-    fn name(&self) -> &'static str {
-        "stop-at"
-    }
-
-    fn metrics(&self) -> &'static [MetricKind] {
-        self.inner.metrics()
-    }
-
-    fn extra_forward_passes(&self, seq_len: usize) -> f64 {
-        self.inner.extra_forward_passes(seq_len)
-    }
-
-    fn compute(&self, model: &ConfidenceAwareGpt, batch: LookaheadBatch) -> ObjectiveOutput {
-        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == self.at {
-            self.stop.request(StopReason::Signal(2));
-        }
-        self.inner.compute(model, batch)
-    }
-}
-
-fn dense() -> DenseObjective {
-    DenseObjective(ConfidenceSettings {
-        alpha: 1.0,
-        conf_input: ConfInput::SelfConditioned,
-    })
-}
-
 #[test]
 fn a_stopped_run_saves_its_step_says_so_and_resumes_to_the_same_weights() {
     let (corpus, split) = corpus();
@@ -389,17 +369,13 @@ fn a_stopped_run_saves_its_step_says_so_and_resumes_to_the_same_weights() {
     assert_eq!(reference.status, RunStatus::Complete);
     assert_eq!(reference.report.steps_trained, 30);
 
-    // A stop at the 14th step (after one evaluation of two batches): the step finishes, is
-    // saved, and the run reports what it trained.
+    // A stop at the 14th step: the step finishes, is saved, and the run reports what it
+    // trained.
     let dir = tempfile::tempdir().unwrap();
     let run = settings(dir.path(), 30, 10);
     let stop = StopRequest::default();
-    let stopping = Arc::new(StopAt {
-        inner: dense(),
-        at: 16,
-        calls: Default::default(),
-        stop: stop.clone(),
-    });
+    // The 16th call (from 0: 15) is the 14th step: 10 steps, 2 evaluation batches, 4 steps.
+    let stopping = Scripted::new(15, Fault::Stop(stop.clone()));
     let stopped = fit(
         Trainee::new(initial.clone(), stopping, 1.0),
         &corpus,
