@@ -4,7 +4,7 @@ fused AdamW, global gradient-norm clipping. It is the reference `cargo xtask ben
 `lookahead bench` with, and `tests/pytorch_reference.rs` checks that it computes what the Rust
 models compute (docs/models.md, docs/training.md) on the same weights and batch.
 
-    python bench/reference.py check DUMP.json          # compare with a dump of the Rust models
+    python bench/reference.py check DUMP.json          # compare with the Rust models (see the test)
     python bench/reference.py bench --d-model 128 ...   # ms/step per objective, JSON on stdout
 """
 
@@ -256,46 +256,54 @@ def train_step(model, optimizer, objective, tokens, uniforms, alpha=1.0, self_co
     return out
 
 
-# ---- the check against a dump of the Rust models ----
+# ---- the check against the Rust models ----
 
 
-def load_params(model, params):
-    """Parameters by the Rust module path; Burn stores a Linear's weight as [in, out]."""
-    renamed = {"gamma": "weight", "beta": "bias"}
-    state = {}
-    for path, p in params.items():
-        *module, leaf = path.split(".")
-        name = ".".join(module + [renamed.get(leaf, leaf)])
-        value = torch.tensor(p["values"], dtype=torch.float32).view(p["shape"])
-        owner = model.get_submodule(".".join(module))
-        if isinstance(owner, nn.Linear) and leaf == "weight":
-            value = value.T
-        state[name] = value
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise SystemExit(f"the dump lacks {sorted(missing)}")
-    model.load_state_dict(state)
+def load_export(path):
+    """The model of a `lookahead export` file: built from its metadata, weights loaded strictly."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    architecture = json.loads(meta["lookahead.architecture"])
+    if architecture["model"] == "standard":
+        g = architecture["config"]
+        model = MiniGPT(g["vocab_size"], g["context_length"], g["d_model"], g["n_layers"], g["n_heads"], g["mlp_hidden"])
+    else:
+        c = architecture["config"]
+        g = c["gpt"]
+        probe = min(3, g["n_layers"]) if c["conf_head"] == "probe" else 0
+        model = ConfidenceGPT(g["vocab_size"], g["context_length"], g["d_model"], g["n_layers"], g["n_heads"], g["mlp_hidden"], probe)
+    model.load_state_dict(load_file(path), strict=True)
+    return model
 
 
 def check(path):
+    """Losses of every objective and the logits of each model, against the Rust models' values."""
     dump = json.load(open(path))
-    c = dump["config"]
-    args = (c["vocab_size"], c["context_length"], c["d_model"], c["n_layers"], c["n_heads"])
     tokens = torch.tensor(dump["tokens"])
     uniforms = torch.tensor(dump["uniforms"], dtype=torch.float32)
+    seq = tokens.shape[1] - 2
+    models = {"standard": load_export(dump["standard_export"]), "confidence": load_export(dump["export"])}
     failures = []
+    for name, model in models.items():
+        x = tokens[:, :seq]
+        with torch.no_grad():
+            logits = model(x) if name == "standard" else model(x, torch.zeros(x.shape))[0]
+        want = torch.tensor(dump["logits"][name], dtype=torch.float32).view(logits.shape)
+        gap = (logits - want).abs().max().item()
+        ok = gap <= 1e-4
+        print(f"{name:<10} logits     max |rust - torch| {gap:.2e} {'ok' if ok else 'DIFFERS'}")
+        if not ok:
+            failures.append(f"{name} logits")
     for objective, expected in dump["expected"].items():
-        if objective == "standard":
-            model = MiniGPT(*args, dump["standard_mlp_hidden"])
-            load_params(model, dump["standard_params"])
-        else:
-            model = ConfidenceGPT(*args, c["mlp_hidden"], dump["probe_blocks"])
-            load_params(model, dump["params"])
+        model = models["standard" if objective == "standard" else "confidence"]
         got = STEPS[objective](model, tokens, uniforms, dump["alpha"], True)
         for name, want in expected.items():
             value = got[name].item()
             ok = abs(value - want) <= 1e-4 * abs(want) + 1e-5
-            print(f"{objective:<8} {name:<10} rust {want:.7f} torch {value:.7f} {'ok' if ok else 'DIFFERS'}")
+            print(f"{objective:<10} {name:<10} rust {want:.7f} torch {value:.7f} {'ok' if ok else 'DIFFERS'}")
             if not ok:
                 failures.append(f"{objective} {name}")
     if failures:
@@ -357,7 +365,7 @@ def bench(a):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="compare with a dump of the Rust models")
+    c = sub.add_parser("check", help="compare with the Rust models: their exports, a batch and the values they computed")
     c.add_argument("dump")
     b = sub.add_parser("bench", help="time each objective's training step")
     for name, default in [("d-model", 128), ("n-layers", 4), ("n-heads", 4), ("seq-len", 128), ("batch-size", 16), ("vocab", 32), ("threads", 2), ("steps", 10), ("warmup-steps", 3), ("seed", 42)]:

@@ -945,3 +945,182 @@ fn help_describes_every_flag_and_bench_has_no_training_only_flags() {
         assert!(!bench.contains(flag), "bench shows {flag}");
     }
 }
+
+/// A 4-step run of `model` into `dir`; its run directory.
+fn tiny_train(model: &str, dir: &Path, cache: &Path, extra: &[&str]) -> PathBuf {
+    let mut args = vec![
+        "train",
+        "--model",
+        model,
+        "--preset",
+        "quick",
+        "--training-steps",
+        "4",
+        "--eval-interval",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-tui",
+        "--results-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    assert_success(&lookahead(&args, cache));
+    let objective = if model == "standard" {
+        "standard"
+    } else {
+        "dense"
+    };
+    dir.join("train")
+        .join(format!("{model}-{objective}-seed42"))
+}
+
+fn stdout(output: &Output) -> String {
+    assert_success(output);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_run_exports_to_safetensors_and_samples_from_the_run_its_checkpoint_and_the_export() {
+    let cache = tempfile::tempdir().unwrap();
+    let results = tempfile::tempdir().unwrap();
+    let run = tiny_train("confidence", results.path(), cache.path(), &[]);
+    let out = lookahead(&["export", run.to_str().unwrap()], cache.path());
+    assert!(stdout(&out).contains("at step 4"));
+    let export = run.join("model.safetensors");
+    let set = run.join("checkpoints").join("step-0000004");
+    let sample = |source: &Path, extra: &[&str]| {
+        let mut args = vec!["sample", source.to_str().unwrap(), "--max-new-tokens", "24"];
+        if !extra.contains(&"--prompt") {
+            args.extend(["--prompt", "abc"]);
+        }
+        args.extend(extra);
+        lookahead(&args, cache.path())
+    };
+    // The same seed gives the same text from the run, its checkpoint and its export.
+    let text = stdout(&sample(&run, &["--seed", "3"]));
+    assert!(
+        text.starts_with("abc") && text.trim_end().chars().count() == 3 + 24,
+        "{text}"
+    );
+    assert_eq!(text, stdout(&sample(&set, &["--seed", "3"])));
+    assert_eq!(text, stdout(&sample(&export, &["--seed", "3"])));
+    assert_ne!(text, stdout(&sample(&export, &["--seed", "4"])));
+    // Temperature 0 is greedy: the seed no longer matters.
+    let greedy = stdout(&sample(&export, &["--temperature", "0", "--seed", "1"]));
+    assert_eq!(
+        greedy,
+        stdout(&sample(&export, &["--temperature", "0", "--seed", "2"]))
+    );
+    // --json: one object per token, with the predicted future loss; the texts make the text.
+    let lines = stdout(&sample(&export, &["--seed", "3", "--json"]));
+    let tokens: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 24);
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t["predicted_loss"].as_f64().unwrap().is_finite())
+    );
+    let joined: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(format!("abc{joined}"), text.trim_end());
+    // Characters outside the vocabulary, bad settings and foreign files are clear errors.
+    fails_with(
+        &sample(&export, &["--prompt", "abcé"]),
+        2,
+        &["--prompt", "'é'"],
+    );
+    fails_with(&sample(&export, &["--top-p", "0"]), 2, &["--top-p"]);
+    let truncated = results.path().join("truncated.safetensors");
+    let bytes = std::fs::read(&export).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(
+        &sample(&truncated, &[]),
+        2,
+        &["truncated.safetensors", "SafeTensors"],
+    );
+    let foreign = results.path().join("notes.txt");
+    std::fs::write(&foreign, "not weights").unwrap();
+    fails_with(&sample(&foreign, &[]), 2, &["notes.txt", "SafeTensors"]);
+    fails_with(&sample(results.path(), &[]), 2, &["model.json"]);
+}
+
+#[test]
+fn train_starts_from_an_export_of_the_same_model_only() {
+    let cache = tempfile::tempdir().unwrap();
+    let results = tempfile::tempdir().unwrap();
+    let first = tiny_train("standard", results.path(), cache.path(), &[]);
+    let export = first.join("model.safetensors");
+    assert_success(&lookahead(
+        &["export", first.to_str().unwrap()],
+        cache.path(),
+    ));
+    let again = tempfile::tempdir().unwrap();
+    let init = ["--init-from", export.to_str().unwrap()];
+    let out = lookahead(
+        &[
+            "train",
+            "--model",
+            "standard",
+            "--preset",
+            "quick",
+            "--training-steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--no-tui",
+            "--results-dir",
+            again.path().to_str().unwrap(),
+            init[0],
+            init[1],
+        ],
+        cache.path(),
+    );
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("starting from the weights"));
+    let other = tempfile::tempdir().unwrap();
+    let mismatch = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model,
+            "--preset",
+            "quick",
+            "--training-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-tui",
+            "--results-dir",
+            other.path().to_str().unwrap(),
+            init[0],
+            init[1],
+        ];
+        if !extra.contains(&"--seq-len") {
+            args.extend(["--seq-len", "32"]);
+        }
+        args.extend(extra);
+        lookahead(&args, cache.path())
+    };
+    fails_with(
+        &mismatch("confidence", &[]),
+        2,
+        &["--init-from", "model confidence here, standard there"],
+    );
+    fails_with(
+        &mismatch("standard", &["--seq-len", "48"]),
+        2,
+        &["seq_len) 48 here, 32 there"],
+    );
+    fails_with(
+        &mismatch("standard", &["--tokenizer", "byte"]),
+        2,
+        &["tokenizer"],
+    );
+}

@@ -1,6 +1,7 @@
 //! The PyTorch reference of the benchmark (`bench/reference.py`) computes what the Rust models
-//! compute: the same perturbed weights and the same batch (windows and sampling noise) give the
-//! same losses for all four objectives, within 1e-4 relative.
+//! compute: it loads their `lookahead export` files (perturbed weights) and, on the same batch
+//! (windows and sampling noise), gives the same logits (within 1e-4) and the same losses for
+//! all four objectives (within 1e-4 relative).
 //!
 //! It needs Python with PyTorch: `LOOKAHEAD_PYTHON`, else the venv of `cargo xtask setup
 //! --backend tch-cpu` (`$LOOKAHEAD_VENV`, else `.venv`). Without one the test says so and
@@ -12,14 +13,15 @@ use std::process::Command;
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::Module;
 use burn::prelude::*;
+use conf_data::TokenizerSpec;
 use conf_model::test_util::Perturb;
-use conf_model::{ConfidenceGptConfig, GptConfig};
-use conf_train::optim::named_params;
+use conf_model::{AttentionMask, ConfidenceGptConfig, GptConfig};
+use conf_train::weights::{AnyModel, Architecture, ModelCard, TrainedModel, export_safetensors};
 use conf_train::{
-    ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatcher, Objective, ObjectiveOutput,
-    SeedObjective, StandardObjective, TeacherObjective,
+    ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatcher, Objective, ObjectiveKind,
+    ObjectiveOutput, SeedObjective, StandardObjective, TeacherObjective,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 const VOCAB: usize = 29;
 const SEQ: usize = 16;
@@ -46,15 +48,26 @@ fn python() -> Option<PathBuf> {
     })
 }
 
-fn params<M: Module>(module: &M) -> Value {
-    let map: Map<String, Value> = named_params(module)
-        .into_iter()
-        .map(|p| {
-            let values = p.values.into_data().try_into_vec_as::<f32>().unwrap();
-            (p.path, json!({ "shape": p.shape, "values": values }))
-        })
-        .collect();
-    Value::Object(map)
+/// Writes `model` as `lookahead export` does.
+fn export(model: AnyModel, architecture: Architecture, path: &Path) {
+    let vocabulary = ('!'..).take(VOCAB).collect();
+    let trained = TrainedModel {
+        card: ModelCard {
+            architecture,
+            objective: ObjectiveKind::Dense,
+            conf_input: ConfInput::SelfConditioned,
+            tokenizer: TokenizerSpec::Char { vocabulary },
+        },
+        model,
+        step: None,
+        source: path.to_path_buf(),
+        run_dir: None,
+    };
+    export_safetensors(&trained, path).unwrap();
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().unwrap()
 }
 
 fn losses(out: ObjectiveOutput) -> Value {
@@ -120,19 +133,34 @@ fn the_pytorch_reference_computes_the_rust_models_losses() {
         let v = t.into_data().try_into_vec_as::<f32>().unwrap();
         v.chunks(SEQ).map(<[f32]>::to_vec).collect::<Vec<_>>()
     };
-    let token_rows: Vec<Vec<i64>> = ids.chunks(SEQ + 2).map(<[i64]>::to_vec).collect();
-    let dump = json!({
-        "config": gpt,
-        "standard_mlp_hidden": matched.mlp_hidden,
-        "probe_blocks": 0,
-        "alpha": 1.0,
-        "params": params(&model),
-        "standard_params": params(&standard),
-        "tokens": token_rows,
-        "uniforms": rows(batch.uniforms),
-        "expected": expected,
+    let x = batch.tokens.clone().slice([0..BATCH, 0..SEQ]);
+    let logits = json!({
+        "standard": values(standard.forward(x.clone(), &AttentionMask::Causal)),
+        "confidence": values(model.forward(x, Tensor::zeros([BATCH, SEQ], &device), &AttentionMask::Causal).logits),
     });
     let dir = tempfile::tempdir().unwrap();
+    let standard_export = dir.path().join("standard.safetensors");
+    let confidence_export = dir.path().join("confidence.safetensors");
+    export(
+        AnyModel::Standard(standard),
+        Architecture::Standard(matched),
+        &standard_export,
+    );
+    export(
+        AnyModel::Confidence(model),
+        Architecture::Confidence(config),
+        &confidence_export,
+    );
+    let token_rows: Vec<Vec<i64>> = ids.chunks(SEQ + 2).map(<[i64]>::to_vec).collect();
+    let dump = json!({
+        "standard_export": standard_export,
+        "export": confidence_export,
+        "alpha": 1.0,
+        "tokens": token_rows,
+        "uniforms": rows(batch.uniforms),
+        "logits": logits,
+        "expected": expected,
+    });
     let path = dir.path().join("dump.json");
     std::fs::write(&path, serde_json::to_vec(&dump).unwrap()).unwrap();
     let out = Command::new(&python)
@@ -148,5 +176,5 @@ fn the_pytorch_reference_computes_the_rust_models_losses() {
     );
     eprintln!("{report}");
     assert!(out.status.success(), "{report}");
-    assert_eq!(report.matches(" ok").count(), 11, "{report}");
+    assert_eq!(report.matches(" ok").count(), 13, "{report}");
 }

@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 
 /// PyTorch release whose libtorch burn-tch 0.22 (through torch-sys 0.22) is built against.
 const TORCH_VERSION: &str = "2.9.0";
+/// Reads `lookahead export` files in `bench/reference.py`.
+const SAFETENSORS_VERSION: &str = "0.8.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -335,9 +337,22 @@ fn setup_libtorch(backend: Backend) -> anyhow::Result<()> {
         return Ok(());
     }
     let venv = venv_dir();
-    let ready = venv_torch(&venv).is_ok_and(|(v, _)| v.split('+').next() == Some(TORCH_VERSION));
+    let python = venv.join("bin").join("python");
+    let ready = venv_torch(&venv).is_ok_and(|(v, _)| v.split('+').next() == Some(TORCH_VERSION))
+        && Command::new(&python)
+            .args([
+                "-c",
+                &format!(
+                    "import safetensors; assert safetensors.__version__ == '{SAFETENSORS_VERSION}'"
+                ),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success());
     if ready {
-        println!("{}: PyTorch {TORCH_VERSION} is installed", venv.display());
+        println!(
+            "{}: PyTorch {TORCH_VERSION} and safetensors {SAFETENSORS_VERSION} are installed",
+            venv.display()
+        );
     } else {
         if !venv.join("bin").join("python").is_file() {
             let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -348,9 +363,9 @@ fn setup_libtorch(backend: Backend) -> anyhow::Result<()> {
             "install",
             "--disable-pip-version-check",
             &format!("torch=={TORCH_VERSION}"),
+            &format!("safetensors=={SAFETENSORS_VERSION}"),
         ]))?;
     }
-    let python = venv.join("bin").join("python");
     let probe = "import torch; print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())";
     run(Command::new(&python).args(["-c", probe]))?;
     println!("next: cargo xtask experiment --backend {}", backend.name());

@@ -42,6 +42,65 @@ pub enum Command {
     Results(ResultsCommand),
     /// Time each objective's training step (ms/step, tokens/s, TFLOP/s, memory) on a backend.
     Bench(BenchArgs),
+    /// Write a trained model's weights with PyTorch's names and layouts.
+    Export(ExportArgs),
+    /// Generate text from a trained model, token by token (with the confidence model's
+    /// predicted future loss for each).
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run directory (its latest checkpoint), its checkpoints/ directory or one checkpoint
+    /// set (checkpoints/step-…).
+    pub source: PathBuf,
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: ExportFormat,
+    /// Where to write [default: model.safetensors in the run directory].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// The export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// SafeTensors, loadable by PyTorch (`safetensors.torch.load_file`) and Burn.
+    Safetensors,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// A run directory, a checkpoint, or a .safetensors export.
+    pub source: PathBuf,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200, value_parser = parse_count)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 takes the most likely token every time.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// One JSON object per token on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub target: DeviceArgs,
+}
+
+/// Where the computation runs.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Backend (docs/backends.md); a build holds those of its Cargo features.
+    #[arg(long, value_enum, default_value_t = BackendChoice::default_compiled())]
+    pub backend: BackendChoice,
+    /// GPU index for wgpu (the N-th discrete GPU), tch-cuda and cuda; default: the first.
+    #[arg(long)]
+    pub device: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,12 +181,8 @@ pub struct CommonArgs {
     /// or gpu.
     #[arg(long, default_value = "quick")]
     pub preset: String,
-    /// Backend (docs/backends.md); a build holds those of its Cargo features.
-    #[arg(long, value_enum, default_value_t = BackendChoice::default_compiled())]
-    pub backend: BackendChoice,
-    /// GPU index for wgpu (the N-th discrete GPU), tch-cuda and cuda; default: the first.
-    #[arg(long)]
-    pub device: Option<usize>,
+    #[command(flatten)]
+    pub target: DeviceArgs,
     #[command(flatten)]
     pub corpus: CorpusArgs,
     /// Optimizer steps per model [preset: quick 400, plan 1000, gpu 5000].
@@ -221,6 +276,10 @@ pub struct TrainArgs {
     /// configuration's objective, dense for quick and gpu, seed for plan].
     #[arg(long)]
     pub objective: Option<ObjectiveKind>,
+    /// Start from the weights of an export (`lookahead export`) instead of the seed's
+    /// initialisation; the export must be of the same model and tokenizer.
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

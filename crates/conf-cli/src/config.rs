@@ -254,6 +254,7 @@ impl ConfidenceExperimentConfig {
             confidence: self.confidence(),
             training,
             sample: SAMPLE,
+            init_from: None,
         }
     }
 }

@@ -37,5 +37,7 @@ pub fn run(command: Command) -> Result<(), Failure> {
         Command::Results(command) => commands::results::run(command),
         Command::Report { files } => commands::report::run(files),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Export(args) => commands::export::run(args),
+        Command::Sample(args) => commands::sample::run(args),
     }
 }

@@ -26,8 +26,10 @@ use crate::loader::StepTimer;
 use crate::optim::named_params;
 use crate::training::TrainingSettings;
 
+/// A run's checkpoint directory, inside its artifact directory.
+pub const CHECKPOINTS: &str = "checkpoints";
 const LATEST: &str = "latest";
-const MODEL: &str = "model.bpk";
+pub(crate) const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const STATE: &str = "state.json";
 const SET_PREFIX: &str = "step-";
@@ -324,29 +326,43 @@ pub fn has_checkpoints(dir: &Path) -> bool {
     dir.join(LATEST).exists() || !checkpoint_sets(dir).is_empty()
 }
 
-/// The checkpoint `latest` names in `dir`. Sets without a `latest` pointer are an error, never
-/// silently ignored: they are what is left of an earlier run.
-pub fn restore(dir: &Path) -> Result<Restored, CheckpointError> {
+/// The checkpoint set `latest` names in `dir`. Sets without a `latest` pointer are an error,
+/// never silently ignored: they are what is left of an earlier run.
+pub fn latest_set(dir: &Path) -> Result<PathBuf, CheckpointError> {
     let latest = dir.join(LATEST);
-    let name = match fs::read_to_string(&latest) {
-        Ok(name) => name,
-        Err(_) if checkpoint_sets(dir).is_empty() => {
-            return Err(CheckpointError::Mismatch(format!(
-                "--resume: there is no checkpoint in {} to continue (drop --resume to start the run)",
+    match fs::read_to_string(&latest) {
+        Ok(name) => Ok(dir.join(name.trim())),
+        Err(_) if checkpoint_sets(dir).is_empty() => Err(CheckpointError::Mismatch(format!(
+            "there is no checkpoint in {}",
+            dir.display()
+        ))),
+        Err(e) => Err(file_error(
+            &latest,
+            format!(
+                "{e}; the checkpoint sets beside it cannot be trusted without it (remove {} to start over)",
                 dir.display()
-            )));
-        }
-        Err(e) => {
-            return Err(file_error(
-                &latest,
-                format!(
-                    "{e}; the checkpoint sets beside it cannot be trusted without it (remove {} to start over)",
-                    dir.display()
-                ),
-            ));
-        }
-    };
-    let set = dir.join(name.trim());
+            ),
+        )),
+    }
+}
+
+/// The optimizer step a checkpoint set was taken at, from its name.
+pub fn step_of(set: &Path) -> Option<usize> {
+    set.file_name()?
+        .to_str()?
+        .strip_prefix(SET_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// The checkpoint `latest` names in `dir`.
+pub fn restore(dir: &Path) -> Result<Restored, CheckpointError> {
+    let set = latest_set(dir).map_err(|e| match e {
+        CheckpointError::Mismatch(message) => CheckpointError::Mismatch(format!(
+            "--resume: {message} to continue (drop --resume to start the run)"
+        )),
+        other => other,
+    })?;
     let read = |file: &str| fs::read(set.join(file)).map_err(|e| file_error(&set.join(file), e));
     let state: CheckpointState =
         serde_json::from_slice(&read(STATE)?).map_err(|e| file_error(&set.join(STATE), e))?;

@@ -19,6 +19,7 @@ pub mod step;
 pub mod stop;
 pub mod trainee;
 pub mod training;
+pub mod weights;
 
 pub use batch::{LookaheadBatch, LookaheadBatcher};
 pub use lookahead::ConfInput;

@@ -2,18 +2,21 @@
 //! evaluation windows and sampled from. The binary decides what to run and reports it; this is
 //! how a model is run.
 
+use std::path::PathBuf;
+
 use burn::module::{Module, ModuleDisplay};
 use burn::prelude::*;
 use conf_data::{Corpus, Split};
 use conf_model::ConfidenceGptConfig;
 
 use crate::cost::flops_per_token;
-use crate::generate::{Generate, Generated};
+use crate::generate::{Generate, GenerateOptions, Generated, Sampling};
 use crate::metrics::{MetricValues, Samples};
 use crate::objective::{ConfidenceSettings, ObjectiveKind};
 use crate::stop::{RunStatus, StopRequest};
 use crate::trainee::{ModelTrainee, ObjectiveTrainee};
 use crate::training::{TrainError, TrainingReport, TrainingSettings, evaluate, fit};
+use crate::weights::{AnyModel, Architecture, ModelCard, WeightsError, export_card, init_from};
 
 /// Everything that decides one model's run.
 #[derive(Debug, Clone)]
@@ -25,6 +28,8 @@ pub struct ModelPlan {
     pub confidence: ConfidenceSettings,
     pub training: TrainingSettings,
     pub sample: SampleSettings,
+    /// Start from these exported weights instead of the seed's initialisation.
+    pub init_from: Option<PathBuf>,
 }
 
 /// The text sampled from the final model.
@@ -53,8 +58,9 @@ pub struct ModelOutcome {
     pub generated: Generated,
 }
 
-/// Builds the plan's model from its seed on `device` (with autodiff), trains, evaluates and
-/// samples it; `stop` ends the training early (see [`crate::stop`]).
+/// Builds the plan's model from its seed on `device` (with autodiff), or loads it from the
+/// plan's `init_from` export, writes its [`ModelCard`] into the run directory, trains,
+/// evaluates and samples it; `stop` ends the training early (see [`crate::stop`]).
 pub fn train_model(
     plan: &ModelPlan,
     corpus: &Corpus,
@@ -62,20 +68,60 @@ pub fn train_model(
     device: &Device,
     stop: &StopRequest,
 ) -> Result<ModelOutcome, TrainError> {
+    let card = ModelCard {
+        architecture: Architecture::of(plan.objective, &plan.model),
+        objective: plan.objective,
+        conf_input: plan.confidence.conf_input,
+        tokenizer: corpus.tokenizer.clone(),
+    };
     let device = device.clone().autodiff();
     // Initialisation is seeded: both models of a seed start from that seed's generator.
     device.seed(plan.training.seed);
+    let mut model = AnyModel::init(&card.architecture, &device);
+    if let Some(path) = &plan.init_from {
+        start_from(&mut model, &card, path)?;
+    }
+    let dir = &plan.training.artifact_dir;
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::Output {
+        path: dir.clone(),
+        message: e.to_string(),
+    })?;
+    card.save(dir)?;
     let grad_clip = plan.training.optimizer.grad_clip;
-    match ObjectiveTrainee::new(
-        plan.objective,
-        &plan.model,
-        plan.confidence,
-        grad_clip,
-        &device,
-    ) {
+    match ObjectiveTrainee::with_model(plan.objective, model, plan.confidence, grad_clip) {
         ObjectiveTrainee::Standard(trainee) => run(trainee, plan, corpus, split, stop),
         ObjectiveTrainee::Confidence(trainee) => run(trainee, plan, corpus, split, stop),
     }
+}
+
+/// `--init-from`: the export must be of this model, with this tokenizer.
+fn start_from(
+    model: &mut AnyModel,
+    card: &ModelCard,
+    path: &std::path::Path,
+) -> Result<(), WeightsError> {
+    let (saved, _) = export_card(path)?;
+    let mismatch = |message: String| WeightsError::Mismatch {
+        path: path.to_path_buf(),
+        message: format!("--init-from: {message}"),
+    };
+    if let Some(difference) = card.architecture.difference(&saved.architecture) {
+        return Err(mismatch(format!(
+            "the export is of another model: {difference}"
+        )));
+    }
+    if saved.tokenizer != card.tokenizer {
+        return Err(mismatch(format!(
+            "the export's tokenizer ({}, {} tokens) is not this corpus's ({}, {} tokens)",
+            saved.tokenizer.kind(),
+            saved.tokenizer.vocab_size(),
+            card.tokenizer.kind(),
+            card.tokenizer.vocab_size()
+        )));
+    }
+    init_from(model, path)?;
+    tracing::info!("starting from the weights in {}", path.display());
+    Ok(())
 }
 
 fn run<M>(
@@ -99,9 +145,13 @@ where
         .slice(start..start + plan.sample.prompt_tokens.min(settings.seq_len));
     let generated = trained.model.model.generate(
         &prompt,
-        plan.sample.new_tokens,
-        settings.seq_len,
-        settings.seed,
+        &GenerateOptions {
+            new_tokens: plan.sample.new_tokens,
+            context: settings.seq_len,
+            sampling: Sampling::PLAIN,
+            seed: settings.seed,
+            conf_input: plan.confidence.conf_input,
+        },
     );
     Ok(ModelOutcome {
         status: trained.status,

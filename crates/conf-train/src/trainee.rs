@@ -11,6 +11,8 @@ use burn::prelude::*;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, MiniGpt};
 
+use crate::weights::{AnyModel, Architecture};
+
 use crate::batch::LookaheadBatch;
 use crate::checkpoint::StepTracker;
 use crate::objective::{
@@ -117,20 +119,41 @@ impl ObjectiveTrainee {
         grad_clip: f64,
         device: &Device,
     ) -> Self {
-        let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match objective {
-            ObjectiveKind::Standard => {
-                let standard = model.matched_standard().standard.init_minigpt(device);
+        let architecture = Architecture::of(objective, model);
+        Self::with_model(
+            objective,
+            AnyModel::init(&architecture, device),
+            confidence,
+            grad_clip,
+        )
+    }
+
+    /// `model` (built for [`Architecture::of`] this objective) with its objective.
+    pub fn with_model(
+        objective: ObjectiveKind,
+        model: AnyModel,
+        confidence: ConfidenceSettings,
+        grad_clip: f64,
+    ) -> Self {
+        let model = match model {
+            AnyModel::Standard(standard) => {
                 return Self::Standard(Trainee::new(
                     standard,
                     Arc::new(StandardObjective),
                     grad_clip,
                 ));
             }
+            AnyModel::Confidence(model) => model,
+        };
+        let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match objective {
+            ObjectiveKind::Standard => {
+                unreachable!("Architecture::of gives the standard objective a MiniGPT")
+            }
             ObjectiveKind::Seed => Arc::new(SeedObjective(confidence)),
             ObjectiveKind::Dense => Arc::new(DenseObjective(confidence)),
             ObjectiveKind::Teacher => Arc::new(TeacherObjective(confidence)),
         };
-        Self::Confidence(Trainee::new(model.init(device), objective, grad_clip))
+        Self::Confidence(Trainee::new(model, objective, grad_clip))
     }
 
     pub fn parameters(&self) -> usize {

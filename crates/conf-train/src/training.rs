@@ -59,6 +59,8 @@ pub enum TrainError {
     Output { path: PathBuf, message: String },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
 }
 
 impl TrainError {
@@ -68,6 +70,7 @@ impl TrainError {
         match self {
             Self::NotPositive { .. } | Self::Settings(_) | Self::Output { .. } => true,
             Self::Checkpoint(e) => matches!(e, CheckpointError::Mismatch(_)),
+            Self::Weights(_) => true,
             Self::NonFinite(_) => false,
         }
     }
@@ -163,7 +166,7 @@ where
     let log = Arc::new(Mutex::new(TrainingLog::default()));
     let identity = RunIdentity::of(settings, &trainee);
 
-    let checkpoints = settings.artifact_dir.join("checkpoints");
+    let checkpoints = settings.artifact_dir.join(crate::checkpoint::CHECKPOINTS);
     let mut start = TrackerStart {
         step: 0,
         train_seconds: 0.0,
@@ -291,7 +294,10 @@ where
         let kept = match tracker.last_saved() {
             Some(step) => format!(
                 "the last good checkpoint (step {step}) is in {}",
-                settings.artifact_dir.join("checkpoints").display()
+                settings
+                    .artifact_dir
+                    .join(crate::checkpoint::CHECKPOINTS)
+                    .display()
             ),
             None => "no checkpoint was written before it".to_string(),
         };

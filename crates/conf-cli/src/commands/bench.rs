@@ -47,7 +47,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
     }
     let config = super::config(&args.common, None, None)?;
-    let device = super::open_device(&args.common)?;
+    let device = super::open_device(&args.common.target)?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model = config.model(corpus.vocab_size());
     let settings = BenchSettings {
@@ -95,7 +95,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         row.relative_to_standard = standard_ms.map(|s| row.timing.ms_per_step / s);
     }
     let report = BenchReport {
-        backend: args.common.backend.name().to_string(),
+        backend: args.common.target.backend.name().to_string(),
         device: format!("{device:?}"),
         d_model: config.d_model,
         n_layers: config.n_layers,

@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod data;
 pub mod experiment;
+pub mod export;
 pub mod model;
 pub mod report;
 pub mod results;
+pub mod sample;
 pub mod train;
 
 use anyhow::Context;
@@ -16,7 +18,7 @@ use conf_train::stop::{StopReason, StopRequest};
 use conf_train::training::TrainError;
 
 use crate::Failure;
-use crate::cli::{CommonArgs, CorpusArgs, RunFlags};
+use crate::cli::{CommonArgs, CorpusArgs, DeviceArgs, RunFlags};
 use crate::config::ConfidenceExperimentConfig;
 
 /// Loads the corpus the flags name; bad input exits with code 2, a failed download with 1.
@@ -116,7 +118,7 @@ pub fn stopped(stop: &StopRequest, what: String) -> Failure {
 
 /// The device of `--backend` / `--device`; a backend missing from this build is a usage error
 /// (exit 2), a missing GPU or library a failed run (exit 1).
-pub fn open_device(args: &CommonArgs) -> Result<burn::prelude::Device, Failure> {
+pub fn open_device(args: &DeviceArgs) -> Result<burn::prelude::Device, Failure> {
     let device = crate::backend::device(args.backend, args.device).map_err(|e| {
         if e.is_usage() {
             Failure::BadInput(e.into())

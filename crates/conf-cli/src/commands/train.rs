@@ -49,7 +49,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         (ModelKind::Confidence, Some(kind)) => kind,
     };
     let seed = config.seeds[0];
-    let device = super::open_device(&args.common)?;
+    let device = super::open_device(&args.common.target)?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model_name = args.model.name();
     let run_dir = config
@@ -57,7 +57,8 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         .join("train")
         .join(format!("{model_name}-{}-seed{seed}", objective.name()));
     let training = config.training(seed, run_dir.clone(), args.run.no_tui, args.run.resume);
-    let plan = config.plan(objective, corpus.vocab_size(), training);
+    let mut plan = config.plan(objective, corpus.vocab_size(), training);
+    plan.init_from = args.init_from.clone();
     let stop = crate::signals::install().context("installing the signal handlers")?;
     let outcome =
         train_model(&plan, &corpus, &split, &device, &stop).map_err(super::train_failure)?;
