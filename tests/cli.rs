@@ -1124,3 +1124,46 @@ fn train_starts_from_an_export_of_the_same_model_only() {
         &["tokenizer"],
     );
 }
+
+#[test]
+fn report_merges_seeds_from_several_files_once_and_refuses_other_configurations() {
+    let cache = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let run = |name: &str, seeds: &str, extra: &[&str]| {
+        let dir = root.path().join(name);
+        let dir_str = dir.to_str().unwrap().to_string();
+        let mut args = tiny_experiment(&dir_str, "2", seeds);
+        args.extend(extra);
+        assert_success(&lookahead(&args, cache.path()));
+        results_file(&dir)
+    };
+    let a = run("a", "1", &[]);
+    let b = run("b", "1,2", &[]);
+    let c = run("c", "3", &["--confidence-alpha", "0.5"]);
+    let report = |files: &[&Path]| {
+        let mut args = vec!["report"];
+        args.extend(files.iter().map(|f| f.to_str().unwrap()));
+        lookahead(&args, cache.path())
+    };
+    let merged = report(&[&a, &b]);
+    assert_success(&merged);
+    let stderr = String::from_utf8_lossy(&merged.stderr);
+    assert!(
+        stderr.contains("seed 1's standard run") && stderr.contains("counted once"),
+        "{stderr}"
+    );
+    let html = String::from_utf8_lossy(&merged.stdout);
+    let report_path = html.lines().last().unwrap().trim_start_matches("report: ");
+    let text = std::fs::read_to_string(report_path).unwrap();
+    assert!(text.contains("<p>2 seeds;"), "two seeds, not three");
+    fails_with(
+        &report(&[&a, &c]),
+        2,
+        &[
+            "cannot share a report",
+            "config key `confidence_alpha`",
+            "1.0",
+            "0.5",
+        ],
+    );
+}

@@ -8,44 +8,139 @@ use std::path::{Path, PathBuf};
 use conf_data::write_atomic;
 use plotters::prelude::*;
 
+use conf_train::stop::RunStatus;
+
 use crate::results::{ExperimentResults, ExperimentStatus, Summary, TrainingResult};
 
 type Series = Vec<(f64, f64)>;
 
-/// Merges results of the same configuration (seeds aside) into one, recomputing the summary.
-pub fn merge(mut files: Vec<ExperimentResults>) -> Result<ExperimentResults, String> {
-    let mut merged = files.remove(0);
-    for other in files {
-        // Seeds and where outputs went may differ; everything that shapes a run may not.
-        let comparable = |c: &crate::config::ConfidenceExperimentConfig| {
-            let mut c = c.clone();
-            c.seeds.clear();
-            c.results_dir = PathBuf::new();
-            c.save_interval = 0;
-            c
-        };
-        if comparable(&merged.config) != comparable(&other.config) {
-            return Err("the files come from different configurations (other than seeds and output places); they cannot share a report".into());
+/// Merges the results files of one configuration (seeds aside) into one, recomputing the
+/// summary. Files whose configurations differ in anything else are refused, naming the key; a
+/// seed found in several files counts once: its complete run, else the first file's.
+pub fn merge(files: Vec<(PathBuf, ExperimentResults)>) -> Result<ExperimentResults, String> {
+    let mut files = files.into_iter();
+    let (first_path, mut merged) = files.next().ok_or("no results file to merge")?;
+    let mut sources: BTreeMap<(&'static str, String), PathBuf> = BTreeMap::new();
+    for (model, runs) in [
+        ("standard", &merged.standard_model_results),
+        ("confidence", &merged.confidence_model_results),
+    ] {
+        for seed in runs.keys() {
+            sources.insert((model, seed.clone()), first_path.clone());
         }
-        for (seed, r) in other.standard_model_results {
-            merged.standard_model_results.insert(seed, r);
+    }
+    for (path, other) in files {
+        if let Some(difference) = config_difference(&merged.config, &other.config) {
+            return Err(format!(
+                "{} and {} cannot share a report: {difference}; only the seeds (and where outputs went) may differ",
+                first_path.display(),
+                path.display()
+            ));
         }
-        for (seed, r) in other.confidence_model_results {
-            merged.confidence_model_results.insert(seed, r);
+        if (&other.backend, &other.device) != (&merged.backend, &merged.device) {
+            tracing::warn!(
+                "{} ran on {} ({}), {} on {} ({}): the report lists the first",
+                first_path.display(),
+                merged.backend,
+                merged.device,
+                path.display(),
+                other.backend,
+                other.device
+            );
         }
-        if other.status == ExperimentStatus::Incomplete {
-            merged.status = ExperimentStatus::Incomplete;
+        for (model, runs, into) in [
+            (
+                "standard",
+                other.standard_model_results,
+                &mut merged.standard_model_results,
+            ),
+            (
+                "confidence",
+                other.confidence_model_results,
+                &mut merged.confidence_model_results,
+            ),
+        ] {
+            for (seed, run) in runs {
+                let key = (model, seed.clone());
+                match into.get(&seed) {
+                    None => {
+                        into.insert(seed, run);
+                        sources.insert(key, path.clone());
+                    }
+                    Some(kept) => {
+                        let replace =
+                            kept.status != RunStatus::Complete && run.status == RunStatus::Complete;
+                        let (kept_from, dropped_from) = if replace {
+                            (path.clone(), sources[&key].clone())
+                        } else {
+                            (sources[&key].clone(), path.clone())
+                        };
+                        tracing::warn!(
+                            "seed {seed}'s {model} run is in {} and {}: counted once, from {}",
+                            kept_from.display(),
+                            dropped_from.display(),
+                            kept_from.display()
+                        );
+                        if replace {
+                            into.insert(seed, run);
+                            sources.insert(key, path.clone());
+                        }
+                    }
+                }
+            }
         }
         merged.config.seeds.extend(other.config.seeds);
     }
     merged.config.seeds.sort_unstable();
     merged.config.seeds.dedup();
+    let complete = |runs: &BTreeMap<String, TrainingResult>, seed: &u64| {
+        runs.get(&seed.to_string())
+            .is_some_and(|r| r.status == RunStatus::Complete)
+    };
+    merged.status = if merged.config.seeds.iter().all(|s| {
+        complete(&merged.standard_model_results, s) && complete(&merged.confidence_model_results, s)
+    }) {
+        ExperimentStatus::Complete
+    } else {
+        ExperimentStatus::Incomplete
+    };
     merged.training_time = merged.training_time_by_model();
     merged.summary = Summary::new(
         &merged.standard_model_results,
         &merged.confidence_model_results,
     );
     Ok(merged)
+}
+
+/// The first configuration key (as written in a config file) in which `b` differs from `a`,
+/// the seeds and the output places aside.
+fn config_difference(
+    a: &crate::config::ConfidenceExperimentConfig,
+    b: &crate::config::ConfidenceExperimentConfig,
+) -> Option<String> {
+    let comparable = |c: &crate::config::ConfidenceExperimentConfig| {
+        let mut c = c.clone();
+        c.seeds.clear();
+        c.results_dir = PathBuf::new();
+        c.save_interval = 0;
+        serde_json::to_value(c).expect("a configuration serialises")
+    };
+    let (a, b) = (comparable(a), comparable(b));
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return (a != b).then(|| "the configurations differ".into());
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter().find_map(|key| {
+        let (x, y) = (a.get(key), b.get(key));
+        (x != y).then(|| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("absent".into(), |v| v.to_string());
+            format!(
+                "config key `{key}` is {} in the first, {} in the other",
+                show(x),
+                show(y)
+            )
+        })
+    })
 }
 
 fn svg(

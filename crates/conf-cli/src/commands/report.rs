@@ -12,7 +12,7 @@ pub fn run(files: Vec<PathBuf>) -> Result<(), Failure> {
         .ok_or_else(|| Failure::BadInput(anyhow!("report: give at least one results file")))?;
     let loaded = files
         .iter()
-        .map(|f| crate::results::load(f))
+        .map(|f| crate::results::load(f).map(|r| (f.clone(), r)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Failure::BadInput(e.into()))?;
     let results = crate::report::merge(loaded).map_err(|e| Failure::BadInput(anyhow!(e)))?;
