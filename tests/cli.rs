@@ -1167,3 +1167,45 @@ fn report_merges_seeds_from_several_files_once_and_refuses_other_configurations(
         ],
     );
 }
+
+#[test]
+fn data_parallel_and_gradient_checkpointing_flags_train_or_name_the_problem() {
+    let cache = tempfile::tempdir().unwrap();
+    let results = tempfile::tempdir().unwrap();
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            "confidence",
+            "--training-steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--no-tui",
+            "--results-dir",
+            results.path().to_str().unwrap(),
+        ];
+        args.extend(extra);
+        lookahead(&args, cache.path())
+    };
+    let out = train(&[
+        "--batch-size",
+        "4",
+        "--devices",
+        "0,1",
+        "--gradient-checkpointing",
+    ]);
+    assert_success(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workers share its cores"));
+    fails_with(
+        &train(&["--batch-size", "3", "--devices", "0,1"]),
+        2,
+        &["batch_size 3", "2 devices", "--devices"],
+    );
+    fails_with(&train(&["--devices", "0,0"]), 2, &["--devices", "twice"]);
+    fails_with(
+        &train(&["--device", "0", "--devices", "0,1"]),
+        2,
+        &["--device and --devices"],
+    );
+}

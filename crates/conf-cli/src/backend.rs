@@ -62,7 +62,7 @@ impl BackendChoice {
     }
 
     /// Whether `--device N` picks among several devices of this backend.
-    fn takes_index(self) -> bool {
+    pub fn takes_index(self) -> bool {
         matches!(self, Self::Wgpu | Self::TchCuda | Self::Cuda)
     }
 

@@ -217,6 +217,10 @@ pub struct CommonArgs {
     /// The confidence head's initial bias: its first predictions, in nats [default: 2.0].
     #[arg(long, allow_hyphen_values = true)]
     pub confidence_init_bias: Option<f64>,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them: less
+    /// memory, more time; the same results.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Flags of the commands that train through the Learner (`train`, `experiment`).
@@ -234,6 +238,11 @@ pub struct RunFlags {
     /// experiment with the same configuration (give the flags it was started with).
     #[arg(long)]
     pub resume: bool,
+    /// Data parallel: split every step's batch evenly across these GPU indices (one worker
+    /// each, gradients summed on the first); on a CPU backend the workers share the one CPU
+    /// (docs/scaling.md).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub devices: Option<Vec<usize>>,
 }
 
 /// A count flag: a whole number of at least 1, with the flag's name in the error.
@@ -331,6 +340,9 @@ impl CommonArgs {
         set(&mut c.confidence_init_bias, self.confidence_init_bias);
         set(&mut c.save_interval, run.and_then(|r| r.save_interval));
         set(&mut c.objective, objective);
+        if self.gradient_checkpointing {
+            c.gradient_checkpointing = true;
+        }
         config.validate()?;
         Ok(config)
     }

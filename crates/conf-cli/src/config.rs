@@ -9,7 +9,7 @@ use conf_data::TokenizerKind;
 use conf_model::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError};
 use conf_train::optim::OptimizerSettings;
 use conf_train::pipeline::{ModelPlan, SampleSettings};
-use conf_train::training::{TrainError, TrainingSettings};
+use conf_train::training::{Execution, TrainError, TrainingSettings};
 use conf_train::{ConfInput, ConfidenceSettings, ObjectiveKind};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,10 @@ pub struct ConfidenceExperimentConfig {
     // Output.
     pub results_dir: PathBuf,
     pub save_interval: usize,
+    // Execution (changes memory and time, not results).
+    /// Recompute memory-bound activations in the backward pass (docs/scaling.md).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// The text sampled from each final model: a prompt of this many validation tokens, then this
@@ -238,6 +242,10 @@ impl ConfidenceExperimentConfig {
             no_tui,
             save_interval: self.save_interval,
             resume,
+            execution: Execution {
+                gradient_checkpointing: self.gradient_checkpointing,
+                devices: Vec::new(),
+            },
         }
     }
 

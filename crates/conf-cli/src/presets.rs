@@ -55,6 +55,7 @@ fn quick() -> ConfidenceExperimentConfig {
         conf_head: ConfHead::Final,
         results_dir: PathBuf::from("results/confidence_experiments"),
         save_interval: 100,
+        gradient_checkpointing: false,
     }
 }
 

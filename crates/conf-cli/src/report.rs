@@ -123,6 +123,7 @@ fn config_difference(
         c.seeds.clear();
         c.results_dir = PathBuf::new();
         c.save_interval = 0;
+        c.gradient_checkpointing = false;
         serde_json::to_value(c).expect("a configuration serialises")
     };
     let (a, b) = (comparable(a), comparable(b));

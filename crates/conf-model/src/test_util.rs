@@ -14,8 +14,10 @@ impl ModuleMapper for Perturb {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let std = self.std;
         param.map(|t| {
+            let tracked = t.is_require_grad();
             let noise = Tensor::random(t.shape(), Distribution::Normal(0.0, std), &t.device());
-            t + noise
+            // A perturbed parameter is still a leaf, with a gradient of its own when trained.
+            (t + noise).detach().set_require_grad(tracked)
         })
     }
 }

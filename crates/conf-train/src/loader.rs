@@ -82,7 +82,18 @@ impl TrainBatches {
     }
 
     pub fn batch(&self, step: usize) -> Result<LookaheadBatch, DatasetError> {
-        let items = (step * self.batch_size..(step + 1) * self.batch_size)
+        self.batch_part(step, (0, 1))
+    }
+
+    /// Part `index` of `parts` equal parts of step `step`'s batch.
+    pub fn batch_part(
+        &self,
+        step: usize,
+        (index, parts): (usize, usize),
+    ) -> Result<LookaheadBatch, DatasetError> {
+        let size = self.batch_size / parts;
+        let first = step * self.batch_size + index * size;
+        let items = (first..first + size)
             .map(|i| self.windows.get(i))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.batcher.batch(items, &self.device))
@@ -98,6 +109,9 @@ pub struct StepLoader {
     /// The next optimizer step; shared by clones, so a copy moved to another device continues.
     next_step: Arc<AtomicUsize>,
     timer: StepTimer,
+    /// Data parallel: this loader yields part `part.0` of `part.1` equal parts of each step's
+    /// batch (the whole batch when `(0, 1)`).
+    part: (usize, usize),
 }
 
 impl StepLoader {
@@ -108,6 +122,16 @@ impl StepLoader {
             total_steps,
             next_step: Arc::new(AtomicUsize::new(0)),
             timer: StepTimer::default(),
+            part: (0, 1),
+        }
+    }
+
+    /// A loader that burn-train's multi-device strategy splits into `parts` loaders (one per
+    /// device, through [`DataLoader::slice`]), each yielding its part of every step's batch.
+    pub fn split_into(self, parts: usize) -> Self {
+        Self {
+            part: (0, parts.max(1)),
+            ..self
         }
     }
 
@@ -144,13 +168,13 @@ impl Iterator for StepIterator<'_> {
         self.loader.timer.start_epoch();
         self.loader.next_step.store(step + 1, Ordering::SeqCst);
         self.done += 1;
-        Some(self.loader.batches.batch(step))
+        Some(self.loader.batches.batch_part(step, self.loader.part))
     }
 }
 
 impl DataLoaderIterator<LookaheadBatch> for StepIterator<'_> {
     fn progress(&self) -> Progress {
-        let batch_size = self.loader.batches.batch_size;
+        let batch_size = self.loader.batches.batch_size / self.loader.part.1;
         Progress::new(
             self.done * batch_size,
             self.total * batch_size,
@@ -182,8 +206,15 @@ impl DataLoader<LookaheadBatch> for StepLoader {
         Arc::new(moved)
     }
 
-    fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<LookaheadBatch>> {
-        // Training here runs on one device; the loader is never split across workers.
-        Arc::new(self.clone())
+    /// burn-train hands device `i` of `n` the items `i·N/n .. (i+1)·N/n`: that worker takes
+    /// part `i` of every step, with a step cursor of its own.
+    fn slice(&self, start: usize, _end: usize) -> Arc<dyn DataLoader<LookaheadBatch>> {
+        let parts = self.part.1;
+        let index = start * parts / self.num_items().max(1);
+        Arc::new(Self {
+            next_step: Arc::new(AtomicUsize::new(self.next_step())),
+            part: (index.min(parts - 1), parts),
+            ..self.clone()
+        })
     }
 }

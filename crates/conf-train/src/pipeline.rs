@@ -58,7 +58,8 @@ pub struct ModelOutcome {
     pub generated: Generated,
 }
 
-/// Builds the plan's model from its seed on `device` (with autodiff), or loads it from the
+/// Builds the plan's model from its seed on `device` (made a training device, see
+/// [`crate::training::Execution`]), or loads it from the
 /// plan's `init_from` export, writes its [`ModelCard`] into the run directory, trains,
 /// evaluates and samples it; `stop` ends the training early (see [`crate::stop`]).
 pub fn train_model(
@@ -68,13 +69,14 @@ pub fn train_model(
     device: &Device,
     stop: &StopRequest,
 ) -> Result<ModelOutcome, TrainError> {
+    plan.training.validate()?;
     let card = ModelCard {
         architecture: Architecture::of(plan.objective, &plan.model),
         objective: plan.objective,
         conf_input: plan.confidence.conf_input,
         tokenizer: corpus.tokenizer.clone(),
     };
-    let device = device.clone().autodiff();
+    let device = plan.training.execution.training_device(device);
     // Initialisation is seeded: both models of a seed start from that seed's generator.
     device.seed(plan.training.seed);
     let mut model = AnyModel::init(&card.architecture, &device);

@@ -39,6 +39,10 @@ pub struct Trainee<M, O> {
     /// `training::fit` (a trainee timed alone has none).
     #[module(skip)]
     tracker: Option<Arc<StepTracker>>,
+    /// The devices a step's batch is split across; each worker's gradient is scaled by its
+    /// reciprocal, so that their sum is the gradient of the whole batch's mean loss.
+    #[module(skip)]
+    parts: usize,
 }
 
 /// A trainee whose objective is chosen at run time.
@@ -51,7 +55,12 @@ impl<M, O> Trainee<M, O> {
             objective,
             grad_clip,
             tracker: None,
+            parts: 1,
         }
+    }
+
+    pub(crate) fn set_data_parallel(&mut self, parts: usize) {
+        self.parts = parts;
     }
 
     pub(crate) fn set_tracker(&mut self, tracker: Arc<StepTracker>) {
@@ -69,7 +78,11 @@ where
 
     fn step(&self, batch: LookaheadBatch) -> TrainOutput<StepOutput> {
         let output = self.objective.compute(&self.model, batch);
-        let grads = output.total.backward();
+        let grads = if self.parts > 1 {
+            (output.total.clone() / self.parts as f64).backward()
+        } else {
+            output.total.backward()
+        };
         TrainOutput::new(self, grads, StepOutput::new(output))
     }
 

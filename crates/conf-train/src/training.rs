@@ -8,9 +8,12 @@ use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::module::{Module, ModuleDisplay};
+use burn::prelude::Device;
 use burn::train::logger::FileMetricLogger;
 use burn::train::metric::IterationSpeedMetric;
-use burn::train::{InferenceStep, Learner, SupervisedTraining};
+use burn::train::{
+    ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim, SupervisedTraining,
+};
 use conf_data::{Corpus, EvalWindows, Split};
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +47,48 @@ pub struct TrainingSettings {
     pub save_interval: usize,
     /// Continue from the latest checkpoint in `artifact_dir/checkpoints` when there is one.
     pub resume: bool,
+    /// How the steps execute; not part of a run's identity (it changes no result beyond
+    /// float rounding), so it is not serialised.
+    #[serde(skip)]
+    pub execution: Execution,
+}
+
+/// How a run's steps execute: what it changes is memory, time and where the work happens, not
+/// the maths.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Execution {
+    /// Keep only compute-bound results (matmuls, embeddings, reductions) for the backward pass
+    /// and recompute the memory-bound ones (element-wise, GELU, reshapes) from them: less
+    /// memory, more time. Burn's `BalancedCheckpointing`.
+    pub gradient_checkpointing: bool,
+    /// Data parallel: every step's batch is split evenly across these devices (one worker
+    /// each) and the gradients are summed on the first, where the optimizer steps. Fewer than
+    /// two: the model's own device alone.
+    pub devices: Vec<Device>,
+}
+
+impl Execution {
+    /// `device` as training needs it: with autodiff, and gradient checkpointing when asked.
+    /// A model trained with checkpointing must be built on this device: its parameters carry
+    /// the strategy, and moving a module does not change it.
+    pub fn training_device(&self, device: &Device) -> Device {
+        let device = device.clone().autodiff();
+        if self.gradient_checkpointing {
+            device.gradient_checkpointing()
+        } else {
+            device
+        }
+    }
+
+    /// The data-parallel devices prepared for training, when there are at least two.
+    pub fn parallel_devices(&self) -> Option<Vec<Device>> {
+        (self.devices.len() > 1).then(|| {
+            self.devices
+                .iter()
+                .map(|d| self.training_device(d))
+                .collect()
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +158,13 @@ impl TrainingSettings {
                 return Err(TrainError::NotPositive { name });
             }
         }
+        let devices = self.execution.devices.len();
+        if devices > 1 && !self.batch_size.is_multiple_of(devices) {
+            return Err(TrainError::Settings(format!(
+                "batch_size {} does not split evenly across the {devices} devices of --devices",
+                self.batch_size
+            )));
+        }
         Ok(())
     }
 }
@@ -152,8 +204,12 @@ where
         settings.seed,
         device.clone(),
     );
+    let parallel = settings.execution.parallel_devices();
+    let parts = parallel.as_ref().map_or(1, Vec::len);
     let train_loader = StepLoader::new(batches, settings.eval_interval, settings.training_steps)
-        .with_timer(step_timer.clone());
+        .with_timer(step_timer.clone())
+        .split_into(parts);
+    trainee.set_data_parallel(parts);
     let valid_loader = DataLoaderBuilder::new(LookaheadBatcher {
         seed: settings.seed,
     })
@@ -251,6 +307,11 @@ where
     let mut training =
         SupervisedTraining::new(&settings.artifact_dir, Arc::new(train_loader), valid_loader)
             .num_epochs(num_epochs);
+    if let Some(devices) = parallel {
+        training = training.with_training_strategy(
+            ExecutionStrategy::multi(devices, MultiDeviceOptim::OptimMainDevice).into(),
+        );
+    }
     let interrupter = training.interrupter();
     tracker.watch(interrupter.clone());
     stop.attach(interrupter.clone());

@@ -39,6 +39,7 @@ fn settings(dir: &std::path::Path, steps: usize, eval_interval: usize) -> Traini
         no_tui: true,
         save_interval: 20,
         resume: false,
+        execution: Default::default(),
     }
 }
 

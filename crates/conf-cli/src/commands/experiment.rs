@@ -32,7 +32,7 @@ fn git_commit() -> Option<String> {
 
 pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
     let config = super::config(&args.common, Some(&args.run), args.objective)?;
-    let device = super::open_device(&args.common.target)?;
+    let (device, devices) = super::open_devices(&args.common.target, &args.run)?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let tokenizer = corpus.tokenizer.build();
     let mut results = if args.run.resume {
@@ -46,7 +46,11 @@ pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
             timestamp: now.format(&Rfc3339).unwrap_or_default(),
             git_commit: git_commit(),
             backend: args.common.target.backend.name().to_string(),
-            device: format!("{device:?}"),
+            device: if devices.len() > 1 {
+                format!("{devices:?}")
+            } else {
+                format!("{device:?}")
+            },
             parameter_counts: config.model(corpus.vocab_size()).matched_standard(),
             config: config.clone(),
             standard_model_results: Default::default(),
@@ -72,7 +76,8 @@ pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
             tracing::info!(seed, model = model.name(), "training");
             let run_dir = runs_dir.join(format!("{}-seed{seed}", model.name()));
             let resume = has_checkpoints(&run_dir.join(conf_train::checkpoint::CHECKPOINTS));
-            let training = config.training(seed, run_dir, args.run.no_tui, resume);
+            let mut training = config.training(seed, run_dir, args.run.no_tui, resume);
+            training.execution.devices = devices.clone();
             let plan = config.plan(objective, corpus.vocab_size(), training);
             let outcome = train_model(&plan, &corpus, &split, &device, &stop)
                 .map_err(super::train_failure)?;

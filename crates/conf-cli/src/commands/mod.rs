@@ -130,6 +130,48 @@ pub fn open_device(args: &DeviceArgs) -> Result<burn::prelude::Device, Failure> 
     Ok(device)
 }
 
+/// The main device and, for `--devices`, every data-parallel device (the main one first). On
+/// a CPU backend, which has one device, each index is a worker on that CPU.
+pub fn open_devices(
+    args: &DeviceArgs,
+    run: &RunFlags,
+) -> Result<(burn::prelude::Device, Vec<burn::prelude::Device>), Failure> {
+    let Some(indices) = &run.devices else {
+        return Ok((open_device(args)?, Vec::new()));
+    };
+    let bad = |message: String| Err(Failure::BadInput(anyhow::anyhow!(message)));
+    if args.device.is_some() {
+        return bad(
+            "--device and --devices: give one (--devices N,M,... names every device)".into(),
+        );
+    }
+    let mut sorted = indices.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != indices.len() {
+        return bad(format!("--devices {indices:?}: an index appears twice"));
+    }
+    let takes_index = args.backend.takes_index();
+    if !takes_index && indices.len() > 1 {
+        tracing::warn!(
+            "--devices on {}: one CPU device, so the {} workers share its cores (the data-parallel \
+             path, not a speed-up)",
+            args.backend,
+            indices.len()
+        );
+    }
+    let devices = indices
+        .iter()
+        .map(|&i| {
+            open_device(&DeviceArgs {
+                backend: args.backend,
+                device: takes_index.then_some(i),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((devices[0].clone(), devices))
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value).context("serialising the output")?;

@@ -49,14 +49,15 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         (ModelKind::Confidence, Some(kind)) => kind,
     };
     let seed = config.seeds[0];
-    let device = super::open_device(&args.common.target)?;
+    let (device, devices) = super::open_devices(&args.common.target, &args.run)?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model_name = args.model.name();
     let run_dir = config
         .results_dir
         .join("train")
         .join(format!("{model_name}-{}-seed{seed}", objective.name()));
-    let training = config.training(seed, run_dir.clone(), args.run.no_tui, args.run.resume);
+    let mut training = config.training(seed, run_dir.clone(), args.run.no_tui, args.run.resume);
+    training.execution.devices = devices;
     let mut plan = config.plan(objective, corpus.vocab_size(), training);
     plan.init_from = args.init_from.clone();
     let stop = crate::signals::install().context("installing the signal handlers")?;
