@@ -16,6 +16,7 @@ use crate::loader::TrainBatches;
 use crate::objective::{ConfidenceSettings, Objective, ObjectiveKind};
 use crate::optim::{OptimizerSettings, adamw};
 use crate::trainee::{ObjectiveTrainee, Trainee};
+use crate::training::Execution;
 
 #[derive(Debug, Clone)]
 pub struct BenchSettings {
@@ -27,6 +28,8 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Weight decay and clipping as in training, at the constant peak learning rate.
     pub optimizer: OptimizerSettings,
+    /// Burn's balanced gradient checkpointing.
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,7 +61,11 @@ pub fn time_objective(
     settings: &BenchSettings,
     device: &Device,
 ) -> ObjectiveTiming {
-    let device = device.clone().autodiff();
+    let execution = Execution {
+        gradient_checkpointing: settings.gradient_checkpointing,
+        devices: Vec::new(),
+    };
+    let device = execution.training_device(device);
     device.seed(settings.seed);
     let grad_clip = settings.optimizer.grad_clip;
     let trainee = ObjectiveTrainee::new(objective, model, confidence, grad_clip, &device);

@@ -32,6 +32,7 @@ struct BenchReport {
     n_heads: usize,
     seq_len: usize,
     batch_size: usize,
+    gradient_checkpointing: bool,
     vocab_size: usize,
     /// Worker threads: `RAYON_NUM_THREADS` when set (the CPU backends' pool), else the cores.
     threads: usize,
@@ -57,6 +58,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         seq_len: config.seq_len,
         seed: config.seeds[0],
         optimizer: config.optimizer(),
+        gradient_checkpointing: config.gradient_checkpointing,
     };
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
@@ -102,6 +104,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         n_heads: config.n_heads,
         seq_len: config.seq_len,
         batch_size: config.batch_size,
+        gradient_checkpointing: config.gradient_checkpointing,
         vocab_size: corpus.vocab_size(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
