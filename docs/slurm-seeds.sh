@@ -16,10 +16,13 @@ SEED=${SEEDS[$SLURM_ARRAY_TASK_ID]}
 RESULTS=${RESULTS:-$HOME/lookahead-results/seeds}
 # One configuration for every job: only --seeds differs.
 CONFIG=${CONFIG:-exp.toml}
+# Anything else every job passes, e.g. EXTRA_FLAGS="--backend cuda --devices 0,1,2,3".
+read -r -a EXTRA <<< "${EXTRA_FLAGS:-}"
 
 # Build once before submitting (cargo build --release); a job only runs the binary.
 srun target/release/lookahead experiment \
     --config "$CONFIG" \
     --seeds "$SEED" \
     --results-dir "$RESULTS" \
-    --no-tui
+    --no-tui \
+    "${EXTRA[@]}"
