@@ -25,4 +25,4 @@ srun target/release/lookahead experiment \
     --seeds "$SEED" \
     --results-dir "$RESULTS" \
     --no-tui \
-    "${EXTRA[@]}"
+    ${EXTRA[@]+"${EXTRA[@]}"}

@@ -1001,8 +1001,9 @@ fn a_run_exports_to_safetensors_and_samples_from_the_run_its_checkpoint_and_the_
     };
     // The same seed gives the same text from the run, its checkpoint and its export.
     let text = stdout(&sample(&run, &["--seed", "3"]));
+    let generated = text.strip_suffix('\n').expect("a final newline");
     assert!(
-        text.starts_with("abc") && text.trim_end().chars().count() == 3 + 24,
+        generated.starts_with("abc") && generated.chars().count() == 3 + 24,
         "{text}"
     );
     assert_eq!(text, stdout(&sample(&set, &["--seed", "3"])));
@@ -1027,7 +1028,7 @@ fn a_run_exports_to_safetensors_and_samples_from_the_run_its_checkpoint_and_the_
             .all(|t| t["predicted_loss"].as_f64().unwrap().is_finite())
     );
     let joined: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
-    assert_eq!(format!("abc{joined}"), text.trim_end());
+    assert_eq!(format!("abc{joined}"), generated);
     // Characters outside the vocabulary, bad settings and foreign files are clear errors.
     fails_with(
         &sample(&export, &["--prompt", "abcé"]),
@@ -1047,6 +1048,29 @@ fn a_run_exports_to_safetensors_and_samples_from_the_run_its_checkpoint_and_the_
     std::fs::write(&foreign, "not weights").unwrap();
     fails_with(&sample(&foreign, &[]), 2, &["notes.txt", "SafeTensors"]);
     fails_with(&sample(results.path(), &[]), 2, &["model.json"]);
+    // Another model's run into the same directory is refused and leaves the card as it was.
+    let card = std::fs::read(run.join("model.json")).unwrap();
+    let again = lookahead(
+        &[
+            "train",
+            "--model",
+            "confidence",
+            "--training-steps",
+            "2",
+            "--seq-len",
+            "48",
+            "--no-tui",
+            "--results-dir",
+            results.path().to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    fails_with(
+        &again,
+        2,
+        &["checkpoints of another model", "context_length"],
+    );
+    assert_eq!(std::fs::read(run.join("model.json")).unwrap(), card);
 }
 
 #[test]

@@ -64,6 +64,15 @@ const SAMPLE: SampleSettings = SampleSettings {
 };
 
 impl ConfidenceExperimentConfig {
+    /// This configuration less the keys that change how it runs but not what it computes
+    /// (`gradient_checkpointing`): what a resume or a merged report must match.
+    pub fn without_execution(&self) -> Self {
+        Self {
+            gradient_checkpointing: false,
+            ..self.clone()
+        }
+    }
+
     /// The preset with the keys of the TOML text `text` (from `path`) laid over it.
     pub fn with_toml(self, text: &str, path: &Path) -> Result<Self, ConfigError> {
         let file_error = |key: &str, message: String| {

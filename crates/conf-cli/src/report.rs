@@ -119,11 +119,10 @@ fn config_difference(
     b: &crate::config::ConfidenceExperimentConfig,
 ) -> Option<String> {
     let comparable = |c: &crate::config::ConfidenceExperimentConfig| {
-        let mut c = c.clone();
+        let mut c = c.without_execution();
         c.seeds.clear();
         c.results_dir = PathBuf::new();
         c.save_interval = 0;
-        c.gradient_checkpointing = false;
         serde_json::to_value(c).expect("a configuration serialises")
     };
     let (a, b) = (comparable(a), comparable(b));

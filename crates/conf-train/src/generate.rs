@@ -183,7 +183,7 @@ impl Generate for MiniGpt {
             );
             let id = options
                 .sampling
-                .draw(&last_row(logits), rng.random::<f64>());
+                .draw(&last_row(logits), f64::from(rng.random::<f32>()));
             ids.push(id);
             emit(GeneratedToken {
                 id,
@@ -226,7 +226,7 @@ impl Generate for ConfidenceAwareGpt {
             if step < options.new_tokens {
                 let id = options
                     .sampling
-                    .draw(&last_row(out.logits), rng.random::<f64>());
+                    .draw(&last_row(out.logits), f64::from(rng.random::<f32>()));
                 ids.push(id);
                 pending = Some(id);
             }

@@ -44,7 +44,9 @@ pub struct HistoryLogger {
     eval_interval: usize,
     total_steps: usize,
     start_step: usize,
+    /// Training items logged: one per step, or one per worker and step under data parallel.
     train_updates: usize,
+    items_per_step: usize,
     print: bool,
     interrupter: Interrupter,
 }
@@ -55,6 +57,7 @@ impl HistoryLogger {
         eval_interval: usize,
         total_steps: usize,
         start_step: usize,
+        items_per_step: usize,
         print: bool,
         interrupter: Interrupter,
     ) -> Self {
@@ -66,6 +69,7 @@ impl HistoryLogger {
             total_steps,
             start_step,
             train_updates: 0,
+            items_per_step: items_per_step.max(1),
             print,
             interrupter,
         }
@@ -83,7 +87,7 @@ impl HistoryLogger {
         if total.is_none_or(f64::is_finite) {
             return;
         }
-        let step = self.start_step + self.train_updates;
+        let step = self.start_step + self.train_updates.div_ceil(self.items_per_step);
         let parts: Vec<String> = values
             .iter()
             .map(|(k, v)| format!("{} = {v}", k.name()))

@@ -202,7 +202,8 @@ pub struct Samples {
     pub token_loss: Vec<f32>,
     pub max_prob: Vec<f32>,
     pub correct: Vec<f32>,
-    /// One entry per step, weighted like a token mean would not be: the optimizer's loss.
+    /// One entry per step (per worker's part of it under data parallel), weighted like a
+    /// token mean would not be: the optimizer's loss.
     pub total: Vec<f32>,
     /// Per confidence prediction (empty for the standard model).
     pub predicted: Vec<f32>,

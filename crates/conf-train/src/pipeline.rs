@@ -9,6 +9,7 @@ use burn::prelude::*;
 use conf_data::{Corpus, Split};
 use conf_model::ConfidenceGptConfig;
 
+use crate::checkpoint::CheckpointError;
 use crate::cost::flops_per_token;
 use crate::generate::{Generate, GenerateOptions, Generated, Sampling};
 use crate::metrics::{MetricValues, Samples};
@@ -88,12 +89,33 @@ pub fn train_model(
         path: dir.clone(),
         message: e.to_string(),
     })?;
-    card.save(dir)?;
+    keep_or_save_card(&card, dir)?;
     let grad_clip = plan.training.optimizer.grad_clip;
     match ObjectiveTrainee::with_model(plan.objective, model, plan.confidence, grad_clip) {
         ObjectiveTrainee::Standard(trainee) => run(trainee, plan, corpus, split, stop),
         ObjectiveTrainee::Confidence(trainee) => run(trainee, plan, corpus, split, stop),
     }
+}
+
+/// Writes the run's card, unless the directory holds checkpoints of another model: then the
+/// run is refused (its card would describe weights it did not write).
+fn keep_or_save_card(card: &ModelCard, dir: &std::path::Path) -> Result<(), TrainError> {
+    let checkpoints = dir.join(crate::checkpoint::CHECKPOINTS);
+    if let Ok(earlier) = ModelCard::load(dir)
+        && earlier != *card
+        && crate::checkpoint::has_checkpoints(&checkpoints)
+    {
+        let what = earlier
+            .architecture
+            .difference(&card.architecture)
+            .unwrap_or_else(|| "its objective, confidence input or tokenizer differs".into());
+        return Err(CheckpointError::Mismatch(format!(
+            "{} holds the checkpoints of another model ({what}); remove the directory or choose another --results-dir",
+            dir.display()
+        ))
+        .into());
+    }
+    Ok(card.save(dir)?)
 }
 
 /// `--init-from`: the export must be of this model, with this tokenizer.

@@ -148,24 +148,34 @@ impl ObjectiveTrainee {
         confidence: ConfidenceSettings,
         grad_clip: f64,
     ) -> Self {
-        let model = match model {
-            AnyModel::Standard(standard) => {
-                return Self::Standard(Trainee::new(
-                    standard,
-                    Arc::new(StandardObjective),
-                    grad_clip,
-                ));
-            }
-            AnyModel::Confidence(model) => model,
-        };
-        let objective: Arc<dyn Objective<ConfidenceAwareGpt>> = match objective {
-            ObjectiveKind::Standard => {
-                unreachable!("Architecture::of gives the standard objective a MiniGPT")
-            }
-            ObjectiveKind::Seed => Arc::new(SeedObjective(confidence)),
-            ObjectiveKind::Dense => Arc::new(DenseObjective(confidence)),
-            ObjectiveKind::Teacher => Arc::new(TeacherObjective(confidence)),
-        };
+        let (objective, model): (Arc<dyn Objective<ConfidenceAwareGpt>>, _) =
+            match (objective, model) {
+                (ObjectiveKind::Standard, AnyModel::Standard(standard)) => {
+                    return Self::Standard(Trainee::new(
+                        standard,
+                        Arc::new(StandardObjective),
+                        grad_clip,
+                    ));
+                }
+                (ObjectiveKind::Seed, AnyModel::Confidence(m)) => {
+                    (Arc::new(SeedObjective(confidence)), m)
+                }
+                (ObjectiveKind::Dense, AnyModel::Confidence(m)) => {
+                    (Arc::new(DenseObjective(confidence)), m)
+                }
+                (ObjectiveKind::Teacher, AnyModel::Confidence(m)) => {
+                    (Arc::new(TeacherObjective(confidence)), m)
+                }
+                (objective @ ObjectiveKind::Standard, AnyModel::Confidence(_))
+                | (
+                    objective @ (ObjectiveKind::Seed
+                    | ObjectiveKind::Dense
+                    | ObjectiveKind::Teacher),
+                    AnyModel::Standard(_),
+                ) => {
+                    unreachable!("Architecture::of gives {} another model", objective.name())
+                }
+            };
         Self::Confidence(Trainee::new(model, objective, grad_clip))
     }
 
@@ -174,5 +184,68 @@ impl ObjectiveTrainee {
             Self::Standard(t) => t.model.num_params(),
             Self::Confidence(t) => t.model.num_params(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::module::{ModuleVisitor, Param};
+    use conf_model::GptConfig;
+
+    use super::*;
+    use crate::LookaheadBatcher;
+    use crate::lookahead::ConfInput;
+
+    /// Under data parallel each worker's gradient is scaled so that the workers' sum is the
+    /// gradient of the whole batch's mean loss, which clipping and AdamW then see.
+    #[test]
+    fn the_parts_gradients_sum_to_the_whole_batch_gradient() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let model = ConfidenceGptConfig::new(GptConfig::new(11, 8, 16, 1, 2, 32)).init(&device);
+        let objective = DenseObjective(ConfidenceSettings {
+            alpha: 1.0,
+            conf_input: ConfInput::SelfConditioned,
+        });
+        let windows: Vec<conf_data::Window> = (0..4)
+            .map(|i| conf_data::Window {
+                index: i,
+                tokens: (0..10).map(|t| ((t * 7 + i * 3) % 11) as u32).collect(),
+            })
+            .collect();
+        let batch =
+            |w: &[conf_data::Window]| LookaheadBatcher { seed: 2 }.batch(w.to_vec(), &device);
+        let whole = Trainee::new(model, objective, 1.0);
+        let mut part = whole.clone();
+        part.set_data_parallel(2);
+        let all = TrainStep::step(&whole, batch(&windows)).grads;
+        let first = TrainStep::step(&part, batch(&windows[..2])).grads;
+        let second = TrainStep::step(&part, batch(&windows[2..])).grads;
+
+        struct Compare<'a>(
+            &'a GradientsParams,
+            &'a GradientsParams,
+            &'a GradientsParams,
+            usize,
+        );
+        impl ModuleVisitor for Compare<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let get = |g: &GradientsParams| g.get::<D>(param.id).expect("a gradient");
+                let whole = get(self.0);
+                let summed = get(self.1) + get(self.2);
+                let scale = whole.clone().abs().max().into_scalar::<f32>();
+                let gap = (whole - summed).abs().max().into_scalar::<f32>();
+                assert!(
+                    gap <= 1e-5 * scale.max(1e-6),
+                    "parameter {}: {gap} of {scale}",
+                    self.3
+                );
+                self.3 += 1;
+            }
+        }
+        let mut compare = Compare(&all, &first, &second, 0);
+        whole.model.visit(&mut compare);
+        assert!(compare.3 > 10, "every parameter compared");
     }
 }

@@ -320,6 +320,7 @@ where
         settings.eval_interval,
         settings.training_steps,
         first,
+        parts,
         !dashboard,
         interrupter,
     );

@@ -280,9 +280,10 @@ pub fn export_safetensors(trained: &TrainedModel, out: &Path) -> Result<(), Weig
 
 /// Reads an export written by [`export_safetensors`].
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<TrainedModel, WeightsError> {
-    let (card, step) = export_card(path)?;
+    let export = Export::read(path)?;
+    let (card, step) = export.card()?;
     let mut model = AnyModel::init(&card.architecture, device);
-    init_from(&mut model, path)?;
+    export.apply_to(&mut model)?;
     Ok(TrainedModel {
         card,
         model,
@@ -295,57 +296,82 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TrainedModel, We
 /// Overwrites every parameter of `model` with the export at `path`; the export must hold
 /// exactly this model's parameters, with the same shapes.
 pub fn init_from(model: &mut AnyModel, path: &Path) -> Result<(), WeightsError> {
-    read_metadata(path)?;
-    let mut store = SafetensorsStore::from_file(path).with_from_adapter(PyTorchToBurnAdapter);
-    let applied = match model {
-        AnyModel::Standard(m) => m.load_from(&mut store),
-        AnyModel::Confidence(m) => m.load_from(&mut store),
-    }
-    .map_err(|e| WeightsError::Mismatch {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    check_applied(path, &applied)
+    Export::read(path)?.apply_to(model)
 }
 
-/// The card (and step, when recorded) of the export at `path`, without loading its weights.
+/// The card (and step, when recorded) of the export at `path`.
 pub fn export_card(path: &Path) -> Result<(ModelCard, Option<usize>), WeightsError> {
-    let metadata = read_metadata(path)?;
-    let get = |key: &str| -> Result<&String, WeightsError> {
-        metadata.get(key).ok_or_else(|| {
+    Export::read(path)?.card()
+}
+
+/// A whole SafeTensors file, read once and checked: a file that is not one (cut short,
+/// another format) is an error naming it.
+struct Export {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    metadata: HashMap<String, String>,
+}
+
+impl Export {
+    fn read(path: &Path) -> Result<Self, WeightsError> {
+        let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+        let unreadable = |e: safetensors::SafeTensorError| {
             file_error(
                 path,
-                format!("not a lookahead export: its metadata has no '{key}'"),
+                format!(
+                    "not a readable SafeTensors file ({e}): give a .safetensors file written by \
+                     `lookahead export` (was it cut short?), a run directory or a checkpoint set"
+                ),
             )
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(unreadable)?;
+        // The header parses on its own; the tensors must also lie inside the file.
+        safetensors::SafeTensors::deserialize(&bytes).map_err(unreadable)?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+            metadata,
         })
-    };
-    let bad = |key: &str, e: serde_json::Error| file_error(path, format!("metadata '{key}': {e}"));
-    let card = ModelCard {
-        architecture: serde_json::from_str(get(META_ARCHITECTURE)?)
-            .map_err(|e| bad(META_ARCHITECTURE, e))?,
-        objective: serde_json::from_str(get(META_OBJECTIVE)?)
-            .map_err(|e| bad(META_OBJECTIVE, e))?,
-        conf_input: serde_json::from_str(get(META_CONF_INPUT)?)
-            .map_err(|e| bad(META_CONF_INPUT, e))?,
-        tokenizer: serde_json::from_str(get(META_TOKENIZER)?)
-            .map_err(|e| bad(META_TOKENIZER, e))?,
-    };
-    let step = metadata.get(META_STEP).and_then(|s| s.parse().ok());
-    Ok((card, step))
-}
+    }
 
-/// The header metadata of a SafeTensors file; a file that is not one (truncated, another
-/// format) is an error naming it.
-fn read_metadata(path: &Path) -> Result<HashMap<String, String>, WeightsError> {
-    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        file_error(
-            path,
-            format!("not a readable SafeTensors file ({e}); was it cut short?"),
-        )
-    })?;
-    // The header parses on its own; the tensors must also lie inside the file.
-    safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_error(path, format!("not a complete SafeTensors file ({e})")))?;
-    Ok(header.metadata().clone().unwrap_or_default())
+    fn card(&self) -> Result<(ModelCard, Option<usize>), WeightsError> {
+        let path = &self.path;
+        let get = |key: &str| -> Result<&String, WeightsError> {
+            self.metadata.get(key).ok_or_else(|| {
+                file_error(
+                    path,
+                    format!("not a lookahead export: its metadata has no '{key}'"),
+                )
+            })
+        };
+        let bad =
+            |key: &str, e: serde_json::Error| file_error(path, format!("metadata '{key}': {e}"));
+        let card = ModelCard {
+            architecture: serde_json::from_str(get(META_ARCHITECTURE)?)
+                .map_err(|e| bad(META_ARCHITECTURE, e))?,
+            objective: serde_json::from_str(get(META_OBJECTIVE)?)
+                .map_err(|e| bad(META_OBJECTIVE, e))?,
+            conf_input: serde_json::from_str(get(META_CONF_INPUT)?)
+                .map_err(|e| bad(META_CONF_INPUT, e))?,
+            tokenizer: serde_json::from_str(get(META_TOKENIZER)?)
+                .map_err(|e| bad(META_TOKENIZER, e))?,
+        };
+        let step = self.metadata.get(META_STEP).and_then(|s| s.parse().ok());
+        Ok((card, step))
+    }
+
+    fn apply_to(self, model: &mut AnyModel) -> Result<(), WeightsError> {
+        let mut store =
+            SafetensorsStore::from_bytes(Some(self.bytes)).with_from_adapter(PyTorchToBurnAdapter);
+        let applied = match model {
+            AnyModel::Standard(m) => m.load_from(&mut store),
+            AnyModel::Confidence(m) => m.load_from(&mut store),
+        }
+        .map_err(|e| WeightsError::Mismatch {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        check_applied(&self.path, &applied)
+    }
 }

@@ -181,7 +181,10 @@ fn interrupted_experiment(
                 .map(|e| e.path())
                 .filter(|p| p.to_string_lossy().ends_with("_results.json"))
                 .filter_map(|p| crate::results::load(&p).ok())
-                .filter(|r| r.status == ExperimentStatus::Incomplete && r.config == *config)
+                .filter(|r| {
+                    r.status == ExperimentStatus::Incomplete
+                        && r.config.without_execution() == config.without_execution()
+                })
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();

@@ -56,6 +56,7 @@ pub fn run(args: SampleArgs) -> Result<(), Failure> {
     let mut printer = Printer {
         tokenizer: &*tokenizer,
         ids: Vec::new(),
+        total: args.max_new_tokens,
         printed: 0,
         json: args.json,
         colour: !args.json && std::io::stdout().is_terminal(),
@@ -83,6 +84,8 @@ pub fn run(args: SampleArgs) -> Result<(), Failure> {
 struct Printer<'a> {
     tokenizer: &'a dyn Tokenizer,
     ids: Vec<u32>,
+    /// Tokens the generation makes.
+    total: usize,
     /// Characters of the decoded generation already printed.
     printed: usize,
     json: bool,
@@ -98,8 +101,13 @@ impl Printer<'_> {
         }
         self.ids.push(token.id);
         let text = self.tokenizer.decode(&self.ids);
-        // A byte-level token can end inside a character: hold it back until it is complete.
-        let complete = text.trim_end_matches(char::REPLACEMENT_CHARACTER);
+        // A byte-level token can end inside a character: hold it back until it is complete
+        // (or the generation ends).
+        let complete = if self.ids.len() < self.total {
+            text.trim_end_matches(char::REPLACEMENT_CHARACTER)
+        } else {
+            &text
+        };
         let piece: String = complete.chars().skip(self.printed).collect();
         self.printed += piece.chars().count();
         let written = if self.json {

@@ -28,6 +28,8 @@ struct TrainRecord<'a> {
     settings: &'a TrainingSettings,
     report: &'a TrainingReport,
     final_metrics: &'a MetricValues,
+    /// The export the run started from (`--init-from`), if any.
+    init_from: Option<&'a std::path::Path>,
 }
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
@@ -73,6 +75,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         settings: &plan.training,
         report: &outcome.report,
         final_metrics: &outcome.final_metrics,
+        init_from: plan.init_from.as_deref(),
     };
     let path = run_dir.join("history.json");
     let json = serde_json::to_vec_pretty(&record).context("serialising the history")?;
