@@ -477,6 +477,17 @@ fn an_experiment_writes_a_results_file_that_round_trips_through_results_load() {
         "time chart labels"
     );
 
+    // A schema-2 file (before the MFU fields) still loads.
+    let mut older = results.clone();
+    older["schema_version"] = 2.into();
+    older.as_object_mut().unwrap().remove("peak_tflops");
+    let older_file = dir.path().join("older_results.json");
+    std::fs::write(&older_file, serde_json::to_vec(&older).unwrap()).unwrap();
+    assert_success(&lookahead(
+        &["results", "load", older_file.to_str().unwrap()],
+        cache.path(),
+    ));
+
     // A damaged file is rejected naming it.
     std::fs::write(&file, "{\"schema_version\": 1}").unwrap();
     fails_with(
@@ -501,6 +512,8 @@ fn bench_times_every_objective_and_writes_its_figures() {
         "16",
         "--batch-size",
         "2",
+        "--peak-tflops",
+        "0.5",
         "--output",
         output.to_str().unwrap(),
     ];
@@ -509,6 +522,10 @@ fn bench_times_every_objective_and_writes_its_figures() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
     assert_eq!(report["backend"], "flex");
+    assert_eq!(
+        (report["precision"].as_str(), report["peak_tflops"].as_f64()),
+        (Some("f32"), Some(0.5))
+    );
     assert_eq!(report["seq_len"], 16);
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows
@@ -523,6 +540,12 @@ fn bench_times_every_objective_and_writes_its_figures() {
         // tokens/s and ms/step describe the same steps: 2 windows × 16 tokens per step.
         assert!((tokens * ms / 1e3 - 32.0).abs() < 1e-6, "{row}");
         assert!(row["last_lm_loss"].as_f64().unwrap().is_finite());
+        // The model FLOP utilisation is the FLOP rate over the given peak.
+        let tflops = row["tflops"].as_f64().unwrap();
+        assert!(
+            (row["mfu"].as_f64().unwrap() - tflops / 0.5).abs() < 1e-12,
+            "{row}"
+        );
     }
     assert_eq!(rows[0]["relative_to_standard"], 1.0);
     // The standard model is the parameter-matched MiniGPT: within half a percent.

@@ -66,7 +66,8 @@ impl BuildEnv {
             env.vars.extend(libtorch_env()?);
         }
         if backends.contains(&Backend::Cuda) {
-            env.vars.extend(cuda_env()?);
+            env.vars.extend(cuda_env());
+            env.vars.extend(crate::cuda::env()?);
         }
         if backends.contains(&Backend::Wgpu)
             && cfg!(target_os = "linux")
@@ -79,16 +80,13 @@ impl BuildEnv {
 }
 
 impl BuildEnv {
-    /// The environment for a check (not a link) of the cuda feature on any machine: the LLVM
-    /// bundle's download is skipped the way docs.rs skips it (`DOCS_RS`), and cudarc gets a
-    /// CUDA version when neither the toolkit nor a driver tells it one.
-    pub fn with_cuda_check(&self) -> Self {
+    /// This environment plus what a cuda build needs, once `setup --backend cuda` has run.
+    pub fn with_cuda(&self) -> Option<Self> {
+        let cuda = crate::cuda::env().ok()?;
         let mut vars = self.vars.clone();
-        vars.push(("DOCS_RS".into(), "1".into()));
-        vars.extend(
-            cuda_env().unwrap_or_else(|_| vec![("CUDARC_CUDA_VERSION".into(), "12080".into())]),
-        );
-        Self { vars }
+        vars.extend(cuda_env());
+        vars.extend(cuda);
+        Some(Self { vars })
     }
 }
 
@@ -182,18 +180,14 @@ fn venv_torch(venv: &Path) -> anyhow::Result<(String, PathBuf)> {
     Ok((version, dir))
 }
 
-/// cudarc learns the CUDA version from `nvcc`; without the toolkit, from the driver.
-fn cuda_env() -> anyhow::Result<Vec<(String, String)>> {
+/// cudarc learns the CUDA version from `nvcc`, else from the driver; with neither (a build
+/// machine without a GPU), CUDA 12.8, the version of the PyTorch and nvcc wheels used here.
+fn cuda_env() -> Vec<(String, String)> {
     if std::env::var_os("CUDARC_CUDA_VERSION").is_some() || succeeds("nvcc", &["--version"]) {
-        return Ok(vec![]);
+        return vec![];
     }
-    match driver_cuda_version() {
-        Some(version) => Ok(vec![("CUDARC_CUDA_VERSION".into(), version)]),
-        None => bail!(
-            "cuda: neither nvcc nor nvidia-smi was found; install the NVIDIA driver (and the CUDA \
-             toolkit), or set CUDARC_CUDA_VERSION (e.g. 12080 for CUDA 12.8) to build anyway"
-        ),
-    }
+    let version = driver_cuda_version().unwrap_or_else(|| "12080".into());
+    vec![("CUDARC_CUDA_VERSION".into(), version)]
 }
 
 /// The driver's CUDA version from nvidia-smi.
@@ -260,28 +254,19 @@ pub fn setup(backend: Backend) -> anyhow::Result<()> {
         Backend::Wgpu => setup_wgpu(),
         Backend::TchCpu | Backend::TchCuda => setup_libtorch(backend),
         Backend::Cuda => {
-            let env = cuda_env()?;
-            println!(
-                "cuda: CubeCL loads the driver and NVRTC at run time; build settings: {}",
-                if env.is_empty() {
-                    "from nvcc or CUDARC_CUDA_VERSION".to_string()
-                } else {
-                    format!("{env:?}")
-                }
-            );
-            // burn-cuda compiles kernels through CubeCL's LLVM, which its build fetches once.
-            let llvm = std::env::var_os("HOME")
-                .map(|home| PathBuf::from(home).join(".local/share/tracel"))
-                .filter(|dir| dir.is_dir());
-            match llvm {
-                Some(dir) => println!("cuda: CubeCL's LLVM bundle is in {}", dir.display()),
+            crate::cuda::setup()?;
+            match cuda_env().first() {
+                Some((_, version)) => println!(
+                    "cuda: cudarc builds for CUDA {version} (no nvcc here; CUDARC_CUDA_VERSION overrides)"
+                ),
                 None => println!(
-                    "cuda: the first build downloads CubeCL's LLVM bundle (tracel-llvm, from \
-                     github.com/tracel-ai/tracel-llvm releases) into ~/.local/share/tracel; \
-                     it needs access to github.com once"
+                    "cuda: cudarc builds for the CUDA version nvcc or CUDARC_CUDA_VERSION gives"
                 ),
             }
-            println!("next: cargo xtask experiment --backend cuda");
+            println!(
+                "cuda: the driver (libcuda) and NVRTC are loaded at run time, on the GPU machine; \
+                 next: cargo xtask experiment --backend cuda"
+            );
             Ok(())
         }
     }

@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod cuda;
 
 use std::path::Path;
 use std::process::Command;
@@ -54,6 +55,12 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
+    /// Build `lookahead` in release mode with these backends compiled in (and the environment
+    /// they need), without running anything.
+    Build {
+        #[arg(long = "backend", value_enum, required = true)]
+        backends: Vec<Backend>,
+    },
     /// Lint conf-cli with these backends and cuda compiled in, then run its tests with these
     /// backends: the cross-backend equivalence tests and a short training of both models on each.
     Test {
@@ -97,15 +104,34 @@ fn main() -> anyhow::Result<()> {
             };
             bench::run(&plan)
         }
+        Task::Build { backends } => {
+            let env = BuildEnv::for_backends(&backends)?;
+            let features = backend::features(&backends);
+            let mut command = vec!["build", "--release", "-p", "conf-cli"];
+            if !features.is_empty() {
+                command.extend(["--features", &features]);
+            }
+            cargo(&command, &env)
+        }
         Task::Test { backends } => {
             let env = BuildEnv::for_backends(&backends)?;
             let features = backend::features(&backends);
-            // Clippy also type-checks the cuda backend, which cannot be linked without CubeCL's
-            // LLVM download (docs/backends.md).
+            // Clippy also checks the cuda backend once its LLVM is set up (it cannot be built
+            // without it).
             let mut linted = backends.clone();
-            linted.push(Backend::Cuda);
+            let lint_env = match env.with_cuda() {
+                Some(cuda_env) => {
+                    linted.push(Backend::Cuda);
+                    cuda_env
+                }
+                None => {
+                    eprintln!(
+                        "note: cuda is not linted: `cargo xtask setup --backend cuda` sets up its LLVM"
+                    );
+                    env.clone()
+                }
+            };
             let lint_features = backend::features(&linted);
-            let lint_env = env.with_cuda_check();
             cargo(
                 &[
                     "clippy",

@@ -221,6 +221,10 @@ pub struct CommonArgs {
     /// memory, more time; the same results.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// The device's dense f32 peak in TFLOP/s, for the model FLOP utilisation (MFU) [default:
+    /// the datasheet figure of a known NVIDIA GPU on the GPU backends, else none].
+    #[arg(long, value_name = "TFLOPS")]
+    pub peak_tflops: Option<f64>,
 }
 
 /// Flags of the commands that train through the Learner (`train`, `experiment`).
@@ -308,6 +312,19 @@ pub struct ExperimentArgs {
 }
 
 impl CommonArgs {
+    /// `--peak-tflops`, else the f32 peak of the GPU the backend runs on when it is known.
+    pub fn peak_tflops(&self) -> Option<f64> {
+        use crate::backend::BackendChoice;
+        let gpu = matches!(
+            self.target.backend,
+            BackendChoice::TchCuda | BackendChoice::Cuda | BackendChoice::Wgpu
+        );
+        self.peak_tflops.or_else(|| {
+            let name = gpu.then(|| crate::peak::gpu_name(self.target.device.unwrap_or(0)))??;
+            crate::peak::dense_peak_tflops(&name, crate::peak::Precision::F32)
+        })
+    }
+
     /// The preset, then `--config`, then these flags (with the run's flags and objective where
     /// the command has them); validated.
     pub fn config(

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod peak;
 pub mod presets;
 pub mod report;
 pub mod results;

@@ -18,7 +18,9 @@ use crate::stats::{PairedDifference, SeedStats, paired_difference, seed_stats};
 
 /// 2: metric keys typed, `grad_clip` a key, `lookahead_steps` gone, `conf_head` "final";
 /// the experiment's id and status, each run's status and steps trained.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+/// Schema 2 lacks only the MFU fields (`peak_tflops`, a run's `mfu`), which default to none.
+const OLDEST_LOADABLE: u32 = 2;
 /// Predicted/actual pairs kept per seed: enough for a scatter plot, small enough for a file.
 pub const PAIR_SAMPLE: usize = 2000;
 
@@ -35,6 +37,10 @@ pub struct ExperimentResults {
     pub git_commit: Option<String>,
     pub backend: String,
     pub device: String,
+    /// The device's dense f32 peak (TFLOP/s), when known (`--peak-tflops`, or a GPU of
+    /// crate::peak's table); each run's `mfu` is measured against it.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
     pub config: ConfidenceExperimentConfig,
     pub parameter_counts: ParameterMatch,
     /// Per seed (as a string key).
@@ -90,6 +96,9 @@ pub struct TrainingResult {
     /// Training FLOPs per token (see docs/results.md) and over the whole run.
     pub flops_per_token: f64,
     pub total_flops: f64,
+    /// Model FLOP utilisation: `flops_per_token · tokens_per_second` over `peak_tflops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     /// Every metric of the final model on the evaluation windows.
     pub final_metrics: MetricValues,
     /// A short text sampled from the final model (with per-token predictions for the
@@ -158,7 +167,13 @@ pub struct Summary {
 impl TrainingResult {
     /// The record of one model's run: what `plan` asked for, what came out, and the decoded
     /// sample.
-    pub fn new(plan: &ModelPlan, run: &ModelOutcome, sample: GeneratedSample) -> Self {
+    /// One model's run; `peak_tflops` is the device's, for the MFU.
+    pub fn new(
+        plan: &ModelPlan,
+        run: &ModelOutcome,
+        sample: GeneratedSample,
+        peak_tflops: Option<f64>,
+    ) -> Self {
         let history = &run.report.history;
         let lm = MetricKind::LmLoss;
         let loss_history: Vec<LossPoint> = history
@@ -219,6 +234,10 @@ impl TrainingResult {
             parameters: run.parameters,
             flops_per_token: run.flops_per_token,
             total_flops: run.flops_per_token * tokens,
+            mfu: crate::peak::mfu(
+                run.flops_per_token * run.report.tokens_per_second / 1e12,
+                peak_tflops,
+            ),
             final_metrics: run.final_metrics.clone(),
             sample,
             confidence_loss_history: confidence.then(|| series(MetricKind::ConfidenceLoss)),
@@ -323,9 +342,9 @@ pub fn load(path: &Path) -> Result<ExperimentResults, ResultsError> {
     let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
     let results: ExperimentResults =
         serde_json::from_str(&text).map_err(|e| invalid(format!("not a results file: {e}")))?;
-    if results.schema_version != SCHEMA_VERSION {
+    if !(OLDEST_LOADABLE..=SCHEMA_VERSION).contains(&results.schema_version) {
         return Err(invalid(format!(
-            "schema_version {} is not the supported {SCHEMA_VERSION}",
+            "schema_version {} is not one of the supported {OLDEST_LOADABLE}..={SCHEMA_VERSION}",
             results.schema_version
         )));
     }

@@ -21,6 +21,8 @@ struct BenchRow {
     flops_per_token: f64,
     /// Achieved model FLOP rate (6N + attention, plus the no-gradient passes).
     tflops: f64,
+    /// `tflops` over the device's dense peak, when known.
+    mfu: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,6 +38,9 @@ struct BenchReport {
     vocab_size: usize,
     /// Worker threads: `RAYON_NUM_THREADS` when set (the CPU backends' pool), else the cores.
     threads: usize,
+    /// The matrix products' precision and the device's dense peak for it (TFLOP/s), if known.
+    precision: &'static str,
+    peak_tflops: Option<f64>,
     rows: Vec<BenchRow>,
     /// Peak resident memory of this process, all objectives together.
     peak_host_mib: Option<f64>,
@@ -60,6 +65,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         optimizer: config.optimizer(),
         gradient_checkpointing: config.gradient_checkpointing,
     };
+    let peak_tflops = args.common.peak_tflops();
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
         let timed = time_objective(
@@ -77,7 +83,12 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             relative_to_standard: None,
             flops_per_token: timed.flops_per_token,
             tflops: timed.flops_per_token * timed.timing.tokens_per_second / 1e12,
+            mfu: None,
             timing: timed.timing,
+        };
+        let row = BenchRow {
+            mfu: crate::peak::mfu(row.tflops, peak_tflops),
+            ..row
         };
         eprintln!(
             "{:<9} {:>9.1} ms/step {:>10.0} tokens/s {:>8.3} TFLOP/s  (loss {:.3})",
@@ -110,6 +121,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        precision: crate::peak::Precision::F32.name(),
+        peak_tflops,
         rows,
         peak_host_mib: peak_host_mib(),
         gpu_mib: gpu_mib(),
@@ -136,17 +149,20 @@ fn print_table(report: &BenchReport) {
         report.threads
     );
     println!(
-        "| objective | ms/step | tokens/s | × standard | TFLOP/s |\n|---|---:|---:|---:|---:|"
+        "| objective | ms/step | tokens/s | × standard | TFLOP/s | MFU ({}) |\n|---|---:|---:|---:|---:|---:|",
+        report.precision
     );
     for row in &report.rows {
         println!(
-            "| {} | {:.1} | {:.0} | {} | {:.3} |",
+            "| {} | {:.1} | {:.0} | {} | {:.3} | {} |",
             row.objective.name(),
             row.timing.ms_per_step,
             row.timing.tokens_per_second,
             row.relative_to_standard
                 .map_or("–".into(), |r| format!("{r:.2}")),
-            row.tflops
+            row.tflops,
+            row.mfu
+                .map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m))
         );
     }
     let mib = |m: Option<f64>| m.map_or("n/a".into(), |m| format!("{m:.0} MiB"));

@@ -51,6 +51,7 @@ pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
             } else {
                 format!("{device:?}")
             },
+            peak_tflops: args.common.peak_tflops(),
             parameter_counts: config.model(corpus.vocab_size()).matched_standard(),
             config: config.clone(),
             standard_model_results: Default::default(),
@@ -85,7 +86,7 @@ pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
             if outcome.status == RunStatus::Complete {
                 print_sample(model.name(), seed, &sample);
             }
-            let result = TrainingResult::new(&plan, &outcome, sample);
+            let result = TrainingResult::new(&plan, &outcome, sample, results.peak_tflops);
             runs_of(&mut results, model).insert(seed.to_string(), result);
             save(&mut results, &path)?;
             if outcome.status != RunStatus::Complete {
