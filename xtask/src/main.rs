@@ -4,7 +4,7 @@ mod backend;
 mod bench;
 mod cuda;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -60,6 +60,10 @@ enum Task {
     Build {
         #[arg(long = "backend", value_enum, required = true)]
         backends: Vec<Backend>,
+        /// Also pack what a GPU machine without Rust needs into this folder: the stripped,
+        /// compressed binary and (for cuda) libdevice; `bench/gpu-check.sh` runs it there.
+        #[arg(long, value_name = "DIR")]
+        kit: Option<PathBuf>,
     },
     /// Lint conf-cli with these backends and cuda compiled in, then run its tests with these
     /// backends: the cross-backend equivalence tests and a short training of both models on each.
@@ -104,14 +108,18 @@ fn main() -> anyhow::Result<()> {
             };
             bench::run(&plan)
         }
-        Task::Build { backends } => {
+        Task::Build { backends, kit } => {
             let env = BuildEnv::for_backends(&backends)?;
             let features = backend::features(&backends);
             let mut command = vec!["build", "--release", "-p", "conf-cli"];
             if !features.is_empty() {
                 command.extend(["--features", &features]);
             }
-            cargo(&command, &env)
+            cargo(&command, &env)?;
+            match kit {
+                Some(dir) => pack_kit(&dir, &backends, &env),
+                None => Ok(()),
+            }
         }
         Task::Test { backends } => {
             let env = BuildEnv::for_backends(&backends)?;
@@ -168,6 +176,45 @@ fn run_lookahead(backend: Backend, subcommand: &str, args: &[&str]) -> anyhow::R
     command.extend(["--", subcommand, "--backend", backend.name()]);
     command.extend(args);
     cargo(&command, &env)
+}
+
+/// The release binary, stripped and gzipped, with the run-time files of its backends.
+fn pack_kit(dir: &Path, backends: &[Backend], env: &BuildEnv) -> anyhow::Result<()> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let binary = dir.join("lookahead");
+    std::fs::copy(target.join("release/lookahead"), &binary)?;
+    shell(Command::new("strip").arg(&binary))?;
+    let gz = std::fs::File::create(dir.join("lookahead.gz"))?;
+    shell(Command::new("gzip").arg("-c").arg(&binary).stdout(gz))?;
+    std::fs::remove_file(&binary)?;
+    if backends.contains(&Backend::Cuda) {
+        let cuda_path = env
+            .vars
+            .iter()
+            .find(|(k, _)| k == "CUDA_PATH")
+            .map(|(_, v)| PathBuf::from(v))
+            .context("no CUDA_PATH in the cuda environment")?;
+        let libdevice = Path::new("nvvm/libdevice/libdevice.10.bc");
+        std::fs::create_dir_all(dir.join("cuda").join(libdevice.parent().expect("a parent")))?;
+        std::fs::copy(cuda_path.join(libdevice), dir.join("cuda").join(libdevice))?;
+    }
+    let names: Vec<&str> = backends.iter().map(|b| b.name()).collect();
+    std::fs::write(dir.join("backends"), names.join(" ") + "\n")?;
+    println!("kit for {} in {}", names.join(", "), dir.display());
+    Ok(())
+}
+
+fn shell(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("running {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
 }
 
 /// Runs cargo in the workspace root with the backend's build and run environment.

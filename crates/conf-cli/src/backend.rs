@@ -139,7 +139,13 @@ pub fn device(choice: BackendChoice, index: Option<usize>) -> Result<Device, Bac
     probe(&device).map_err(|reason| BackendError::Unavailable {
         backend: choice,
         device: index.map(|i| format!(" --device {i}")).unwrap_or_default(),
-        reason,
+        reason: match choice {
+            // cudarc's own message (logged above) lists the library names it tried.
+            BackendChoice::Cuda => format!(
+                "{reason} (is there an NVIDIA GPU with its driver, libcuda.so.1 on the library path?)"
+            ),
+            _ => reason,
+        },
     })?;
     Ok(device)
 }
