@@ -22,7 +22,8 @@ struct Xtask {
 #[derive(Subcommand)]
 enum Task {
     /// Install what a backend needs: libtorch through a project-local Python venv (tch-cpu,
-    /// tch-cuda), Mesa's software Vulkan where there is no GPU driver (wgpu).
+    /// tch-cuda), Mesa's software Vulkan where there is no GPU driver (wgpu), CubeCL's LLVM and
+    /// libdevice from PyPI (cuda).
     Setup {
         #[arg(long, value_enum)]
         backend: Backend,
