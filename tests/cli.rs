@@ -1250,6 +1250,45 @@ fn data_parallel_and_gradient_checkpointing_flags_train_or_name_the_problem() {
         &["batch_size 3", "2 devices", "--devices"],
     );
     fails_with(&train(&["--devices", "0,0"]), 2, &["--devices", "twice"]);
+    // bench times the same steps split across two workers: the same losses, up to rounding.
+    let bench = |extra: &[&str]| {
+        let file = results.path().join(format!("bench{}.json", extra.len()));
+        let mut args = vec![
+            "bench",
+            "--objectives",
+            "standard,dense",
+            "--steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "4",
+            "--output",
+            file.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        assert_success(&lookahead(&args, cache.path()));
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&file).unwrap()).unwrap()
+    };
+    let (one, two) = (bench(&[]), bench(&["--devices", "0,1"]));
+    assert_eq!(
+        (one["workers"].as_u64(), two["workers"].as_u64()),
+        (Some(1), Some(2))
+    );
+    for (a, b) in one["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(two["rows"].as_array().unwrap())
+    {
+        let (a, b) = (
+            a["last_lm_loss"].as_f64().unwrap(),
+            b["last_lm_loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
     fails_with(
         &train(&["--device", "0", "--devices", "0,1"]),
         2,

@@ -38,6 +38,8 @@ pub const GPU: Shape = Shape {
 
 pub struct BenchPlan {
     pub backends: Vec<Backend>,
+    /// Data-parallel workers per step on each backend (`lookahead bench --devices`); 1: none.
+    pub workers: Vec<usize>,
     pub shapes: Vec<Shape>,
     pub threads: Vec<usize>,
     pub rounds: usize,
@@ -50,6 +52,7 @@ impl BenchPlan {
     pub fn smoke(backends: Vec<Backend>) -> Self {
         Self {
             backends,
+            workers: vec![1],
             shapes: vec![QUICK],
             threads: vec![2],
             rounds: 1,
@@ -59,13 +62,34 @@ impl BenchPlan {
     }
 }
 
-/// Who produced a timing: the PyTorch reference or a backend of `lookahead`.
+/// Who produced a timing: the PyTorch reference, or a backend of `lookahead` with its number
+/// of workers (`flex`, `flex-2workers`).
 fn source_names(plan: &BenchPlan, torch: bool) -> Vec<String> {
-    let mut names: Vec<String> = plan.backends.iter().map(|b| b.name().to_string()).collect();
+    let mut names: Vec<String> = plan
+        .backends
+        .iter()
+        .flat_map(|b| {
+            plan.workers.iter().map(move |&w| match w {
+                1 => b.name().to_string(),
+                w => format!("{}-{w}workers", b.name()),
+            })
+        })
+        .collect();
     if torch {
         names.insert(0, "pytorch".into());
     }
     names
+}
+
+/// The backend and worker count of a lookahead source name.
+fn parse_source(source: &str) -> (&str, usize) {
+    match source.rsplit_once('-') {
+        Some((backend, workers)) if workers.ends_with("workers") => (
+            backend,
+            workers.trim_end_matches("workers").parse().unwrap_or(1),
+        ),
+        _ => (source, 1),
+    }
 }
 
 pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
@@ -101,7 +125,9 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
                             plan,
                         )?
                     } else {
-                        let report = lookahead_bench(&binary, &env, &source, shape, threads, plan)?;
+                        let (backend, workers) = parse_source(&source);
+                        let report =
+                            lookahead_bench(&binary, &env, backend, workers, shape, threads, plan)?;
                         dims.get_or_insert_with(|| report.clone());
                         report
                     };
@@ -152,11 +178,12 @@ fn lookahead_bench(
     binary: &Path,
     env: &BuildEnv,
     backend: &str,
+    workers: usize,
     shape: Shape,
     threads: usize,
     plan: &BenchPlan,
 ) -> anyhow::Result<Value> {
-    let output = tempfile_path(&format!("lookahead-{backend}"));
+    let output = tempfile_path(&format!("lookahead-{backend}-{workers}"));
     let mut command = Command::new(binary);
     command
         .args(["bench", "--backend", backend, "--preset", shape.preset])
@@ -169,6 +196,10 @@ fn lookahead_bench(
         .env("RAYON_NUM_THREADS", threads.to_string());
     if let Some(batch) = shape.batch_size {
         command.args(["--batch-size", &batch.to_string()]);
+    }
+    if workers > 1 {
+        let devices: Vec<String> = (0..workers).map(|i| i.to_string()).collect();
+        command.args(["--devices", &devices.join(",")]);
     }
     let status = command.status().context("running lookahead bench")?;
     if !status.success() {
@@ -289,6 +320,22 @@ fn print_table(shape: Shape, threads: usize, rounds: usize, dims: Option<&Value>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_name_their_backend_and_workers() {
+        assert_eq!(parse_source("flex"), ("flex", 1));
+        assert_eq!(parse_source("flex-2workers"), ("flex", 2));
+        assert_eq!(parse_source("tch-cpu"), ("tch-cpu", 1));
+        assert_eq!(parse_source("tch-cpu-4workers"), ("tch-cpu", 4));
+        let plan = BenchPlan {
+            workers: vec![1, 2],
+            ..BenchPlan::smoke(vec![Backend::Flex])
+        };
+        assert_eq!(
+            source_names(&plan, true),
+            ["pytorch", "flex", "flex-2workers"]
+        );
+    }
 
     #[test]
     fn medians_and_ratios_are_per_source_against_pytorch_and_its_own_standard() {

@@ -52,6 +52,10 @@ enum Task {
         /// Thread counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
+        /// Data-parallel worker counts for lookahead's backends, comma-separated
+        /// (`lookahead bench --devices`; on the CPU, workers sharing it).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        workers: Vec<usize>,
         /// Timed steps per objective and round (after 3 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
@@ -86,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             smoke,
             rounds,
             threads,
+            workers,
             steps,
         } => {
             let gpu = backends
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
                 bench::BenchPlan::smoke(backends)
             } else {
                 bench::BenchPlan {
+                    workers,
                     shapes: if gpu {
                         vec![bench::GPU]
                     } else {

@@ -389,6 +389,10 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Data parallel as in training: each step's batch split across these devices (on a CPU
+    /// backend, workers sharing the CPU).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub devices: Option<Vec<usize>>,
     #[command(flatten)]
     pub common: CommonArgs,
 }

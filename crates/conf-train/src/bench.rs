@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::{Module, ModuleDisplay};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::train::TrainStep;
 use conf_data::{Corpus, Split};
@@ -30,6 +31,9 @@ pub struct BenchSettings {
     pub optimizer: OptimizerSettings,
     /// Burn's balanced gradient checkpointing.
     pub gradient_checkpointing: bool,
+    /// Data parallel as in training ([`Execution::devices`]): each step's batch split across
+    /// these devices, one worker thread each, gradients summed on the first.
+    pub devices: Vec<Device>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +67,7 @@ pub fn time_objective(
 ) -> ObjectiveTiming {
     let execution = Execution {
         gradient_checkpointing: settings.gradient_checkpointing,
-        devices: Vec::new(),
+        devices: settings.devices.clone(),
     };
     let device = execution.training_device(device);
     device.seed(settings.seed);
@@ -112,20 +116,29 @@ where
     );
     let mut optim = adamw(&trainee, &settings.optimizer);
     let lr = ModuleLearningRate::from(settings.optimizer.learning_rate);
+    let execution = Execution {
+        gradient_checkpointing: settings.gradient_checkpointing,
+        devices: settings.devices.clone(),
+    };
+    let workers = execution.parallel_devices().unwrap_or_default();
     let mut trainee = trainee;
+    trainee.set_data_parallel(workers.len().max(1));
     let mut started = Instant::now();
     let mut last_lm_loss = f64::NAN;
     for step in 0..total {
         if step == settings.warmup_steps {
             started = Instant::now();
         }
-        let batch = batches.batch(step).expect("window in range");
-        let output = trainee.step(batch);
-        let lm_loss = output.item.lm_loss();
-        trainee = trainee.optimize(&mut optim, lr.clone(), output.grads);
+        let (grads, lm_loss) = if workers.is_empty() {
+            let output = trainee.step(batches.batch(step).expect("window in range"));
+            (output.grads, output.item.lm_loss().into_scalar::<f64>())
+        } else {
+            parallel_step(&trainee, &batches, step, &workers)
+        };
+        trainee = trainee.optimize(&mut optim, lr.clone(), grads);
         // Asynchronous devices (GPUs) have queued the step: wait for all of it.
         device.sync().expect("the device finishes the step");
-        last_lm_loss = lm_loss.into_scalar::<f64>();
+        last_lm_loss = lm_loss;
     }
     let seconds = started.elapsed().as_secs_f64();
     let tokens = (settings.timed_steps * settings.batch_size * settings.seq_len) as f64;
@@ -135,4 +148,49 @@ where
         tokens_per_second: tokens / seconds,
         last_lm_loss,
     }
+}
+
+/// One step split across `workers` as burn-train's multi-device strategy runs it: each worker
+/// thread takes its part of the batch on its device with its own copy of the model, and the
+/// gradients are summed on the first device. Returns them with the mean LM loss of the parts.
+fn parallel_step<M, O>(
+    trainee: &Trainee<M, O>,
+    batches: &TrainBatches,
+    step: usize,
+    workers: &[Device],
+) -> (GradientsParams, f64)
+where
+    M: Module + ModuleDisplay + 'static,
+    O: Objective<M> + Clone + 'static,
+{
+    let parts = workers.len();
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, device)| {
+                let worker = trainee.clone().fork(device);
+                let batch = batches
+                    .on(device)
+                    .batch_part(step, (i, parts))
+                    .expect("window in range");
+                scope.spawn(move || {
+                    let output = worker.step(batch);
+                    (output.grads, output.item.lm_loss().into_scalar::<f64>())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a worker finishes its part"))
+            .collect()
+    });
+    let main = &workers[0];
+    let mut sum = GradientsAccumulator::<Trainee<M, O>>::new();
+    let mut lm_loss = 0.0;
+    for (grads, loss) in outputs {
+        sum.accumulate(trainee, grads.to_device(main, trainee));
+        lm_loss += loss / parts as f64;
+    }
+    (sum.grads(), lm_loss)
 }

@@ -81,6 +81,14 @@ impl TrainBatches {
         }
     }
 
+    /// The same batches, made on `device`.
+    pub fn on(&self, device: &Device) -> Self {
+        Self {
+            device: device.clone(),
+            ..self.clone()
+        }
+    }
+
     pub fn batch(&self, step: usize) -> Result<LookaheadBatch, DatasetError> {
         self.batch_part(step, (0, 1))
     }

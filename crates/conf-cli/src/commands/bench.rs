@@ -35,6 +35,8 @@ struct BenchReport {
     seq_len: usize,
     batch_size: usize,
     gradient_checkpointing: bool,
+    /// Data-parallel workers splitting each step's batch (1: none).
+    workers: usize,
     vocab_size: usize,
     /// Worker threads: `RAYON_NUM_THREADS` when set (the CPU backends' pool), else the cores.
     threads: usize,
@@ -53,7 +55,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
     }
     let config = super::config(&args.common, None, None)?;
-    let device = super::open_device(&args.common.target)?;
+    let (device, devices) = super::open_devices(&args.common.target, args.devices.as_deref())?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model = config.model(corpus.vocab_size());
     let settings = BenchSettings {
@@ -64,7 +66,15 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         seed: config.seeds[0],
         optimizer: config.optimizer(),
         gradient_checkpointing: config.gradient_checkpointing,
+        devices: devices.clone(),
     };
+    if devices.len() > 1 && !config.batch_size.is_multiple_of(devices.len()) {
+        return Err(Failure::BadInput(anyhow!(
+            "batch_size {} does not split evenly across the {} devices of --devices",
+            config.batch_size,
+            devices.len()
+        )));
+    }
     let peak_tflops = args.common.peak_tflops();
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
@@ -116,6 +126,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         seq_len: config.seq_len,
         batch_size: config.batch_size,
         gradient_checkpointing: config.gradient_checkpointing,
+        workers: devices.len().max(1),
         vocab_size: corpus.vocab_size(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -138,7 +149,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
 
 fn print_table(report: &BenchReport) {
     println!(
-        "backend {} ({}), d {} × {} layers, {} heads, L {}, batch {}, {} threads",
+        "backend {} ({}), d {} × {} layers, {} heads, L {}, batch {}, {} threads, {} worker(s)",
         report.backend,
         report.device,
         report.d_model,
@@ -146,7 +157,8 @@ fn print_table(report: &BenchReport) {
         report.n_heads,
         report.seq_len,
         report.batch_size,
-        report.threads
+        report.threads,
+        report.workers
     );
     println!(
         "| objective | ms/step | tokens/s | × standard | TFLOP/s | MFU ({}) |\n|---|---:|---:|---:|---:|---:|",

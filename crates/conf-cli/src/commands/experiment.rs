@@ -32,7 +32,7 @@ fn git_commit() -> Option<String> {
 
 pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
     let config = super::config(&args.common, Some(&args.run), args.objective)?;
-    let (device, devices) = super::open_devices(&args.common.target, &args.run)?;
+    let (device, devices) = super::open_devices(&args.common.target, args.run.devices.as_deref())?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let tokenizer = corpus.tokenizer.build();
     let mut results = if args.run.resume {

@@ -134,9 +134,9 @@ pub fn open_device(args: &DeviceArgs) -> Result<burn::prelude::Device, Failure> 
 /// a CPU backend, which has one device, each index is a worker on that CPU.
 pub fn open_devices(
     args: &DeviceArgs,
-    run: &RunFlags,
+    devices: Option<&[usize]>,
 ) -> Result<(burn::prelude::Device, Vec<burn::prelude::Device>), Failure> {
-    let Some(indices) = &run.devices else {
+    let Some(indices) = devices else {
         return Ok((open_device(args)?, Vec::new()));
     };
     let bad = |message: String| Err(Failure::BadInput(anyhow::anyhow!(message)));
@@ -145,7 +145,7 @@ pub fn open_devices(
             "--device and --devices: give one (--devices N,M,... names every device)".into(),
         );
     }
-    let mut sorted = indices.clone();
+    let mut sorted = indices.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
     if sorted.len() != indices.len() {
@@ -154,8 +154,8 @@ pub fn open_devices(
     let takes_index = args.backend.takes_index();
     if !takes_index && indices.len() > 1 {
         tracing::warn!(
-            "--devices on {}: one CPU device, so the {} workers share its cores (the data-parallel \
-             path, not a speed-up)",
+            "--devices on {}: one CPU device, so the {} workers share its cores (on flex still \
+             faster than one: docs/scaling.md)",
             args.backend,
             indices.len()
         );

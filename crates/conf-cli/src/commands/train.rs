@@ -51,7 +51,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         (ModelKind::Confidence, Some(kind)) => kind,
     };
     let seed = config.seeds[0];
-    let (device, devices) = super::open_devices(&args.common.target, &args.run)?;
+    let (device, devices) = super::open_devices(&args.common.target, args.run.devices.as_deref())?;
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model_name = args.model.name();
     let run_dir = config
