@@ -357,7 +357,8 @@ fn setup_libtorch(backend: Backend) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
+/// Runs `command` (echoed), failing when it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {command:?}");
     let status = command
         .status()

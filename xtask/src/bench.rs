@@ -94,7 +94,7 @@ fn parse_source(source: &str) -> (&str, usize) {
 
 pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
     let env = BuildEnv::for_backends(&plan.backends)?;
-    let binary = build_lookahead(&plan.backends, &env)?;
+    let binary = crate::build_lookahead(&plan.backends, &env)?;
     let python = backend::torch_python();
     if python.is_none() {
         eprintln!(
@@ -158,20 +158,6 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Builds `lookahead` with the backends' features; returns the binary's path.
-fn build_lookahead(backends: &[Backend], env: &BuildEnv) -> anyhow::Result<PathBuf> {
-    let features = backend::features(backends);
-    let mut args = vec!["build", "--release", "-p", "conf-cli"];
-    if !features.is_empty() {
-        args.extend(["--features", &features]);
-    }
-    crate::cargo(&args, env)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target"));
-    Ok(target.join("release/lookahead"))
 }
 
 fn lookahead_bench(

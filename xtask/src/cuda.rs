@@ -223,16 +223,9 @@ fn check_sha256(file: &Path, expected: &str) -> anyhow::Result<()> {
 
 fn pip(args: &[&str]) -> anyhow::Result<()> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(&python);
-    command
-        .args(["-m", "pip", "--disable-pip-version-check"])
-        .args(args);
-    eprintln!("+ {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("running {python} -m pip"))?;
-    if !status.success() {
-        bail!("{python} -m pip {} failed with {status}", args.join(" "));
-    }
-    Ok(())
+    crate::backend::run(
+        Command::new(&python)
+            .args(["-m", "pip", "--disable-pip-version-check"])
+            .args(args),
+    )
 }

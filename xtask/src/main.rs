@@ -117,14 +117,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Build { backends, kit } => {
             let env = BuildEnv::for_backends(&backends)?;
-            let features = backend::features(&backends);
-            let mut command = vec!["build", "--release", "-p", "conf-cli"];
-            if !features.is_empty() {
-                command.extend(["--features", &features]);
-            }
-            cargo(&command, &env)?;
+            let binary = build_lookahead(&backends, &env)?;
             match kit {
-                Some(dir) => pack_kit(&dir, &backends, &env),
+                Some(dir) => pack_kit(&binary, &dir, &backends, &env),
                 None => Ok(()),
             }
         }
@@ -185,18 +180,29 @@ fn run_lookahead(backend: Backend, subcommand: &str, args: &[&str]) -> anyhow::R
     cargo(&command, &env)
 }
 
-/// The release binary, stripped and gzipped, with the run-time files of its backends.
-fn pack_kit(dir: &Path, backends: &[Backend], env: &BuildEnv) -> anyhow::Result<()> {
+/// Builds `lookahead` with the backends' features; returns the binary's path.
+pub(crate) fn build_lookahead(backends: &[Backend], env: &BuildEnv) -> anyhow::Result<PathBuf> {
+    let features = backend::features(backends);
+    let mut args = vec!["build", "--release", "-p", "conf-cli"];
+    if !features.is_empty() {
+        args.extend(["--features", &features]);
+    }
+    cargo(&args, env)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release/lookahead"))
+}
+
+/// `binary`, stripped and gzipped, with the run-time files of its backends.
+fn pack_kit(binary: &Path, dir: &Path, backends: &[Backend], env: &BuildEnv) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let binary = dir.join("lookahead");
-    std::fs::copy(target.join("release/lookahead"), &binary)?;
-    shell(Command::new("strip").arg(&binary))?;
+    let copy = dir.join("lookahead");
+    std::fs::copy(binary, &copy)?;
+    backend::run(Command::new("strip").arg(&copy))?;
     let gz = std::fs::File::create(dir.join("lookahead.gz"))?;
-    shell(Command::new("gzip").arg("-c").arg(&binary).stdout(gz))?;
-    std::fs::remove_file(&binary)?;
+    backend::run(Command::new("gzip").arg("-c").arg(&copy).stdout(gz))?;
+    std::fs::remove_file(&copy)?;
     if backends.contains(&Backend::Cuda) {
         let cuda_path = env
             .vars
@@ -211,16 +217,6 @@ fn pack_kit(dir: &Path, backends: &[Backend], env: &BuildEnv) -> anyhow::Result<
     let names: Vec<&str> = backends.iter().map(|b| b.name()).collect();
     std::fs::write(dir.join("backends"), names.join(" ") + "\n")?;
     println!("kit for {} in {}", names.join(", "), dir.display());
-    Ok(())
-}
-
-fn shell(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {:?}", command.get_program()))?;
-    if !status.success() {
-        bail!("{command:?} failed with {status}");
-    }
     Ok(())
 }
 

@@ -29,11 +29,9 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Weight decay and clipping as in training, at the constant peak learning rate.
     pub optimizer: OptimizerSettings,
-    /// Burn's balanced gradient checkpointing.
-    pub gradient_checkpointing: bool,
-    /// Data parallel as in training ([`Execution::devices`]): each step's batch split across
-    /// these devices, one worker thread each, gradients summed on the first.
-    pub devices: Vec<Device>,
+    /// Gradient checkpointing and data parallel, as in training: with several devices each
+    /// step's batch is split across them, one worker thread each, gradients summed on the first.
+    pub execution: Execution,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,11 +63,7 @@ pub fn time_objective(
     settings: &BenchSettings,
     device: &Device,
 ) -> ObjectiveTiming {
-    let execution = Execution {
-        gradient_checkpointing: settings.gradient_checkpointing,
-        devices: settings.devices.clone(),
-    };
-    let device = execution.training_device(device);
+    let device = settings.execution.training_device(device);
     device.seed(settings.seed);
     let grad_clip = settings.optimizer.grad_clip;
     let trainee = ObjectiveTrainee::new(objective, model, confidence, grad_clip, &device);
@@ -116,11 +110,7 @@ where
     );
     let mut optim = adamw(&trainee, &settings.optimizer);
     let lr = ModuleLearningRate::from(settings.optimizer.learning_rate);
-    let execution = Execution {
-        gradient_checkpointing: settings.gradient_checkpointing,
-        devices: settings.devices.clone(),
-    };
-    let workers = execution.parallel_devices().unwrap_or_default();
+    let workers = settings.execution.parallel_devices().unwrap_or_default();
     let mut trainee = trainee;
     trainee.set_data_parallel(workers.len().max(1));
     let mut started = Instant::now();

@@ -17,7 +17,7 @@ use crate::objective::{ConfidenceSettings, ObjectiveKind};
 use crate::stop::{RunStatus, StopRequest};
 use crate::trainee::{ModelTrainee, ObjectiveTrainee};
 use crate::training::{TrainError, TrainingReport, TrainingSettings, evaluate, fit};
-use crate::weights::{AnyModel, Architecture, ModelCard, WeightsError, export_card, init_from};
+use crate::weights::{AnyModel, Architecture, Export, ModelCard, WeightsError};
 
 /// Everything that decides one model's run.
 #[derive(Debug, Clone)]
@@ -124,7 +124,8 @@ fn start_from(
     card: &ModelCard,
     path: &std::path::Path,
 ) -> Result<(), WeightsError> {
-    let (saved, _) = export_card(path)?;
+    let export = Export::read(path)?;
+    let (saved, _) = export.card()?;
     let mismatch = |message: String| WeightsError::Mismatch {
         path: path.to_path_buf(),
         message: format!("--init-from: {message}"),
@@ -143,7 +144,7 @@ fn start_from(
             card.tokenizer.vocab_size()
         )));
     }
-    init_from(model, path)?;
+    export.apply_to(model)?;
     tracing::info!("starting from the weights in {}", path.display());
     Ok(())
 }

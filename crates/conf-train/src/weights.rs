@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::store::{
-    BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    ApplyResult, BurnToPyTorchAdapter, BurnpackStore, ModuleSnapshot, ModuleStore,
+    PyTorchToBurnAdapter, SafetensorsStore,
 };
 use conf_data::{TokenizerSpec, write_atomic};
 use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, MiniGpt};
@@ -151,6 +152,20 @@ impl AnyModel {
             Architecture::Confidence(config) => Self::Confidence(config.init(device)),
         }
     }
+
+    fn load_from<S: ModuleStore>(&mut self, store: &mut S) -> Result<ApplyResult, S::Error> {
+        match self {
+            Self::Standard(m) => m.load_from(store),
+            Self::Confidence(m) => m.load_from(store),
+        }
+    }
+
+    fn save_into<S: ModuleStore>(&self, store: &mut S) -> Result<(), S::Error> {
+        match self {
+            Self::Standard(m) => m.save_into(store),
+            Self::Confidence(m) => m.save_into(store),
+        }
+    }
 }
 
 /// A model with its card, and where it came from.
@@ -184,11 +199,9 @@ pub fn load(path: &Path, device: &Device) -> Result<TrainedModel, WeightsError> 
     let mut model = AnyModel::init(&card.architecture, device);
     // A checkpoint holds the trainee, whose model is its `model` field.
     let mut store = BurnpackStore::from_file(&weights).with_remap_pattern(r"^model\.", "");
-    let applied = match &mut model {
-        AnyModel::Standard(m) => m.load_from(&mut store),
-        AnyModel::Confidence(m) => m.load_from(&mut store),
-    }
-    .map_err(|e| file_error(&weights, e))?;
+    let applied = model
+        .load_from(&mut store)
+        .map_err(|e| file_error(&weights, e))?;
     check_applied(&weights, &applied)?;
     Ok(TrainedModel {
         card,
@@ -227,7 +240,7 @@ fn checkpoint_set(path: &Path) -> Result<(PathBuf, PathBuf), WeightsError> {
     Ok((run_dir, set))
 }
 
-fn check_applied(path: &Path, applied: &burn::store::ApplyResult) -> Result<(), WeightsError> {
+fn check_applied(path: &Path, applied: &ApplyResult) -> Result<(), WeightsError> {
     let mut problems: Vec<String> = applied.errors.iter().map(|e| format!("{e:?}")).collect();
     if !applied.missing.is_empty() {
         let names: Vec<&str> = applied.missing.iter().map(|(p, _)| p.as_str()).collect();
@@ -269,11 +282,10 @@ pub fn export_safetensors(trained: &TrainedModel, out: &Path) -> Result<(), Weig
     if let Some(step) = trained.step {
         store = store.metadata(META_STEP, step.to_string());
     }
-    match &trained.model {
-        AnyModel::Standard(m) => m.save_into(&mut store),
-        AnyModel::Confidence(m) => m.save_into(&mut store),
-    }
-    .map_err(|e| file_error(out, e))?;
+    trained
+        .model
+        .save_into(&mut store)
+        .map_err(|e| file_error(out, e))?;
     let bytes = store.get_bytes().map_err(|e| file_error(out, e))?;
     write_atomic(out, &bytes).map_err(|e| file_error(out, e))
 }
@@ -293,27 +305,16 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<TrainedModel, We
     })
 }
 
-/// Overwrites every parameter of `model` with the export at `path`; the export must hold
-/// exactly this model's parameters, with the same shapes.
-pub fn init_from(model: &mut AnyModel, path: &Path) -> Result<(), WeightsError> {
-    Export::read(path)?.apply_to(model)
-}
-
-/// The card (and step, when recorded) of the export at `path`.
-pub fn export_card(path: &Path) -> Result<(ModelCard, Option<usize>), WeightsError> {
-    Export::read(path)?.card()
-}
-
 /// A whole SafeTensors file, read once and checked: a file that is not one (cut short,
 /// another format) is an error naming it.
-struct Export {
+pub struct Export {
     path: PathBuf,
     bytes: Vec<u8>,
     metadata: HashMap<String, String>,
 }
 
 impl Export {
-    fn read(path: &Path) -> Result<Self, WeightsError> {
+    pub fn read(path: &Path) -> Result<Self, WeightsError> {
         let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
         let unreadable = |e: safetensors::SafeTensorError| {
             file_error(
@@ -335,7 +336,8 @@ impl Export {
         })
     }
 
-    fn card(&self) -> Result<(ModelCard, Option<usize>), WeightsError> {
+    /// The card, and the step when recorded.
+    pub fn card(&self) -> Result<(ModelCard, Option<usize>), WeightsError> {
         let path = &self.path;
         let get = |key: &str| -> Result<&String, WeightsError> {
             self.metadata.get(key).ok_or_else(|| {
@@ -361,17 +363,17 @@ impl Export {
         Ok((card, step))
     }
 
-    fn apply_to(self, model: &mut AnyModel) -> Result<(), WeightsError> {
+    /// Overwrites every parameter of `model`; the export must hold exactly this model's
+    /// parameters, with the same shapes.
+    pub fn apply_to(self, model: &mut AnyModel) -> Result<(), WeightsError> {
         let mut store =
             SafetensorsStore::from_bytes(Some(self.bytes)).with_from_adapter(PyTorchToBurnAdapter);
-        let applied = match model {
-            AnyModel::Standard(m) => m.load_from(&mut store),
-            AnyModel::Confidence(m) => m.load_from(&mut store),
-        }
-        .map_err(|e| WeightsError::Mismatch {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
+        let applied = model
+            .load_from(&mut store)
+            .map_err(|e| WeightsError::Mismatch {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
         check_applied(&self.path, &applied)
     }
 }

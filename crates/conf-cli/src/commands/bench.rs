@@ -5,6 +5,7 @@ use anyhow::anyhow;
 use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
 use conf_train::bench::{BenchSettings, StepTiming, time_objective};
+use conf_train::training::Execution;
 use serde::Serialize;
 
 use crate::Failure;
@@ -65,8 +66,10 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         seq_len: config.seq_len,
         seed: config.seeds[0],
         optimizer: config.optimizer(),
-        gradient_checkpointing: config.gradient_checkpointing,
-        devices: devices.clone(),
+        execution: Execution {
+            gradient_checkpointing: config.gradient_checkpointing,
+            devices: devices.clone(),
+        },
     };
     if devices.len() > 1 && !config.batch_size.is_multiple_of(devices.len()) {
         return Err(Failure::BadInput(anyhow!(
@@ -87,18 +90,15 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             &settings,
             &device,
         );
+        let tflops = timed.flops_per_token * timed.timing.tokens_per_second / 1e12;
         let row = BenchRow {
             objective,
             parameters: timed.parameters,
             relative_to_standard: None,
             flops_per_token: timed.flops_per_token,
-            tflops: timed.flops_per_token * timed.timing.tokens_per_second / 1e12,
-            mfu: None,
+            tflops,
+            mfu: crate::peak::mfu(tflops, peak_tflops),
             timing: timed.timing,
-        };
-        let row = BenchRow {
-            mfu: crate::peak::mfu(row.tflops, peak_tflops),
-            ..row
         };
         eprintln!(
             "{:<9} {:>9.1} ms/step {:>10.0} tokens/s {:>8.3} TFLOP/s  (loss {:.3})",
