@@ -223,11 +223,12 @@ mod tests {
         let first = TrainStep::step(&part, batch(&windows[..2])).grads;
         let second = TrainStep::step(&part, batch(&windows[2..])).grads;
 
+        /// Per parameter: the largest |whole − summed| and the largest |whole|.
         struct Compare<'a>(
             &'a GradientsParams,
             &'a GradientsParams,
             &'a GradientsParams,
-            usize,
+            Vec<(f32, f32)>,
         );
         impl ModuleVisitor for Compare<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -236,16 +237,20 @@ mod tests {
                 let summed = get(self.1) + get(self.2);
                 let scale = whole.clone().abs().max().into_scalar::<f32>();
                 let gap = (whole - summed).abs().max().into_scalar::<f32>();
-                assert!(
-                    gap <= 1e-5 * scale.max(1e-6),
-                    "parameter {}: {gap} of {scale}",
-                    self.3
-                );
-                self.3 += 1;
+                self.3.push((gap, scale));
             }
         }
-        let mut compare = Compare(&all, &first, &second, 0);
+        let mut compare = Compare(&all, &first, &second, Vec::new());
         whole.model.visit(&mut compare);
-        assert!(compare.3 > 10, "every parameter compared");
+        assert!(compare.3.len() > 10, "every parameter compared");
+        // Some gradients are zero up to rounding (attention's key bias: softmax ignores a
+        // shift), so each is held to its own scale with a floor at a thousandth of the largest.
+        let largest = compare.3.iter().map(|c| c.1).fold(0.0, f32::max);
+        for (index, (gap, scale)) in compare.3.iter().enumerate() {
+            assert!(
+                *gap <= 1e-5 * scale.max(1e-3 * largest),
+                "parameter {index}: {gap} of {scale} (largest {largest})"
+            );
+        }
     }
 }
