@@ -7,8 +7,8 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::init;
 use crate::layers::rows;
+use crate::{fused, init};
 
 /// Which keys each query may attend to.
 #[derive(Debug, Clone)]
@@ -92,31 +92,19 @@ impl CausalSelfAttention {
             None => (own.key.clone(), own.value.clone()),
         };
         let keys = k.dims()[2];
-        // An explicit mask reaches attention as an additive −inf bias: burn-tch passes boolean
-        // masks to libtorch with the opposite meaning (docs/backends.md).
-        let bias = |mask: &Tensor<2, Bool>| {
-            Tensor::<2>::zeros(mask.dims(), &mask.device())
-                .mask_fill(mask.clone(), f32::NEG_INFINITY)
-                .unsqueeze::<4>() // [1, 1, S, K]
-        };
         let context = if q.is_autodiff() {
             // The trained pass. Burn's `attention` under autodiff falls back to decomposed ops
             // whose row maximum is not detached (its backward scatters into a fresh
             // [B, H, S, K] tensor) and rebuilds the causal mask on every call; this form
-            // differentiates through `softmax`, whose maximum is detached. Same values.
-            let bias = match mask {
-                AttentionMask::Causal => Some(bias(&causal_mask(seq, &q.device()))),
-                AttentionMask::Explicit(m) => Some(bias(m)),
-                AttentionMask::Unmasked => None,
-            };
-            softmax_attention(q, k, v, bias)
+            // differentiates through one masked softmax. Same values.
+            softmax_attention(q, k, v, mask)
         } else {
             // The no-gradient passes: Burn's fused kernel.
             let (bias, is_causal) = match mask {
                 AttentionMask::Causal => (None, true),
                 AttentionMask::Unmasked => (None, false),
                 AttentionMask::Explicit(m) => (
-                    Some(bias(m).expand([batch, self.n_heads, seq, keys])),
+                    Some(additive(m).expand([batch, self.n_heads, seq, keys])),
                     false,
                 ),
             };
@@ -138,26 +126,34 @@ impl CausalSelfAttention {
     }
 }
 
-/// The lower-triangular mask as an explicit `[T, T]` tensor (true above the diagonal).
-/// `softmax(q·kᵀ / √dh + bias) · v` written out, for the trained pass: `q: [B, H, S, dh]`,
-/// `k`, `v: [B, H, K, dh]`, `bias` broadcast to `[B, H, S, K]` → `[B, H, S, dh]`. Under autodiff
-/// its backward is that of `softmax` (maximum detached), where Burn's `attention` falls back to
-/// ops that differentiate through the maximum.
+/// `softmax(q·kᵀ / √dh + mask) · v` written out, for the trained pass: `q: [B, H, S, dh]`,
+/// `k`, `v: [B, H, K, dh]` → `[B, H, S, dh]`. The causal and unmasked softmax is one fused
+/// operation with its own backward where the backend has it ([`fused::attention_softmax`]).
 pub fn softmax_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
-    bias: Option<Tensor<4>>,
+    mask: &AttentionMask,
 ) -> Tensor<4> {
     let scale = 1.0 / (q.dims()[3] as f64).sqrt();
     let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [B, H, S, K]
-    let scores = match bias {
-        Some(b) => scores + b,
-        None => scores,
+    let weights = match mask {
+        AttentionMask::Causal => fused::attention_softmax(scores, true),
+        AttentionMask::Unmasked => fused::attention_softmax(scores, false),
+        AttentionMask::Explicit(m) => softmax(scores + additive(m), 3),
     };
-    softmax(scores, 3).matmul(v)
+    weights.matmul(v)
 }
 
+/// A boolean mask (true hides) as an additive −inf bias `[1, 1, S, K]`: burn-tch passes
+/// boolean masks to libtorch with the opposite meaning (docs/backends.md).
+fn additive(mask: &Tensor<2, Bool>) -> Tensor<4> {
+    Tensor::<2>::zeros(mask.dims(), &mask.device())
+        .mask_fill(mask.clone(), f32::NEG_INFINITY)
+        .unsqueeze::<4>()
+}
+
+/// The lower-triangular mask as an explicit `[T, T]` tensor (true above the diagonal).
 pub fn causal_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
     Tensor::<2, Int>::ones([seq, seq], device).triu(1).bool()
 }

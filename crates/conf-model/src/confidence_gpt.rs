@@ -5,7 +5,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::prelude::*;
 
 use crate::attention::{AttentionMask, CausalSelfAttention, LayerKv};
-use crate::layers::{AdaptiveLayer, Mlp, rows};
+use crate::layers::{AdaptiveLayer, Mlp, apply_layer_norm, rows};
 use crate::mini_gpt::{embed_at, layer_norm, positions, tied_logits};
 use crate::{ConfidenceGptConfig, GptConfig, init};
 
@@ -164,7 +164,7 @@ impl ConfidenceAwareGpt {
                 probed.push(x.clone());
             }
         }
-        let h = self.ln_f.forward(x); // [B, T, d]
+        let h = apply_layer_norm(&self.ln_f, x); // [B, T, d]
         let head_input = if probed.is_empty() {
             h.clone()
         } else {

@@ -1,10 +1,9 @@
 //! The MLP and the AdaptiveLayer that conditions a block on the confidence input.
 
-use burn::nn::Linear;
+use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
-use crate::init;
+use crate::{fused, init};
 
 pub const LAYER_NORM_EPS: f64 = 1e-5;
 
@@ -24,7 +23,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        rows(&self.proj, gelu(rows(&self.fc, x)))
+        rows(&self.proj, fused::gelu(rows(&self.fc, x)))
     }
 }
 
@@ -67,6 +66,15 @@ pub fn rows(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
 
 /// LayerNorm without affine parameters over the last dimension.
 pub fn normalise(x: Tensor<3>) -> Tensor<3> {
-    let (var, mean) = x.clone().var_mean_bias(2);
-    (x - mean) / (var + LAYER_NORM_EPS).sqrt()
+    fused::normalise(x, LAYER_NORM_EPS as f32)
+}
+
+/// Burn's `LayerNorm` (built with [`LAYER_NORM_EPS`]) through the fused normalisation: the
+/// same values and parameters, fewer operations under autodiff.
+pub fn apply_layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    let x = normalise(x) * norm.gamma.val().unsqueeze::<3>();
+    match &norm.beta {
+        Some(beta) => x + beta.val().unsqueeze::<3>(),
+        None => x,
+    }
 }

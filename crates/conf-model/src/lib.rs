@@ -4,6 +4,7 @@
 pub mod attention;
 mod confidence_gpt;
 mod config;
+pub mod fused;
 pub mod init;
 pub mod layers;
 mod mini_gpt;

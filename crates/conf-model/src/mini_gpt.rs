@@ -7,7 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 
 use crate::attention::{AttentionMask, CausalSelfAttention};
-use crate::layers::{LAYER_NORM_EPS, Mlp};
+use crate::layers::{LAYER_NORM_EPS, Mlp, apply_layer_norm};
 use crate::{GptConfig, init};
 
 #[derive(Module, Debug)]
@@ -34,8 +34,11 @@ impl Block {
         let x = x.clone()
             + self
                 .dropout
-                .forward(self.attn.forward(self.ln1.forward(x), mask));
-        x.clone() + self.dropout.forward(self.mlp.forward(self.ln2.forward(x)))
+                .forward(self.attn.forward(apply_layer_norm(&self.ln1, x), mask));
+        x.clone()
+            + self
+                .dropout
+                .forward(self.mlp.forward(apply_layer_norm(&self.ln2, x)))
     }
 }
 
@@ -76,7 +79,7 @@ impl MiniGpt {
         for block in &self.blocks {
             x = block.forward(x, mask);
         }
-        tied_logits(self.ln_f.forward(x), &self.tok_emb)
+        tied_logits(apply_layer_norm(&self.ln_f, x), &self.tok_emb)
     }
 }
 

@@ -368,10 +368,7 @@ fn the_trained_attention_equals_burns_attention_in_values_and_gradients() {
     let (q, k, v) = (leaf(0.1), leaf(-0.2), leaf(0.3));
     // A fixed weighting, so that every output element has its own gradient.
     let weights = Tensor::<4>::random([b, h, s, dh], Distribution::Normal(0.0, 1.0), &device);
-    let causal = Tensor::<2>::zeros([s, s], &device)
-        .mask_fill(causal_mask(s, &device), f32::NEG_INFINITY)
-        .unsqueeze::<4>();
-    let ours = softmax_attention(q.clone(), k.clone(), v.clone(), Some(causal));
+    let ours = softmax_attention(q.clone(), k.clone(), v.clone(), &AttentionMask::Causal);
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,

@@ -1,0 +1,244 @@
+//! The fused operations as a Burn backend extension on flex, with their own backward under
+//! autodiff (the state each saves is what its backward kernel reads).
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
+};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+
+use super::kernels;
+
+/// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff.
+pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32
+        && matches!(
+            x.device().without_autodiff().as_dispatch(),
+            DispatchDevice::Flex(_)
+        )
+}
+
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
+}
+
+pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_normalise(
+        x.into_dispatch(),
+        eps,
+    ))
+}
+
+pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
+        scores.into_dispatch(),
+        causal,
+    ))
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_normalise(x: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self>;
+}
+
+impl FusedOps for Flex {
+    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+        on_flex::gelu(&x)
+    }
+
+    fn fused_normalise(x: FlexTensor, eps: f32) -> FlexTensor {
+        on_flex::normalise(&x, eps).0
+    }
+
+    fn fused_attention_softmax(scores: FlexTensor, causal: bool) -> FlexTensor {
+        on_flex::attention_softmax(&scores, causal)
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl Backward<Flex, 1> for GeluBackward {
+            /// The input.
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, on_flex::gelu_backward(&ops.state, &grad));
+                }
+            }
+        }
+
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let input = x.into_primitive();
+                let output = on_flex::gelu(&input);
+                prep.finish(input, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(on_flex::gelu(&x.into_primitive())),
+        }
+    }
+
+    fn fused_normalise(x: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormaliseBackward;
+
+        impl Backward<Flex, 1> for NormaliseBackward {
+            /// The output and each row's 1 / std.
+            type State = (FlexTensor, Arc<[f32]>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = parent {
+                    let (output, inv_std) = &ops.state;
+                    let grad = on_flex::normalise_backward(output, inv_std, &grad);
+                    grads.register::<Flex>(node.id, grad);
+                }
+            }
+        }
+
+        match NormaliseBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (output, inv_std) = on_flex::normalise(&x.into_primitive(), eps);
+                prep.finish((output.clone(), inv_std.into()), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(on_flex::normalise(&x.into_primitive(), eps).0),
+        }
+    }
+
+    fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SoftmaxBackward;
+
+        impl Backward<Flex, 1> for SoftmaxBackward {
+            /// The output.
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                if let Some(node) = parent {
+                    grads.register::<Flex>(node.id, on_flex::softmax_backward(&ops.state, &grad));
+                }
+            }
+        }
+
+        match SoftmaxBackward
+            .prepare::<C>([scores.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = on_flex::attention_softmax(&scores.into_primitive(), causal);
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(on_flex::attention_softmax(&scores.into_primitive(), causal))
+            }
+        }
+    }
+}
+
+/// The kernels on flex tensors: contiguous f32 in, a new contiguous tensor of the same shape
+/// out.
+mod on_flex {
+    use super::*;
+
+    /// `t`'s values in row-major order (a copy only when `t` is a strided view).
+    fn values(t: &FlexTensor) -> FlexTensor {
+        assert_eq!(t.dtype(), DType::F32, "fused operations run on f32");
+        t.to_contiguous()
+    }
+
+    fn slice(t: &FlexTensor) -> &[f32] {
+        t.as_slice::<f32>().expect("a contiguous f32 tensor")
+    }
+
+    fn like(t: &FlexTensor, values: Vec<f32>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, t.shape()))
+    }
+
+    fn last_dim(t: &FlexTensor) -> usize {
+        *t.shape().last().expect("a tensor with dimensions")
+    }
+
+    pub fn gelu(x: &FlexTensor) -> FlexTensor {
+        let x = values(x);
+        like(&x, kernels::gelu(slice(&x)))
+    }
+
+    pub fn gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+        let (x, grad) = (values(x), values(grad));
+        like(&x, kernels::gelu_backward(slice(&x), slice(&grad)))
+    }
+
+    pub fn normalise(x: &FlexTensor, eps: f32) -> (FlexTensor, Vec<f32>) {
+        let x = values(x);
+        let (output, inv_std) = kernels::normalise(slice(&x), last_dim(&x), eps);
+        (like(&x, output), inv_std)
+    }
+
+    pub fn normalise_backward(y: &FlexTensor, inv_std: &[f32], grad: &FlexTensor) -> FlexTensor {
+        let (y, grad) = (values(y), values(grad));
+        let len = last_dim(&y);
+        like(
+            &y,
+            kernels::normalise_backward(slice(&y), inv_std, slice(&grad), len),
+        )
+    }
+
+    pub fn attention_softmax(scores: &FlexTensor, causal: bool) -> FlexTensor {
+        let scores = values(scores);
+        let dims = scores.shape();
+        let (queries, keys) = (dims[dims.num_dims() - 2], dims[dims.num_dims() - 1]);
+        like(
+            &scores,
+            kernels::attention_softmax(slice(&scores), keys, queries, causal),
+        )
+    }
+
+    pub fn softmax_backward(p: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+        let (p, grad) = (values(p), values(grad));
+        like(
+            &p,
+            kernels::softmax_backward(slice(&p), slice(&grad), last_dim(&p)),
+        )
+    }
+}

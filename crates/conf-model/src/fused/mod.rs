@@ -1,0 +1,87 @@
+//! Fused operations for the flex CPU backend: exact GELU, LayerNorm without affine parameters,
+//! and the attention's masked softmax, each one parallel pass forward and one backward.
+//!
+//! Burn runs these as chains of separately tracked element-wise operations under autodiff,
+//! most of them on one core (docs/performance.md). On flex with f32 they go through a Burn
+//! backend extension with their own backward; on every other backend and dtype the functions
+//! here compute the same thing with Burn's own operations (`plain`), which the tests also use
+//! as the reference.
+
+#[cfg(feature = "flex")]
+mod extension;
+#[cfg(feature = "flex")]
+mod kernels;
+
+use burn::prelude::*;
+use burn::tensor::activation;
+
+/// Whether `x` takes the fused path (an f32 tensor on flex, in a build with the `flex`
+/// feature); elsewhere the functions here run Burn's own operations.
+pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(feature = "flex")]
+    return extension::applies(x);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// Exact (erf) GELU, element-wise.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&x) {
+        return extension::gelu(x);
+    }
+    plain::gelu(x)
+}
+
+/// `(x − mean) / sqrt(var + eps)` over the last dimension (biased variance), no affine part.
+pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&x) {
+        return extension::normalise(x, eps);
+    }
+    plain::normalise(x, eps)
+}
+
+/// Softmax over the last dimension of attention scores `[B, H, S, K]`. With `causal`, query i
+/// sees keys `0..=i + (K − S)` (the keys are any cached ones followed by the queries' own) and
+/// the hidden ones get probability 0.
+pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&scores) {
+        return extension::attention_softmax(scores, causal);
+    }
+    plain::attention_softmax(scores, causal)
+}
+
+/// The same operations from Burn's own tensor operations: what every backend but flex runs,
+/// and the reference the fused kernels are tested against.
+pub mod plain {
+    use super::*;
+
+    pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+        activation::gelu(x)
+    }
+
+    pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        (x - mean) / (var + eps as f64).sqrt()
+    }
+
+    pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
+        if !causal {
+            return activation::softmax(scores, 3);
+        }
+        let [_, _, queries, keys] = scores.dims();
+        let device = scores.device();
+        let hidden = Tensor::<2, Int>::ones([queries, keys], &device)
+            .triu(1 + keys as i64 - queries as i64)
+            .bool();
+        let bias = Tensor::<2>::zeros([queries, keys], &device)
+            .mask_fill(hidden, f32::NEG_INFINITY)
+            .unsqueeze::<4>();
+        activation::softmax(scores + bias, 3)
+    }
+}

@@ -1,0 +1,146 @@
+//! The fused flex operations against Burn's own operations (`fused::plain`): values, and
+//! gradients through a fixed weighting so that every output element has its own gradient.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::{Distribution, Tolerance};
+use conf_model::fused::{self, plain};
+use conf_model::layers::{LAYER_NORM_EPS, apply_layer_norm};
+
+fn normal<const D: usize>(shape: [usize; D], mean: f64, std: f64, device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(mean, std), device)
+}
+
+/// Runs `fused_op` and `plain_op` on the same leaf; asserts equal values and equal input
+/// gradients within `tolerance`, on `device` (with autodiff).
+fn assert_same<const D: usize>(
+    device: &Device,
+    x: Tensor<D>,
+    fused_op: impl Fn(Tensor<D>) -> Tensor<D>,
+    plain_op: impl Fn(Tensor<D>) -> Tensor<D>,
+    tolerance: f32,
+) {
+    assert!(fused::applies(&x), "the fused path is what is tested");
+    let weights = normal(x.dims(), 0.0, 1.0, device);
+    let x = x.require_grad();
+    let ours = fused_op(x.clone());
+    let theirs = plain_op(x.clone());
+    ours.clone()
+        .into_data()
+        .assert_approx_eq::<f32>(&theirs.clone().into_data(), Tolerance::absolute(tolerance));
+    let g_ours = x.grad(&(ours * weights.clone()).sum().backward()).unwrap();
+    let g_theirs = x.grad(&(theirs * weights).sum().backward()).unwrap();
+    assert!(
+        g_theirs.clone().abs().max().into_scalar::<f32>() > 1e-2,
+        "a zero gradient proves nothing"
+    );
+    g_ours
+        .into_data()
+        .assert_approx_eq::<f32>(&g_theirs.into_data(), Tolerance::absolute(tolerance));
+}
+
+#[test]
+fn fused_gelu_equals_burns_exact_gelu_in_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    // 40k elements: several parallel tasks, values across the curve's bend.
+    let x = normal([4, 100, 100], 0.0, 2.0, &device);
+    assert_same(&device, x, fused::gelu, plain::gelu, 2e-6);
+}
+
+#[test]
+fn fused_normalisation_equals_burns_in_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    let x = normal([3, 50, 48], 1.5, 3.0, &device);
+    let eps = LAYER_NORM_EPS as f32;
+    assert_same(
+        &device,
+        x,
+        |x| fused::normalise(x, eps),
+        |x| plain::normalise(x, eps),
+        2e-5,
+    );
+}
+
+#[test]
+fn a_layer_norm_through_the_fused_normalisation_equals_burns_layer_norm() {
+    let device = Device::flex().autodiff();
+    let mut norm = burn::nn::LayerNormConfig::new(24)
+        .with_epsilon(LAYER_NORM_EPS)
+        .init(&device);
+    // Fresh leaves away from gain 1 and bias 0.
+    norm.gamma = Param::from_tensor(normal([24], 1.0, 0.5, &device));
+    norm.beta = Some(Param::from_tensor(normal([24], 0.0, 0.5, &device)));
+    let x = normal([2, 9, 24], -0.5, 2.0, &device);
+    let ours = apply_layer_norm(&norm, x.clone());
+    let burns = norm.forward(x);
+    ours.clone()
+        .into_data()
+        .assert_approx_eq::<f32>(&burns.clone().into_data(), Tolerance::absolute(1e-5));
+    let g_ours = ours.powi_scalar(2).sum().backward();
+    let g_burns = burns.powi_scalar(2).sum().backward();
+    let gamma = |g| norm.gamma.grad(g).unwrap().into_data();
+    gamma(&g_ours).assert_approx_eq::<f32>(&gamma(&g_burns), Tolerance::absolute(1e-4));
+    let beta = |g| norm.beta.as_ref().unwrap().grad(g).unwrap().into_data();
+    beta(&g_ours).assert_approx_eq::<f32>(&beta(&g_burns), Tolerance::absolute(1e-4));
+}
+
+#[test]
+fn fused_attention_softmax_equals_the_masked_softmax_in_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    // Queries over their own keys, over cached keys followed by their own, and unmasked.
+    for (queries, keys, causal) in [(33, 33, true), (5, 12, true), (20, 20, false)] {
+        let scores = normal([2, 3, queries, keys], 0.0, 3.0, &device);
+        assert_same(
+            &device,
+            scores,
+            |s| fused::attention_softmax(s, causal),
+            |s| plain::attention_softmax(s, causal),
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn a_causal_softmax_gives_the_keys_after_each_query_nothing() {
+    let device = Device::flex();
+    let p = fused::attention_softmax(normal([1, 2, 6, 6], 0.0, 1.0, &device), true);
+    let hidden = Tensor::<2, Int>::ones([6, 6], &device).triu(1).float();
+    let leaked = (p.clone() * hidden.unsqueeze::<4>())
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    assert_eq!(leaked, 0.0);
+    let row_sums = p.sum_dim(3);
+    row_sums.into_data().assert_approx_eq::<f32>(
+        &Tensor::<4>::ones([1, 2, 6, 1], &device).into_data(),
+        Tolerance::absolute(1e-6),
+    );
+}
+
+#[test]
+fn the_fused_operations_without_autodiff_give_the_same_values() {
+    let device = Device::flex();
+    let x = normal([2, 16, 32], 0.0, 2.0, &device);
+    let close = |a: Tensor<3>, b: Tensor<3>| {
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(2e-5))
+    };
+    close(fused::gelu(x.clone()), plain::gelu(x.clone()));
+    close(fused::normalise(x.clone(), 1e-5), plain::normalise(x, 1e-5));
+}
+
+#[test]
+fn fused_gradients_are_the_same_under_gradient_checkpointing() {
+    let plain_device = Device::flex().autodiff();
+    let checkpointed = Device::flex().autodiff().gradient_checkpointing();
+    let run = |device: &Device| {
+        device.seed(5);
+        let x = normal([2, 8, 16], 0.0, 1.0, device).require_grad();
+        let y = fused::gelu(fused::normalise(x.clone(), 1e-5)).reshape([2, 1, 8, 16]);
+        let y = fused::attention_softmax(y.slice([0..2, 0..1, 0..8, 0..8]), true);
+        x.grad(&y.powi_scalar(2).sum().backward())
+            .unwrap()
+            .into_data()
+    };
+    run(&checkpointed).assert_approx_eq::<f32>(&run(&plain_device), Tolerance::absolute(1e-6));
+}
