@@ -46,11 +46,14 @@ impl AdaptiveLayer {
 
     /// `x: [B, T, d]`, `c: [B, T, 1]` → `[B, T, d]`.
     pub fn forward(&self, x: Tensor<3>, c: Tensor<3>) -> Tensor<3> {
-        let [batch, seq, d] = x.dims();
-        let modulation = rows(&self.modulation, c); // [B, T, 2d]
-        let scale = modulation.clone().slice([0..batch, 0..seq, 0..d]);
-        let shift = modulation.slice([0..batch, 0..seq, d..2 * d]);
-        normalise(x) * (scale + 1.0) + shift
+        let bias = self.modulation.bias.as_ref();
+        fused::adaptive_norm(
+            x,
+            c,
+            self.modulation.weight.val(),
+            bias.expect("the modulation has a bias").val(),
+            LAYER_NORM_EPS as f32,
+        )
     }
 }
 

@@ -85,6 +85,46 @@ fn a_layer_norm_through_the_fused_normalisation_equals_burns_layer_norm() {
 }
 
 #[test]
+fn the_fused_adaptive_layer_equals_its_plain_form_in_values_and_all_four_gradients() {
+    let device = Device::flex().autodiff();
+    let d = 24;
+    // 3 · 40 rows: several parallel tasks, so the parameter sums add partial sums.
+    let x = normal([3, 40, d], 0.5, 1.0, &device).require_grad();
+    let c = normal([3, 40, 1], 1.0, 1.0, &device).require_grad();
+    let weight = normal([1, 2 * d], 0.0, 1.0, &device).require_grad();
+    let bias = normal([2 * d], 0.0, 1.0, &device).require_grad();
+    let weights = normal([3, 40, d], 0.0, 1.0, &device);
+    let eps = LAYER_NORM_EPS as f32;
+    let run = |op: fn(Tensor<3>, Tensor<3>, Tensor<2>, Tensor<1>, f32) -> Tensor<3>| {
+        let y = op(x.clone(), c.clone(), weight.clone(), bias.clone(), eps);
+        let grads = (y.clone() * weights.clone()).sum().backward();
+        let data = |t: Option<Tensor<3>>| t.unwrap().into_data();
+        (
+            y.into_data(),
+            [
+                data(x.grad(&grads)),
+                data(c.grad(&grads)),
+                weight.grad(&grads).unwrap().into_data(),
+                bias.grad(&grads).unwrap().into_data(),
+            ],
+        )
+    };
+    assert!(fused::applies(&x));
+    let (y_fused, g_fused) = run(fused::adaptive_norm);
+    let (y_plain, g_plain) = run(plain::adaptive_norm);
+    y_fused.assert_approx_eq::<f32>(&y_plain, Tolerance::absolute(2e-5));
+    for (name, (ours, theirs)) in ["x", "c", "weight", "bias"]
+        .iter()
+        .zip(g_fused.iter().zip(&g_plain))
+    {
+        let largest = theirs.iter::<f32>().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(largest > 1e-2, "{name}: a zero gradient proves nothing");
+        // Sums over 120 rows: relative to the largest entry.
+        ours.assert_approx_eq::<f32>(theirs, Tolerance::absolute(1e-5 * largest.max(1.0)));
+    }
+}
+
+#[test]
 fn fused_attention_softmax_equals_the_masked_softmax_in_values_and_gradients() {
     let device = Device::flex().autodiff();
     // Queries over their own keys, over cached keys followed by their own, and unmasked.

@@ -36,6 +36,22 @@ pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
     ))
 }
 
+pub fn adaptive_norm(
+    x: Tensor<3>,
+    c: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    eps: f32,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_adaptive_norm(
+        x.into_dispatch(),
+        c.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        eps,
+    ))
+}
+
 pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
         scores.into_dispatch(),
@@ -47,6 +63,13 @@ pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
 pub trait FusedOps: Backend {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_normalise(x: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+    fn fused_adaptive_norm(
+        x: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self>;
     fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self>;
 }
 
@@ -57,6 +80,16 @@ impl FusedOps for Flex {
 
     fn fused_normalise(x: FlexTensor, eps: f32) -> FlexTensor {
         on_flex::normalise(&x, eps).0
+    }
+
+    fn fused_adaptive_norm(
+        x: FlexTensor,
+        c: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        eps: f32,
+    ) -> FlexTensor {
+        on_flex::adaptive_norm(&x, &c, &weight, &bias, eps).0
     }
 
     fn fused_attention_softmax(scores: FlexTensor, causal: bool) -> FlexTensor {
@@ -135,6 +168,59 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish((output.clone(), inv_std.into()), output)
             }
             OpsKind::UnTracked(prep) => prep.finish(on_flex::normalise(&x.into_primitive(), eps).0),
+        }
+    }
+
+    fn fused_adaptive_norm(
+        x: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AdaptiveNormBackward;
+
+        impl Backward<Flex, 4> for AdaptiveNormBackward {
+            type State = on_flex::AdaptiveNormSaved;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 4>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<Flex>(&ops.node);
+                let [dx, dc, dw, db] = on_flex::adaptive_norm_backward(&ops.state, &grad);
+                for (parent, g) in ops.parents.into_iter().zip([dx, dc, dw, db]) {
+                    if let Some(node) = parent {
+                        grads.register::<Flex>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        let nodes = [x.node(), c.node(), weight.node(), bias.node()];
+        match AdaptiveNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (c, weight, bias) = (
+                    c.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                );
+                let (output, saved) =
+                    on_flex::adaptive_norm(&x.into_primitive(), &c, &weight, &bias, eps);
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x, c) = (x.into_primitive(), c.into_primitive());
+                let (weight, bias) = (weight.into_primitive(), bias.into_primitive());
+                prep.finish(on_flex::adaptive_norm(&x, &c, &weight, &bias, eps).0)
+            }
         }
     }
 
@@ -222,6 +308,64 @@ mod on_flex {
             &y,
             kernels::normalise_backward(slice(&y), inv_std, slice(&grad), len),
         )
+    }
+
+    /// What the AdaptiveLayer's backward reads: `x̂`, each row's `1 / std`, and the
+    /// confidence, weight and bias inputs (contiguous).
+    #[derive(Debug, Clone)]
+    pub struct AdaptiveNormSaved {
+        normalised: FlexTensor,
+        inv_std: Arc<[f32]>,
+        c: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+    }
+
+    pub fn adaptive_norm(
+        x: &FlexTensor,
+        c: &FlexTensor,
+        weight: &FlexTensor,
+        bias: &FlexTensor,
+        eps: f32,
+    ) -> (FlexTensor, AdaptiveNormSaved) {
+        let (x, c, weight, bias) = (values(x), values(c), values(weight), values(bias));
+        let (output, normalised, inv_std) = kernels::adaptive_norm(
+            slice(&x),
+            slice(&c),
+            slice(&weight),
+            slice(&bias),
+            last_dim(&x),
+            eps,
+        );
+        let saved = AdaptiveNormSaved {
+            normalised: like(&x, normalised),
+            inv_std: inv_std.into(),
+            c,
+            weight,
+            bias,
+        };
+        (like(&x, output), saved)
+    }
+
+    /// The gradients for `x`, `c`, `weight` and `bias`, in that order.
+    pub fn adaptive_norm_backward(saved: &AdaptiveNormSaved, grad: &FlexTensor) -> [FlexTensor; 4] {
+        let grad = values(grad);
+        let normalised = &saved.normalised;
+        let grads = kernels::adaptive_norm_backward(
+            slice(normalised),
+            &saved.inv_std,
+            slice(&saved.c),
+            slice(&saved.weight),
+            slice(&saved.bias),
+            slice(&grad),
+            last_dim(normalised),
+        );
+        [
+            like(normalised, grads.x),
+            like(&saved.c, grads.c),
+            like(&saved.weight, grads.w),
+            like(&saved.bias, grads.b),
+        ]
     }
 
     pub fn attention_softmax(scores: &FlexTensor, causal: bool) -> FlexTensor {

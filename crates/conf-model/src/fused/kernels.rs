@@ -1,6 +1,8 @@
 //! The fused operations on contiguous f32 slices, forward and backward, parallel over rows (or
 //! blocks of elements) on rayon's global pool, the one flex's own kernels use.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Elements per parallel task: enough work to outweigh a task's cost, small enough that the
@@ -12,38 +14,57 @@ fn rows_per_task(len: usize) -> usize {
     (TASK_ELEMENTS / len.max(1)).max(1)
 }
 
+/// `n` floats for a kernel to write, without the zeroing pass `vec![0.0; n]` would make over
+/// outputs of 1–4 MB (the memsets of the profile).
+fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
+    Box::new_uninit_slice(n)
+}
+
+/// The buffer once `write` has written every element.
+fn written(
+    mut buf: Box<[MaybeUninit<f32>]>,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    write(&mut buf);
+    // SAFETY: each kernel's `write` assigns every element: its loops zip the output with
+    // inputs of the same length (checked by the callers' shapes), and the softmax writes its
+    // hidden keys' zeros explicitly.
+    unsafe { buf.assume_init() }.into_vec()
+}
+
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π), the standard normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `x · Φ(x)`, Φ the standard normal CDF through erf.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(TASK_ELEMENTS)
-        .zip(x.par_chunks(TASK_ELEMENTS))
-        .for_each(|(out, x)| {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v * normal_cdf(v);
-            }
-        });
-    out
+    written(uninit(x.len()), |out| {
+        out.par_chunks_mut(TASK_ELEMENTS)
+            .zip(x.par_chunks(TASK_ELEMENTS))
+            .for_each(|(out, x)| {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    o.write(v * normal_cdf(v));
+                }
+            })
+    })
 }
 
 /// `grad · (Φ(x) + x · φ(x))`.
 pub fn gelu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    out.par_chunks_mut(TASK_ELEMENTS)
-        .zip(
-            x.par_chunks(TASK_ELEMENTS)
-                .zip(grad.par_chunks(TASK_ELEMENTS)),
-        )
-        .for_each(|(out, (x, grad))| {
-            for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-                let density = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = g * (normal_cdf(v) + v * density);
-            }
-        });
-    out
+    assert_eq!(x.len(), grad.len());
+    written(uninit(x.len()), |out| {
+        let inputs = x
+            .par_chunks(TASK_ELEMENTS)
+            .zip(grad.par_chunks(TASK_ELEMENTS));
+        out.par_chunks_mut(TASK_ELEMENTS)
+            .zip(inputs)
+            .for_each(|(out, (x, grad))| {
+                for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
+                    let density = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
+                    o.write(g * (normal_cdf(v) + v * density));
+                }
+            })
+    })
 }
 
 fn normal_cdf(v: f32) -> f32 {
@@ -53,47 +74,162 @@ fn normal_cdf(v: f32) -> f32 {
 /// Each row of `len` normalised to mean 0 and (biased) variance 1: returns the output and
 /// each row's `1 / sqrt(var + eps)`, which the backward pass needs.
 pub fn normalise(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let mut out = vec![0.0; x.len()];
+    assert_eq!(x.len() % len, 0, "{} values are not rows of {len}", x.len());
     let mut inv_std = vec![0.0; x.len() / len];
     let rows = rows_per_task(len);
-    out.par_chunks_mut(rows * len)
-        .zip(inv_std.par_chunks_mut(rows))
-        .zip(x.par_chunks(rows * len))
-        .for_each(|((out, inv_std), x)| {
-            for ((out, inv), x) in out.chunks_mut(len).zip(inv_std).zip(x.chunks(len)) {
-                let mean = x.iter().sum::<f32>() / len as f32;
-                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / len as f32;
-                *inv = 1.0 / (var + eps).sqrt();
-                for (o, v) in out.iter_mut().zip(x) {
-                    *o = (v - mean) * *inv;
+    let out = written(uninit(x.len()), |out| {
+        out.par_chunks_mut(rows * len)
+            .zip(inv_std.par_chunks_mut(rows))
+            .zip(x.par_chunks(rows * len))
+            .for_each(|((out, inv_std), x)| {
+                for ((out, inv), x) in out.chunks_mut(len).zip(inv_std).zip(x.chunks(len)) {
+                    let mean = x.iter().sum::<f32>() / len as f32;
+                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / len as f32;
+                    *inv = 1.0 / (var + eps).sqrt();
+                    for (o, v) in out.iter_mut().zip(x) {
+                        o.write((v - mean) * *inv);
+                    }
                 }
-            }
-        });
+            })
+    });
     (out, inv_std)
 }
 
 /// Gradient of [`normalise`] from its output `y`, its rows' `inv_std` and the output's
 /// gradient: `inv_std · (g − mean(g) − y · mean(g · y))` per row.
 pub fn normalise_backward(y: &[f32], inv_std: &[f32], grad: &[f32], len: usize) -> Vec<f32> {
-    let mut out = vec![0.0; y.len()];
+    assert_eq!((grad.len(), inv_std.len() * len), (y.len(), y.len()));
     let rows = rows_per_task(len);
-    out.par_chunks_mut(rows * len)
-        .zip(inv_std.par_chunks(rows))
-        .zip(y.par_chunks(rows * len).zip(grad.par_chunks(rows * len)))
-        .for_each(|((out, inv_std), (y, grad))| {
-            let rows = out
-                .chunks_mut(len)
-                .zip(inv_std)
-                .zip(y.chunks(len).zip(grad.chunks(len)));
-            for ((out, inv), (y, g)) in rows {
-                let mean_g = g.iter().sum::<f32>() / len as f32;
-                let mean_gy = g.iter().zip(y).map(|(g, y)| g * y).sum::<f32>() / len as f32;
-                for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
-                    *o = inv * (g - mean_g - y * mean_gy);
+    written(uninit(y.len()), |out| {
+        let inputs = y.par_chunks(rows * len).zip(grad.par_chunks(rows * len));
+        out.par_chunks_mut(rows * len)
+            .zip(inv_std.par_chunks(rows))
+            .zip(inputs)
+            .for_each(|((out, inv_std), (y, grad))| {
+                let rows = out.chunks_mut(len).zip(inv_std);
+                for ((out, inv), (y, g)) in rows.zip(y.chunks(len).zip(grad.chunks(len))) {
+                    let mean_g = g.iter().sum::<f32>() / len as f32;
+                    let mean_gy = g.iter().zip(y).map(|(g, y)| g * y).sum::<f32>() / len as f32;
+                    for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
+                        o.write(inv * (g - mean_g - y * mean_gy));
+                    }
                 }
-            }
-        });
-    out
+            })
+    })
+}
+
+/// The AdaptiveLayer: each row of `len` normalised, then `x̂ · (1 + c·w_s + b_s) + c·w_h + b_h`
+/// with one confidence `c` per row and `w = [w_s | w_h]`, `b = [b_s | b_h]` of `2·len`.
+/// Returns the output and what the backward pass reads: `x̂` and each row's `1 / std`.
+pub fn adaptive_norm(
+    x: &[f32],
+    c: &[f32],
+    w: &[f32],
+    b: &[f32],
+    len: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(
+        (c.len() * len, w.len(), b.len()),
+        (x.len(), 2 * len, 2 * len)
+    );
+    let (normalised, inv_std) = normalise(x, len, eps);
+    let rows = rows_per_task(len);
+    let (w_scale, w_shift) = w.split_at(len);
+    let (b_scale, b_shift) = b.split_at(len);
+    let out = written(uninit(x.len()), |out| {
+        out.par_chunks_mut(rows * len)
+            .zip(normalised.par_chunks(rows * len).zip(c.par_chunks(rows)))
+            .for_each(|(out, (xhat, c))| {
+                for ((out, xhat), &c) in out.chunks_mut(len).zip(xhat.chunks(len)).zip(c) {
+                    for (j, (o, v)) in out.iter_mut().zip(xhat).enumerate() {
+                        let scale = 1.0 + c * w_scale[j] + b_scale[j];
+                        o.write(v * scale + c * w_shift[j] + b_shift[j]);
+                    }
+                }
+            })
+    });
+    (out, normalised, inv_std)
+}
+
+/// Gradients of [`adaptive_norm`] for `x`, `c`, `w` and `b` from `x̂`, `1 / std`, the inputs
+/// and the output's gradient. The parameter gradients are sums over rows: each task sums its
+/// rows, and the tasks' sums are added in order, so the result does not depend on which
+/// thread ran what.
+pub struct AdaptiveNormGrads {
+    pub x: Vec<f32>,
+    pub c: Vec<f32>,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+pub fn adaptive_norm_backward(
+    xhat: &[f32],
+    inv_std: &[f32],
+    c: &[f32],
+    w: &[f32],
+    b: &[f32],
+    grad: &[f32],
+    len: usize,
+) -> AdaptiveNormGrads {
+    assert_eq!(
+        (grad.len(), c.len() * len, inv_std.len()),
+        (xhat.len(), xhat.len(), c.len())
+    );
+    let rows = rows_per_task(len);
+    let (w_scale, w_shift) = w.split_at(len);
+    let b_scale = &b[..len];
+    let mut dc = vec![0.0; c.len()];
+    let mut partials: Vec<Vec<f32>> = Vec::new();
+    let dx = written(uninit(xhat.len()), |dx| {
+        partials = dx
+            .par_chunks_mut(rows * len)
+            .zip(dc.par_chunks_mut(rows))
+            .zip(xhat.par_chunks(rows * len).zip(grad.par_chunks(rows * len)))
+            .zip(c.par_chunks(rows).zip(inv_std.par_chunks(rows)))
+            .map(|(((dx, dc), (xhat, grad)), (c, inv_std))| {
+                // [dw_s | dw_h | db_s | db_h] over this task's rows.
+                let mut sums = vec![0.0; 4 * len];
+                let mut g_hat = vec![0.0; len];
+                let rows = dx.chunks_mut(len).zip(dc);
+                let inputs = xhat
+                    .chunks(len)
+                    .zip(grad.chunks(len))
+                    .zip(c.iter().zip(inv_std));
+                for ((dx, dc), ((xhat, g), (&c, &inv))) in rows.zip(inputs) {
+                    let mut dot_c = 0.0;
+                    for j in 0..len {
+                        let g_scale = g[j] * xhat[j];
+                        g_hat[j] = g[j] * (1.0 + c * w_scale[j] + b_scale[j]);
+                        dot_c += g_scale * w_scale[j] + g[j] * w_shift[j];
+                        sums[j] += c * g_scale;
+                        sums[len + j] += c * g[j];
+                        sums[2 * len + j] += g_scale;
+                        sums[3 * len + j] += g[j];
+                    }
+                    *dc = dot_c;
+                    let mean_g = g_hat.iter().sum::<f32>() / len as f32;
+                    let mean_gy =
+                        g_hat.iter().zip(xhat).map(|(g, y)| g * y).sum::<f32>() / len as f32;
+                    for ((o, g), y) in dx.iter_mut().zip(&g_hat).zip(xhat) {
+                        o.write(inv * (g - mean_g - y * mean_gy));
+                    }
+                }
+                sums
+            })
+            .collect();
+    });
+    let mut sums = vec![0.0; 4 * len];
+    for partial in &partials {
+        sums.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    let db = sums.split_off(2 * len);
+    AdaptiveNormGrads {
+        x: dx,
+        c: dc,
+        w: sums,
+        b: db,
+    }
 }
 
 /// Softmax of each row of `keys` scores; rows are queries, `queries` per head. With `causal`,
@@ -103,52 +239,62 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
         !causal || keys >= queries,
         "causal attention: {keys} keys for {queries} queries"
     );
-    let mut out = vec![0.0; x.len()];
+    assert_eq!(
+        x.len() % (keys * queries),
+        0,
+        "scores are not [.., {queries}, {keys}]"
+    );
     let rows = rows_per_task(keys);
-    out.par_chunks_mut(rows * keys)
-        .zip(x.par_chunks(rows * keys))
-        .enumerate()
-        .for_each(|(task, (out, x))| {
-            for (r, (out, x)) in out.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
-                let query = (task * rows + r) % queries;
-                let seen = if causal {
-                    query + keys - queries + 1
-                } else {
-                    keys
-                };
-                let max = x[..seen].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0;
-                for (o, v) in out[..seen].iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
+    written(uninit(x.len()), |out| {
+        out.par_chunks_mut(rows * keys)
+            .zip(x.par_chunks(rows * keys))
+            .enumerate()
+            .for_each_init(Vec::new, |exps, (task, (out, x))| {
+                for (r, (out, x)) in out.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
+                    let query = (task * rows + r) % queries;
+                    let seen = if causal {
+                        query + keys - queries + 1
+                    } else {
+                        keys
+                    };
+                    let (out, hidden) = out.split_at_mut(seen);
+                    let x = &x[..seen];
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    exps.clear();
+                    exps.extend(x.iter().map(|v| (v - max).exp()));
+                    let inv = 1.0 / exps.iter().sum::<f32>();
+                    for (o, e) in out.iter_mut().zip(exps.iter()) {
+                        o.write(e * inv);
+                    }
+                    for o in hidden {
+                        o.write(0.0);
+                    }
                 }
-                let inv = 1.0 / sum;
-                out[..seen].iter_mut().for_each(|o| *o *= inv);
-                // Hidden keys stay at the buffer's zero.
-            }
-        });
-    out
+            })
+    })
 }
 
 /// Gradient of a softmax row from its output `p` and the output's gradient:
 /// `p · (g − Σ p · g)`; hidden keys (p = 0) get 0.
 pub fn softmax_backward(p: &[f32], grad: &[f32], keys: usize) -> Vec<f32> {
-    let mut out = vec![0.0; p.len()];
+    assert_eq!(p.len(), grad.len());
     let rows = rows_per_task(keys);
-    out.par_chunks_mut(rows * keys)
-        .zip(p.par_chunks(rows * keys).zip(grad.par_chunks(rows * keys)))
-        .for_each(|(out, (p, grad))| {
-            for (out, (p, g)) in out
-                .chunks_mut(keys)
-                .zip(p.chunks(keys).zip(grad.chunks(keys)))
-            {
-                let dot = p.iter().zip(g).map(|(p, g)| p * g).sum::<f32>();
-                for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
-                    *o = p * (g - dot);
+    written(uninit(p.len()), |out| {
+        let inputs = p.par_chunks(rows * keys).zip(grad.par_chunks(rows * keys));
+        out.par_chunks_mut(rows * keys)
+            .zip(inputs)
+            .for_each(|(out, (p, grad))| {
+                let rows = out
+                    .chunks_mut(keys)
+                    .zip(p.chunks(keys).zip(grad.chunks(keys)));
+                for (out, (p, g)) in rows {
+                    let dot = p.iter().zip(g).map(|(p, g)| p * g).sum::<f32>();
+                    for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
+                        o.write(p * (g - dot));
+                    }
                 }
-            }
-        });
-    out
+            })
+    })
 }
 
 #[cfg(test)]

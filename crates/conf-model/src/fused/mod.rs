@@ -45,6 +45,22 @@ pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
     plain::normalise(x, eps)
 }
 
+/// The AdaptiveLayer `normalise(x) · (1 + scale) + shift` with `[scale | shift] = c·W + b`:
+/// `x: [B, T, d]`, `c: [B, T, 1]`, `weight: [1, 2d]`, `bias: [2d]`.
+pub fn adaptive_norm(
+    x: Tensor<3>,
+    c: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    eps: f32,
+) -> Tensor<3> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&x) {
+        return extension::adaptive_norm(x, c, weight, bias, eps);
+    }
+    plain::adaptive_norm(x, c, weight, bias, eps)
+}
+
 /// Softmax over the last dimension of attention scores `[B, H, S, K]`. With `causal`, query i
 /// sees keys `0..=i + (K − S)` (the keys are any cached ones followed by the queries' own) and
 /// the hidden ones get probability 0.
@@ -68,6 +84,21 @@ pub mod plain {
     pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         (x - mean) / (var + eps as f64).sqrt()
+    }
+
+    pub fn adaptive_norm(
+        x: Tensor<3>,
+        c: Tensor<3>,
+        weight: Tensor<2>,
+        bias: Tensor<1>,
+        eps: f32,
+    ) -> Tensor<3> {
+        let [batch, seq, d] = x.dims();
+        let modulation = c.reshape([batch * seq, 1]).matmul(weight) + bias.unsqueeze::<2>();
+        let modulation = modulation.reshape([batch, seq, 2 * d]);
+        let scale = modulation.clone().slice([0..batch, 0..seq, 0..d]);
+        let shift = modulation.slice([0..batch, 0..seq, d..2 * d]);
+        normalise(x, eps) * (scale + 1.0) + shift
     }
 
     pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
