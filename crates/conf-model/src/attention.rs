@@ -20,6 +20,10 @@ pub enum AttentionMask {
     Explicit(Box<Tensor<2, Bool>>),
     /// Every query attends to every key.
     Unmasked,
+    /// Query k attends to cached keys `0..=k` and to its own key only: the dense objective's
+    /// pass 2, where each sampled token extends its own prefix. Needs as many cached keys as
+    /// queries.
+    PrefixAndSelf,
 }
 
 impl AttentionMask {
@@ -84,6 +88,12 @@ impl CausalSelfAttention {
             key: self.split_heads(rows(&self.key, x.clone())),
             value: self.split_heads(rows(&self.value, x)),
         };
+        if let AttentionMask::PrefixAndSelf = mask {
+            let past = past.expect("PrefixAndSelf attends to cached keys");
+            let context = prefix_and_self_attention(q, &own, past);
+            let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
+            return (rows(&self.output, context), own);
+        }
         let (k, v) = match past {
             Some(p) => (
                 Tensor::cat(vec![p.key.clone(), own.key.clone()], 2),
@@ -107,6 +117,7 @@ impl CausalSelfAttention {
                     Some(additive(m).expand([batch, self.n_heads, seq, keys])),
                     false,
                 ),
+                AttentionMask::PrefixAndSelf => unreachable!("handled above"),
             };
             let options = AttentionModuleOptions {
                 scale: None,
@@ -141,8 +152,29 @@ pub fn softmax_attention(
         AttentionMask::Causal => fused::attention_softmax(scores, true),
         AttentionMask::Unmasked => fused::attention_softmax(scores, false),
         AttentionMask::Explicit(m) => softmax(scores + additive(m), 3),
+        AttentionMask::PrefixAndSelf => panic!("PrefixAndSelf attends to cached keys"),
     };
     weights.matmul(v)
+}
+
+/// [`AttentionMask::PrefixAndSelf`]: query k's scores are its own key's and the cached keys'
+/// `0..=k`, `[B, H, S, 1 + S]` with its own first, so that one causal softmax (query k sees
+/// the first k + 2 columns) masks them; half the scores of attending to `[past, own]` under
+/// an explicit `[S, 2S]` mask.
+fn prefix_and_self_attention(q: Tensor<4>, own: &LayerKv, past: &LayerKv) -> Tensor<4> {
+    let [batch, heads, seq, head_dim] = q.dims();
+    assert_eq!(
+        past.key.dims()[2],
+        seq,
+        "PrefixAndSelf: one cached key per query"
+    );
+    let q = q.mul_scalar(1.0 / (head_dim as f64).sqrt());
+    let own_score = (q.clone() * own.key.clone()).sum_dim(3); // [B, H, S, 1]
+    let prefix_scores = q.matmul(past.key.clone().swap_dims(2, 3)); // [B, H, S, S]
+    let weights = fused::attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), true);
+    let own_weight = weights.clone().slice([0..batch, 0..heads, 0..seq, 0..1]);
+    let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..seq + 1]);
+    own_weight * own.value.clone() + prefix_weights.matmul(past.value.clone())
 }
 
 /// A boolean mask (true hides) as an additive −inf bias `[1, 1, S, K]`: burn-tch passes

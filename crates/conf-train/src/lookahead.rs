@@ -55,15 +55,6 @@ pub fn confidence_history(
     }
 }
 
-/// Mask of the dense fast path, `[L, 2L]`: the sampled token at query k sees prefix keys
-/// `0..=k` and its own key only.
-pub fn dense_extension_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
-    let ones = Tensor::<2, Int>::ones([seq, seq], device);
-    let future_prefix = ones.clone().triu(1);
-    let other_samples = ones.clone().triu(1) + ones.tril(-1);
-    Tensor::cat(vec![future_prefix, other_samples], 1).bool()
-}
-
 /// Pass 2 of `dense`, fast path: sample `s_k` at position k + 1 with confidence `conf[:, k]`
 /// attends to pass 1's cached keys/values of `x_0..x_k` and to itself. `[B, L, V]` logits.
 pub fn dense_pass2(
@@ -72,11 +63,10 @@ pub fn dense_pass2(
     samples: Tensor<2, Int>,
     conf: Tensor<2>,
 ) -> Tensor<3> {
-    let seq = samples.dims()[1];
-    let device = samples.device();
     let pos = positions(&samples, 1);
-    let mask = AttentionMask::explicit(dense_extension_mask(seq, &device));
-    valid.extend(samples, conf, pos, cache, &mask).logits
+    valid
+        .extend(samples, conf, pos, cache, &AttentionMask::PrefixAndSelf)
+        .logits
 }
 
 /// Pass 2 of `seed`, fast path: one sampled token per row at position L, attending to all of

@@ -16,6 +16,14 @@ const V: usize = 13;
 
 // The reference paths the fast paths of `conf_train::lookahead` must equal.
 
+/// Sample k sees prefix keys `0..=k` and its own key only, `[L, 2L]`.
+fn dense_extension_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
+    let ones = Tensor::<2, Int>::ones([seq, seq], device);
+    let future_prefix = ones.clone().triu(1);
+    let other_samples = ones.clone().triu(1) + ones.tril(-1);
+    Tensor::cat(vec![future_prefix, other_samples], 1).bool()
+}
+
 /// The tree mask of the reference 2L pass, `[2L, 2L]`: the prefix is causal and never sees the
 /// samples; sample k sees `x_0..x_k` and itself.
 fn dense_tree_mask(seq: usize, device: &Device) -> Tensor<2, Bool> {
