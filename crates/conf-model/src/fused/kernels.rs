@@ -5,6 +5,8 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::lanes;
+
 /// Elements per parallel task: enough work to outweigh a task's cost, small enough that the
 /// step's tensors (0.25M–1M elements) split across every core.
 const TASK_ELEMENTS: usize = 16 * 1024;
@@ -32,19 +34,13 @@ fn written(
     unsafe { buf.assume_init() }.into_vec()
 }
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// 1 / sqrt(2π), the standard normal density at 0.
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-/// `x · Φ(x)`, Φ the standard normal CDF through erf.
+/// `x · Φ(x)`, Φ the standard normal CDF (within 3e-7, [`lanes::normal_cdf_and_density`]).
 pub fn gelu(x: &[f32]) -> Vec<f32> {
     written(uninit(x.len()), |out| {
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(x.par_chunks(TASK_ELEMENTS))
             .for_each(|(out, x)| {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    o.write(v * normal_cdf(v));
-                }
+                lanes::map(x, out, |v| v * lanes::normal_cdf_and_density(v).0);
             })
     })
 }
@@ -59,16 +55,12 @@ pub fn gelu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(inputs)
             .for_each(|(out, (x, grad))| {
-                for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-                    let density = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                    o.write(g * (normal_cdf(v) + v * density));
-                }
+                lanes::map2(x, grad, out, |v, g| {
+                    let (cdf, density) = lanes::normal_cdf_and_density(v);
+                    g * v.mul_add(density, cdf)
+                });
             })
     })
-}
-
-fn normal_cdf(v: f32) -> f32 {
-    0.5 * (1.0 + libm::erff(v * FRAC_1_SQRT_2))
 }
 
 /// Each row of `len` normalised to mean 0 and (biased) variance 1: returns the output and
@@ -261,9 +253,12 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
                     let x = &x[..seen];
                     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                     exps.clear();
-                    exps.extend(x.iter().map(|v| (v - max).exp()));
-                    let inv = 1.0 / exps.iter().sum::<f32>();
-                    for (o, e) in out.iter_mut().zip(exps.iter()) {
+                    exps.resize(seen, MaybeUninit::uninit());
+                    lanes::map(x, exps, |v| lanes::exp(v - wide::f32x8::splat(max)));
+                    // SAFETY: `lanes::map` wrote all `seen` of them.
+                    let exps = exps.iter().map(|e| unsafe { e.assume_init() });
+                    let inv = 1.0 / exps.clone().sum::<f32>();
+                    for (o, e) in out.iter_mut().zip(exps) {
                         o.write(e * inv);
                     }
                     for o in hidden {

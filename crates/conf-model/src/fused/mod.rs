@@ -11,6 +11,8 @@
 mod extension;
 #[cfg(feature = "flex")]
 mod kernels;
+#[cfg(feature = "flex")]
+mod lanes;
 
 use burn::prelude::*;
 use burn::tensor::activation;
