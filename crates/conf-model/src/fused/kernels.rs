@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::lanes;
+use super::math;
 
 /// Elements per parallel task: enough work to outweigh a task's cost, small enough that the
 /// step's tensors (0.25M–1M elements) split across every core.
@@ -34,13 +34,13 @@ fn written(
     unsafe { buf.assume_init() }.into_vec()
 }
 
-/// `x · Φ(x)`, Φ the standard normal CDF (within 3e-7, [`lanes::normal_cdf_and_density`]).
+/// `x · Φ(x)`, Φ the standard normal CDF (within 3e-7, [`math::normal_cdf_and_density`]).
 pub fn gelu(x: &[f32]) -> Vec<f32> {
     written(uninit(x.len()), |out| {
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(x.par_chunks(TASK_ELEMENTS))
             .for_each(|(out, x)| {
-                lanes::map(x, out, |v| v * lanes::normal_cdf_and_density(v).0);
+                math::gelu(x, out);
             })
     })
 }
@@ -55,10 +55,7 @@ pub fn gelu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(inputs)
             .for_each(|(out, (x, grad))| {
-                lanes::map2(x, grad, out, |v, g| {
-                    let (cdf, density) = lanes::normal_cdf_and_density(v);
-                    g * v.mul_add(density, cdf)
-                });
+                math::gelu_backward(x, grad, out);
             })
     })
 }
@@ -252,13 +249,9 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
                     let (out, hidden) = out.split_at_mut(seen);
                     let x = &x[..seen];
                     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    exps.clear();
-                    exps.resize(seen, MaybeUninit::uninit());
-                    lanes::map(x, exps, |v| lanes::exp(v - wide::f32x8::splat(max)));
-                    // SAFETY: `lanes::map` wrote all `seen` of them.
-                    let exps = exps.iter().map(|e| unsafe { e.assume_init() });
-                    let inv = 1.0 / exps.clone().sum::<f32>();
-                    for (o, e) in out.iter_mut().zip(exps) {
+                    exps.resize(seen, 0.0);
+                    let inv = 1.0 / math::exp_shifted(x, max, exps);
+                    for (o, e) in out.iter_mut().zip(exps.iter()) {
                         o.write(e * inv);
                     }
                     for o in hidden {

@@ -12,7 +12,7 @@ mod extension;
 #[cfg(feature = "flex")]
 mod kernels;
 #[cfg(feature = "flex")]
-mod lanes;
+mod math;
 
 use burn::prelude::*;
 use burn::tensor::activation;
