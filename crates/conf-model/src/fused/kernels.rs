@@ -72,12 +72,7 @@ pub fn normalise(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
             .zip(x.par_chunks(rows * len))
             .for_each(|((out, inv_std), x)| {
                 for ((out, inv), x) in out.chunks_mut(len).zip(inv_std).zip(x.chunks(len)) {
-                    let mean = x.iter().sum::<f32>() / len as f32;
-                    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / len as f32;
-                    *inv = 1.0 / (var + eps).sqrt();
-                    for (o, v) in out.iter_mut().zip(x) {
-                        o.write((v - mean) * *inv);
-                    }
+                    *inv = math::normalise_row(x, eps, out);
                 }
             })
     });
@@ -96,12 +91,8 @@ pub fn normalise_backward(y: &[f32], inv_std: &[f32], grad: &[f32], len: usize) 
             .zip(inputs)
             .for_each(|((out, inv_std), (y, grad))| {
                 let rows = out.chunks_mut(len).zip(inv_std);
-                for ((out, inv), (y, g)) in rows.zip(y.chunks(len).zip(grad.chunks(len))) {
-                    let mean_g = g.iter().sum::<f32>() / len as f32;
-                    let mean_gy = g.iter().zip(y).map(|(g, y)| g * y).sum::<f32>() / len as f32;
-                    for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
-                        o.write(inv * (g - mean_g - y * mean_gy));
-                    }
+                for ((out, &inv), (y, g)) in rows.zip(y.chunks(len).zip(grad.chunks(len))) {
+                    math::normalise_backward_row(y, g, inv, out);
                 }
             })
     })
@@ -124,17 +115,12 @@ pub fn adaptive_norm(
     );
     let (normalised, inv_std) = normalise(x, len, eps);
     let rows = rows_per_task(len);
-    let (w_scale, w_shift) = w.split_at(len);
-    let (b_scale, b_shift) = b.split_at(len);
     let out = written(uninit(x.len()), |out| {
         out.par_chunks_mut(rows * len)
             .zip(normalised.par_chunks(rows * len).zip(c.par_chunks(rows)))
             .for_each(|(out, (xhat, c))| {
                 for ((out, xhat), &c) in out.chunks_mut(len).zip(xhat.chunks(len)).zip(c) {
-                    for (j, (o, v)) in out.iter_mut().zip(xhat).enumerate() {
-                        let scale = 1.0 + c * w_scale[j] + b_scale[j];
-                        o.write(v * scale + c * w_shift[j] + b_shift[j]);
-                    }
+                    math::modulate_row(xhat, c, w, b, out);
                 }
             })
     });
@@ -166,8 +152,6 @@ pub fn adaptive_norm_backward(
         (xhat.len(), xhat.len(), c.len())
     );
     let rows = rows_per_task(len);
-    let (w_scale, w_shift) = w.split_at(len);
-    let b_scale = &b[..len];
     let mut dc = vec![0.0; c.len()];
     let mut partials: Vec<Vec<f32>> = Vec::new();
     let dx = written(uninit(xhat.len()), |dx| {
@@ -179,30 +163,24 @@ pub fn adaptive_norm_backward(
             .map(|(((dx, dc), (xhat, grad)), (c, inv_std))| {
                 // [dw_s | dw_h | db_s | db_h] over this task's rows.
                 let mut sums = vec![0.0; 4 * len];
-                let mut g_hat = vec![0.0; len];
+                let mut scratch = vec![0.0; 2 * len];
                 let rows = dx.chunks_mut(len).zip(dc);
                 let inputs = xhat
                     .chunks(len)
                     .zip(grad.chunks(len))
                     .zip(c.iter().zip(inv_std));
                 for ((dx, dc), ((xhat, g), (&c, &inv))) in rows.zip(inputs) {
-                    let mut dot_c = 0.0;
-                    for j in 0..len {
-                        let g_scale = g[j] * xhat[j];
-                        g_hat[j] = g[j] * (1.0 + c * w_scale[j] + b_scale[j]);
-                        dot_c += g_scale * w_scale[j] + g[j] * w_shift[j];
-                        sums[j] += c * g_scale;
-                        sums[len + j] += c * g[j];
-                        sums[2 * len + j] += g_scale;
-                        sums[3 * len + j] += g[j];
-                    }
-                    *dc = dot_c;
-                    let mean_g = g_hat.iter().sum::<f32>() / len as f32;
-                    let mean_gy =
-                        g_hat.iter().zip(xhat).map(|(g, y)| g * y).sum::<f32>() / len as f32;
-                    for ((o, g), y) in dx.iter_mut().zip(&g_hat).zip(xhat) {
-                        o.write(inv * (g - mean_g - y * mean_gy));
-                    }
+                    *dc = math::modulate_backward_row(
+                        xhat,
+                        g,
+                        c,
+                        inv,
+                        w,
+                        b,
+                        &mut scratch,
+                        &mut sums,
+                        dx,
+                    );
                 }
                 sums
             })
@@ -248,7 +226,7 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
                     };
                     let (out, hidden) = out.split_at_mut(seen);
                     let x = &x[..seen];
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let max = math::max(x);
                     exps.resize(seen, 0.0);
                     let inv = 1.0 / math::exp_shifted(x, max, exps);
                     for (o, e) in out.iter_mut().zip(exps.iter()) {
@@ -276,10 +254,7 @@ pub fn softmax_backward(p: &[f32], grad: &[f32], keys: usize) -> Vec<f32> {
                     .chunks_mut(keys)
                     .zip(p.chunks(keys).zip(grad.chunks(keys)));
                 for (out, (p, g)) in rows {
-                    let dot = p.iter().zip(g).map(|(p, g)| p * g).sum::<f32>();
-                    for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
-                        o.write(p * (g - dot));
-                    }
+                    math::softmax_backward_row(p, g, out);
                 }
             })
     })

@@ -38,6 +38,153 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     sum
 }
 
+/// Row `x` normalised to mean 0 and (biased) variance 1 into `out`; returns `1 / std`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn normalise_row(x: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) -> f32 {
+    assert_eq!(x.len(), out.len());
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let var = sum_of(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (o, v) in out.iter_mut().zip(x) {
+        o.write((v - mean) * inv);
+    }
+    inv
+}
+
+/// The gradient of [`normalise_row`] from its output `y` and `1 / std`:
+/// `inv · (g − mean(g) − y · mean(g · y))`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn normalise_backward_row(y: &[f32], g: &[f32], inv: f32, out: &mut [MaybeUninit<f32>]) {
+    assert_eq!((y.len(), g.len()), (out.len(), out.len()));
+    let n = y.len() as f32;
+    let mean_g = sum(g) / n;
+    let mean_gy = dot(g, y) / n;
+    for ((o, g), y) in out.iter_mut().zip(g).zip(y) {
+        o.write(inv * (g - mean_g - y * mean_gy));
+    }
+}
+
+/// `x̂ · (1 + c·w_s + b_s) + c·w_h + b_h` for one row into `out`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn modulate_row(xhat: &[f32], c: f32, w: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>]) {
+    let len = xhat.len();
+    assert_eq!((w.len(), b.len(), out.len()), (2 * len, 2 * len, len));
+    let (w_scale, w_shift) = w.split_at(len);
+    let (b_scale, b_shift) = b.split_at(len);
+    let params = w_scale.iter().zip(w_shift).zip(b_scale.iter().zip(b_shift));
+    for ((o, v), ((ws, wh), (bs, bh))) in out.iter_mut().zip(xhat).zip(params) {
+        o.write(v * (1.0 + c * ws + bs) + c * wh + bh);
+    }
+}
+
+/// One row of the AdaptiveLayer's backward: writes `dx`, adds this row's terms to
+/// `sums = [dw_s | dw_h | db_s | db_h]`, returns `dc`. `scratch` holds two rows.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn modulate_backward_row(
+    xhat: &[f32],
+    g: &[f32],
+    c: f32,
+    inv: f32,
+    w: &[f32],
+    b: &[f32],
+    scratch: &mut [f32],
+    sums: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
+) -> f32 {
+    let len = xhat.len();
+    assert_eq!(
+        (g.len(), scratch.len(), w.len(), b.len()),
+        (len, 2 * len, 2 * len, 2 * len)
+    );
+    // The gradient reaching x̂, and ∂y/∂c per element.
+    let (g_hat, dy_dc) = scratch.split_at_mut(len);
+    let (w_scale, w_shift) = w.split_at(len);
+    let (dw, db) = sums.split_at_mut(2 * len);
+    let (dw_scale, dw_shift) = dw.split_at_mut(len);
+    let (db_scale, db_shift) = db.split_at_mut(len);
+    for j in 0..len {
+        let g_scale = g[j] * xhat[j];
+        g_hat[j] = g[j] * (1.0 + c * w_scale[j] + b[j]);
+        dy_dc[j] = xhat[j] * w_scale[j] + w_shift[j];
+        dw_scale[j] += c * g_scale;
+        dw_shift[j] += c * g[j];
+        db_scale[j] += g_scale;
+        db_shift[j] += g[j];
+    }
+    normalise_backward_row(xhat, g_hat, inv, dx);
+    dot(g, dy_dc)
+}
+
+/// The gradient of a softmax row from its output `p`: `p · (g − Σ p · g)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn softmax_backward_row(p: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
+    assert_eq!((p.len(), g.len()), (out.len(), out.len()));
+    let dot = dot(p, g);
+    for ((o, p), g) in out.iter_mut().zip(p).zip(g) {
+        o.write(p * (g - dot));
+    }
+}
+
+/// The largest value of a row.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    tail.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// Partial sums per lane: a sum the compiler may vectorise (a plain left-to-right sum of
+/// floats it may not reorder). The order is fixed, so the result is too.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    sum_of(x, |v| v)
+}
+
+#[inline(always)]
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (s, &v) in lanes.iter_mut().zip(chunk) {
+            *s += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// `Σ xᵢ · yᵢ` in lanes, as [`sum_of`].
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut lanes = [0.0f32; LANES];
+    let (xs, ys) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xs.zip(ys) {
+        for ((s, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *s += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `eˣ` within 2 ulp for x in [−87, 88] (results outside are those of the ends: e^−87 is
 /// 1.6e-38, far below anything a softmax or a Gaussian here adds to): `x = n·ln 2 + r`, a
 /// degree-7 polynomial for `e^r` on |r| ≤ ln 2 / 2, and `2ⁿ` built in the exponent bits.
