@@ -239,8 +239,18 @@ pub(crate) fn cargo(args: &[&str], env: &BuildEnv) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The checkout `cargo xtask` runs in: `cargo run` sets `CARGO_MANIFEST_DIR` for the process.
+/// The compile-time value is only the fallback: a build cache shared between checkouts (CI's)
+/// can hold an xtask binary compiled in another one.
 pub(crate) fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace root")
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        manifest_dir
+            .parent()
+            .expect("xtask sits in the workspace root")
+            .to_path_buf()
+    })
 }
