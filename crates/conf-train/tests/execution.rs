@@ -118,6 +118,13 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     let plain = run(false);
     let checkpointed = run(true);
     assert_eq!(plain.len(), checkpointed.len());
+    // On flex the checkpointed run takes Burn's plain operations and the other the fused
+    // kernels, which round differently. Gradients that are zero up to rounding (attention's key
+    // bias) are held to a floor at a thousandth of the largest.
+    let largest = plain
+        .iter()
+        .flat_map(|p| p.iter().map(|x| x.abs()))
+        .fold(0.0f32, f32::max);
     for (i, (a, b)) in plain.iter().zip(&checkpointed).enumerate() {
         let gap = a
             .iter()
@@ -126,7 +133,10 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             .fold(0.0f32, f32::max);
         let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
         assert!(scale > 0.0, "parameter {i} has a zero gradient");
-        assert!(gap <= 1e-6 * scale, "parameter {i}: {gap} of {scale}");
+        assert!(
+            gap <= 1e-5 * scale.max(1e-3 * largest),
+            "parameter {i}: {gap} of {scale} (largest {largest})"
+        );
     }
 }
 

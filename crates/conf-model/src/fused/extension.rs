@@ -9,18 +9,24 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
-    Autodiff, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
+    Autodiff, Backend, Dispatch, DispatchDevice, Flex, GradientCheckpointingStrategy,
+    TensorMetadata, backend_extension,
 };
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
 use super::kernels;
 
-/// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff.
+/// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff, but not
+/// under gradient checkpointing: the kernels keep the tensors their backward reads for the
+/// whole pass, where Burn's checkpointing recomputes the element-wise chains they replace, so
+/// they would cost the memory checkpointing is asked to save.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
+    let device = x.device();
     x.dtype() == DType::F32
+        && device.gradient_checkpointing_strategy() != Some(GradientCheckpointingStrategy::Balanced)
         && matches!(
-            x.device().without_autodiff().as_dispatch(),
+            device.without_autodiff().as_dispatch(),
             DispatchDevice::Flex(_)
         )
 }

@@ -17,8 +17,8 @@ mod math;
 use burn::prelude::*;
 use burn::tensor::activation;
 
-/// Whether `x` takes the fused path (an f32 tensor on flex, in a build with the `flex`
-/// feature); elsewhere the functions here run Burn's own operations.
+/// Whether `x` takes the fused path (an f32 tensor on flex without gradient checkpointing, in
+/// a build with the `flex` feature); elsewhere the functions here run Burn's own operations.
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     #[cfg(feature = "flex")]
     return extension::applies(x);
