@@ -72,9 +72,13 @@ pub fn normalise(x: Tensor<3>) -> Tensor<3> {
     fused::normalise(x, LAYER_NORM_EPS as f32)
 }
 
-/// Burn's `LayerNorm` (built with [`LAYER_NORM_EPS`]) through the fused normalisation: the
-/// same values and parameters, fewer operations under autodiff.
+/// Burn's `LayerNorm` (built with [`LAYER_NORM_EPS`]), through the fused normalisation where
+/// it applies (the same values and parameters, fewer operations under autodiff); elsewhere
+/// Burn's own, which some backends run as one kernel.
 pub fn apply_layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    if !fused::applies(&x) {
+        return norm.forward(x);
+    }
     let x = normalise(x) * norm.gamma.val().unsqueeze::<3>();
     match &norm.beta {
         Some(beta) => x + beta.val().unsqueeze::<3>(),

@@ -23,32 +23,37 @@ fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
 }
 
 /// The buffer once `write` has written every element.
-fn written(
+///
+/// # Safety
+/// `write` must assign every element of the buffer (each kernel zips the output with inputs
+/// whose lengths it asserts equal, and the softmax writes its hidden keys' zeros).
+unsafe fn written(
     mut buf: Box<[MaybeUninit<f32>]>,
     write: impl FnOnce(&mut [MaybeUninit<f32>]),
 ) -> Vec<f32> {
     write(&mut buf);
-    // SAFETY: each kernel's `write` assigns every element: its loops zip the output with
-    // inputs of the same length (checked by the callers' shapes), and the softmax writes its
-    // hidden keys' zeros explicitly.
+    // SAFETY: the caller's `write` assigned every element.
     unsafe { buf.assume_init() }.into_vec()
 }
 
 /// `x · Φ(x)`, Φ the standard normal CDF (within 3e-7, [`math::normal_cdf_and_density`]).
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    written(uninit(x.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(TASK_ELEMENTS)
             .zip(x.par_chunks(TASK_ELEMENTS))
             .for_each(|(out, x)| {
                 math::gelu(x, out);
             })
-    })
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    unsafe { written(uninit(x.len()), fill) }
 }
 
 /// `grad · (Φ(x) + x · φ(x))`.
 pub fn gelu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), grad.len());
-    written(uninit(x.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         let inputs = x
             .par_chunks(TASK_ELEMENTS)
             .zip(grad.par_chunks(TASK_ELEMENTS));
@@ -57,7 +62,10 @@ pub fn gelu_backward(x: &[f32], grad: &[f32]) -> Vec<f32> {
             .for_each(|(out, (x, grad))| {
                 math::gelu_backward(x, grad, out);
             })
-    })
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    unsafe { written(uninit(x.len()), fill) }
 }
 
 /// Each row of `len` normalised to mean 0 and (biased) variance 1: returns the output and
@@ -66,7 +74,7 @@ pub fn normalise(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len() % len, 0, "{} values are not rows of {len}", x.len());
     let mut inv_std = vec![0.0; x.len() / len];
     let rows = rows_per_task(len);
-    let out = written(uninit(x.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(rows * len)
             .zip(inv_std.par_chunks_mut(rows))
             .zip(x.par_chunks(rows * len))
@@ -75,7 +83,10 @@ pub fn normalise(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
                     *inv = math::normalise_row(x, eps, out);
                 }
             })
-    });
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    let out = unsafe { written(uninit(x.len()), fill) };
     (out, inv_std)
 }
 
@@ -84,7 +95,7 @@ pub fn normalise(x: &[f32], len: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
 pub fn normalise_backward(y: &[f32], inv_std: &[f32], grad: &[f32], len: usize) -> Vec<f32> {
     assert_eq!((grad.len(), inv_std.len() * len), (y.len(), y.len()));
     let rows = rows_per_task(len);
-    written(uninit(y.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         let inputs = y.par_chunks(rows * len).zip(grad.par_chunks(rows * len));
         out.par_chunks_mut(rows * len)
             .zip(inv_std.par_chunks(rows))
@@ -95,7 +106,10 @@ pub fn normalise_backward(y: &[f32], inv_std: &[f32], grad: &[f32], len: usize) 
                     math::normalise_backward_row(y, g, inv, out);
                 }
             })
-    })
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    unsafe { written(uninit(y.len()), fill) }
 }
 
 /// The AdaptiveLayer: each row of `len` normalised, then `x̂ · (1 + c·w_s + b_s) + c·w_h + b_h`
@@ -115,7 +129,7 @@ pub fn adaptive_norm(
     );
     let (normalised, inv_std) = normalise(x, len, eps);
     let rows = rows_per_task(len);
-    let out = written(uninit(x.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(rows * len)
             .zip(normalised.par_chunks(rows * len).zip(c.par_chunks(rows)))
             .for_each(|(out, (xhat, c))| {
@@ -123,7 +137,10 @@ pub fn adaptive_norm(
                     math::modulate_row(xhat, c, w, b, out);
                 }
             })
-    });
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    let out = unsafe { written(uninit(x.len()), fill) };
     (out, normalised, inv_std)
 }
 
@@ -154,7 +171,7 @@ pub fn adaptive_norm_backward(
     let rows = rows_per_task(len);
     let mut dc = vec![0.0; c.len()];
     let mut partials: Vec<Vec<f32>> = Vec::new();
-    let dx = written(uninit(xhat.len()), |dx| {
+    let fill = |dx: &mut [MaybeUninit<f32>]| {
         partials = dx
             .par_chunks_mut(rows * len)
             .zip(dc.par_chunks_mut(rows))
@@ -185,7 +202,10 @@ pub fn adaptive_norm_backward(
                 sums
             })
             .collect();
-    });
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    let dx = unsafe { written(uninit(xhat.len()), fill) };
     let mut sums = vec![0.0; 4 * len];
     for partial in &partials {
         sums.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
@@ -212,7 +232,7 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
         "scores are not [.., {queries}, {keys}]"
     );
     let rows = rows_per_task(keys);
-    written(uninit(x.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(rows * keys)
             .zip(x.par_chunks(rows * keys))
             .enumerate()
@@ -237,7 +257,10 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
                     }
                 }
             })
-    })
+    };
+    // SAFETY: `fill` writes every element: each row's seen keys from the exponentials and its
+    // hidden keys' zeros.
+    unsafe { written(uninit(x.len()), fill) }
 }
 
 /// Gradient of a softmax row from its output `p` and the output's gradient:
@@ -245,7 +268,7 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
 pub fn softmax_backward(p: &[f32], grad: &[f32], keys: usize) -> Vec<f32> {
     assert_eq!(p.len(), grad.len());
     let rows = rows_per_task(keys);
-    written(uninit(p.len()), |out| {
+    let fill = |out: &mut [MaybeUninit<f32>]| {
         let inputs = p.par_chunks(rows * keys).zip(grad.par_chunks(rows * keys));
         out.par_chunks_mut(rows * keys)
             .zip(inputs)
@@ -257,7 +280,10 @@ pub fn softmax_backward(p: &[f32], grad: &[f32], keys: usize) -> Vec<f32> {
                     math::softmax_backward_row(p, g, out);
                 }
             })
-    })
+    };
+    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
+    // the asserted lengths).
+    unsafe { written(uninit(p.len()), fill) }
 }
 
 #[cfg(test)]
