@@ -178,8 +178,10 @@ fn lookahead_bench(
         .arg("--output")
         .arg(&output)
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
-        // Burn's CPU backend and its matrix kernels run on rayon's pool.
-        .env("RAYON_NUM_THREADS", threads.to_string());
+        // Burn's CPU backend and its matrix kernels run on rayon's pool; libtorch (tch-cpu)
+        // sizes its intra-op pool from OMP_NUM_THREADS, else takes every core.
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string());
     if let Some(batch) = shape.batch_size {
         command.args(["--batch-size", &batch.to_string()]);
     }
