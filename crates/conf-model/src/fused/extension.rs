@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
@@ -105,76 +105,20 @@ impl FusedOps for Flex {
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GeluBackward;
-
-        impl Backward<Flex, 1> for GeluBackward {
-            /// The input.
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<FlexTensor, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, on_flex::gelu_backward(&ops.state, &grad));
-                }
-            }
-        }
-
-        match GeluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let input = x.into_primitive();
-                let output = on_flex::gelu(&input);
-                prep.finish(input, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(on_flex::gelu(&x.into_primitive())),
-        }
+        // Saves the input.
+        one_input::<C, _>(x, |x| (on_flex::gelu(x), x.clone()), on_flex::gelu_backward)
     }
 
     fn fused_normalise(x: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct NormaliseBackward;
-
-        impl Backward<Flex, 1> for NormaliseBackward {
-            /// The output and each row's 1 / std.
-            type State = (FlexTensor, Arc<[f32]>);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = parent {
-                    let (output, inv_std) = &ops.state;
-                    let grad = on_flex::normalise_backward(output, inv_std, &grad);
-                    grads.register::<Flex>(node.id, grad);
-                }
-            }
-        }
-
-        match NormaliseBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (output, inv_std) = on_flex::normalise(&x.into_primitive(), eps);
-                prep.finish((output.clone(), inv_std.into()), output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(on_flex::normalise(&x.into_primitive(), eps).0),
-        }
+        // Saves the output and each row's 1 / std.
+        one_input::<C, _>(
+            x,
+            |x| {
+                let (output, inv_std) = on_flex::normalise(x, eps);
+                (output.clone(), (output, Arc::from(inv_std)))
+            },
+            |(output, inv_std), grad| on_flex::normalise_backward(output, inv_std, grad),
+        )
     }
 
     fn fused_adaptive_norm(
@@ -231,40 +175,50 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct SoftmaxBackward;
+        // Saves the output.
+        one_input::<C, _>(
+            scores,
+            |scores| {
+                let output = on_flex::attention_softmax(scores, causal);
+                (output.clone(), output)
+            },
+            on_flex::softmax_backward,
+        )
+    }
+}
 
-        impl Backward<Flex, 1> for SoftmaxBackward {
-            /// The output.
-            type State = FlexTensor;
+/// The backward of a one-input fused operation: `backward(saved, grad)` is the input's
+/// gradient, `saved` what the forward kept.
+#[derive(Debug)]
+struct OneInputBackward<S> {
+    backward: fn(&S, &FlexTensor) -> FlexTensor,
+}
 
-            fn backward(
-                self,
-                ops: Ops<FlexTensor, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [parent] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                if let Some(node) = parent {
-                    grads.register::<Flex>(node.id, on_flex::softmax_backward(&ops.state, &grad));
-                }
-            }
+impl<S: Clone + Send + std::fmt::Debug + 'static> Backward<Flex, 1> for OneInputBackward<S> {
+    type State = S;
+
+    fn backward(self, ops: Ops<S, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let saved = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            (self.backward)(&saved, &grad)
+        });
+    }
+}
+
+/// A one-input fused operation under autodiff: `forward` gives the output and what its
+/// backward reads, kept only when the input is tracked.
+fn one_input<C: CheckpointStrategy, S: Clone + Send + std::fmt::Debug + 'static>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    forward: impl FnOnce(&FlexTensor) -> (FlexTensor, S),
+    backward: fn(&S, &FlexTensor) -> FlexTensor,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let op = OneInputBackward { backward };
+    match op.prepare::<C>([x.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (output, saved) = forward(&x.into_primitive());
+            prep.finish(saved, output)
         }
-
-        match SoftmaxBackward
-            .prepare::<C>([scores.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let output = on_flex::attention_softmax(&scores.into_primitive(), causal);
-                prep.finish(output.clone(), output)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(on_flex::attention_softmax(&scores.into_primitive(), causal))
-            }
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(&x.into_primitive()).0),
     }
 }
 
