@@ -80,6 +80,17 @@ impl Execution {
         }
     }
 
+    /// Whether a step's `batch_size` windows split evenly across the devices.
+    pub fn check_batch_size(&self, batch_size: usize) -> Result<(), String> {
+        let devices = self.devices.len();
+        if devices > 1 && !batch_size.is_multiple_of(devices) {
+            return Err(format!(
+                "batch_size {batch_size} does not split evenly across the {devices} devices of --devices"
+            ));
+        }
+        Ok(())
+    }
+
     /// The data-parallel devices prepared for training, when there are at least two.
     pub fn parallel_devices(&self) -> Option<Vec<Device>> {
         (self.devices.len() > 1).then(|| {
@@ -158,14 +169,9 @@ impl TrainingSettings {
                 return Err(TrainError::NotPositive { name });
             }
         }
-        let devices = self.execution.devices.len();
-        if devices > 1 && !self.batch_size.is_multiple_of(devices) {
-            return Err(TrainError::Settings(format!(
-                "batch_size {} does not split evenly across the {devices} devices of --devices",
-                self.batch_size
-            )));
-        }
-        Ok(())
+        self.execution
+            .check_batch_size(self.batch_size)
+            .map_err(TrainError::Settings)
     }
 }
 

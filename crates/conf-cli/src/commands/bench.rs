@@ -68,16 +68,13 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         optimizer: config.optimizer(),
         execution: Execution {
             gradient_checkpointing: config.gradient_checkpointing,
-            devices: devices.clone(),
+            devices,
         },
     };
-    if devices.len() > 1 && !config.batch_size.is_multiple_of(devices.len()) {
-        return Err(Failure::BadInput(anyhow!(
-            "batch_size {} does not split evenly across the {} devices of --devices",
-            config.batch_size,
-            devices.len()
-        )));
-    }
+    settings
+        .execution
+        .check_batch_size(config.batch_size)
+        .map_err(|e| Failure::BadInput(anyhow!(e)))?;
     let peak_tflops = args.common.peak_tflops();
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
@@ -126,7 +123,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         seq_len: config.seq_len,
         batch_size: config.batch_size,
         gradient_checkpointing: config.gradient_checkpointing,
-        workers: devices.len().max(1),
+        workers: settings.execution.devices.len().max(1),
         vocab_size: corpus.vocab_size(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
