@@ -63,33 +63,38 @@ impl BenchPlan {
 }
 
 /// Who produced a timing: the PyTorch reference, or a backend of `lookahead` with its number
-/// of workers (`flex`, `flex-2workers`).
-fn source_names(plan: &BenchPlan, torch: bool) -> Vec<String> {
-    let mut names: Vec<String> = plan
-        .backends
-        .iter()
-        .flat_map(|b| {
-            plan.workers.iter().map(move |&w| match w {
-                1 => b.name().to_string(),
-                w => format!("{}-{w}workers", b.name()),
-            })
-        })
-        .collect();
-    if torch {
-        names.insert(0, "pytorch".into());
-    }
-    names
+/// of data-parallel workers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    PyTorch,
+    Lookahead { backend: Backend, workers: usize },
 }
 
-/// The backend and worker count of a lookahead source name.
-fn parse_source(source: &str) -> (&str, usize) {
-    match source.rsplit_once('-') {
-        Some((backend, workers)) if workers.ends_with("workers") => (
-            backend,
-            workers.trim_end_matches("workers").parse().unwrap_or(1),
-        ),
-        _ => (source, 1),
+impl Source {
+    /// `pytorch`, `flex`, `flex-2workers`: the key of its figures.
+    fn name(self) -> String {
+        match self {
+            Self::PyTorch => "pytorch".into(),
+            Self::Lookahead {
+                backend,
+                workers: 1,
+            } => backend.name().into(),
+            Self::Lookahead { backend, workers } => format!("{}-{workers}workers", backend.name()),
+        }
     }
+}
+
+fn sources(plan: &BenchPlan, torch: bool) -> Vec<Source> {
+    let lookahead = plan.backends.iter().flat_map(|&backend| {
+        plan.workers
+            .iter()
+            .map(move |&workers| Source::Lookahead { backend, workers })
+    });
+    torch
+        .then_some(Source::PyTorch)
+        .into_iter()
+        .chain(lookahead)
+        .collect()
 }
 
 pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
@@ -110,27 +115,37 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
             let mut reports: BTreeMap<String, Vec<Value>> = BTreeMap::new();
             let mut dims: Option<Value> = None;
             for round in 0..plan.rounds {
-                let mut order = source_names(plan, python.is_some());
+                let mut order = sources(plan, python.is_some());
                 // Round 0 needs lookahead's shape first; later rounds alternate who starts.
                 if round % 2 == 0 {
                     order.rotate_left(usize::from(python.is_some()));
                 }
                 for source in order {
-                    let report = if source == "pytorch" {
-                        let dims = dims.as_ref().context("the shape comes from lookahead")?;
-                        torch_bench(
-                            python.as_ref().expect("pytorch is a source"),
-                            dims,
-                            threads,
-                            plan,
-                        )?
-                    } else {
-                        let (backend, workers) = parse_source(&source);
-                        let report =
-                            lookahead_bench(&binary, &env, backend, workers, shape, threads, plan)?;
-                        dims.get_or_insert_with(|| report.clone());
-                        report
+                    let report = match source {
+                        Source::PyTorch => {
+                            let dims = dims.as_ref().context("the shape comes from lookahead")?;
+                            torch_bench(
+                                python.as_ref().expect("pytorch is a source"),
+                                dims,
+                                threads,
+                                plan,
+                            )?
+                        }
+                        Source::Lookahead { backend, workers } => {
+                            let report = lookahead_bench(
+                                &binary,
+                                &env,
+                                backend.name(),
+                                workers,
+                                shape,
+                                threads,
+                                plan,
+                            )?;
+                            dims.get_or_insert_with(|| report.clone());
+                            report
+                        }
                     };
+                    let source = source.name();
                     for row in report["rows"].as_array().into_iter().flatten() {
                         let objective = row["objective"].as_str().unwrap_or_default().to_string();
                         let value = row["ms_per_step"].as_f64().unwrap_or(f64::NAN);
@@ -311,18 +326,22 @@ mod tests {
 
     #[test]
     fn sources_name_their_backend_and_workers() {
-        assert_eq!(parse_source("flex"), ("flex", 1));
-        assert_eq!(parse_source("flex-2workers"), ("flex", 2));
-        assert_eq!(parse_source("tch-cpu"), ("tch-cpu", 1));
-        assert_eq!(parse_source("tch-cpu-4workers"), ("tch-cpu", 4));
+        let named = |backend, workers| Source::Lookahead { backend, workers }.name();
+        assert_eq!(named(Backend::Flex, 1), "flex");
+        assert_eq!(named(Backend::Flex, 2), "flex-2workers");
+        assert_eq!(named(Backend::TchCpu, 1), "tch-cpu");
+        assert_eq!(named(Backend::TchCpu, 4), "tch-cpu-4workers");
         let plan = BenchPlan {
             workers: vec![1, 2],
             ..BenchPlan::smoke(vec![Backend::Flex])
         };
-        assert_eq!(
-            source_names(&plan, true),
-            ["pytorch", "flex", "flex-2workers"]
-        );
+        let names: Vec<String> = sources(&plan, true).into_iter().map(Source::name).collect();
+        assert_eq!(names, ["pytorch", "flex", "flex-2workers"]);
+        let first = Source::Lookahead {
+            backend: Backend::Flex,
+            workers: 1,
+        };
+        assert_eq!(sources(&plan, false)[0], first);
     }
 
     #[test]
