@@ -1250,6 +1250,34 @@ fn data_parallel_and_gradient_checkpointing_flags_train_or_name_the_problem() {
         &["batch_size 3", "2 devices", "--devices"],
     );
     fails_with(&train(&["--devices", "0,0"]), 2, &["--devices", "twice"]);
+    // One device named with the flag trains exactly what the flag's absence trains.
+    let final_metrics = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "train",
+            "--model",
+            "confidence",
+            "--objective",
+            "dense",
+            "--training-steps",
+            "3",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--no-tui",
+            "--results-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend(extra);
+        assert_success(&lookahead(&args, cache.path()));
+        json_file(
+            &dir.path()
+                .join("train/confidence-dense-seed42/history.json"),
+        )["final_metrics"]
+            .clone()
+    };
+    assert_eq!(final_metrics(&[]), final_metrics(&["--devices", "0"]));
     // bench times the same steps split across two workers: the same losses, up to rounding.
     let bench = |extra: &[&str]| {
         let file = results.path().join(format!("bench{}.json", extra.len()));
