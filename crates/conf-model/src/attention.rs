@@ -147,14 +147,14 @@ pub fn softmax_attention(
     mask: &AttentionMask,
 ) -> Tensor<4> {
     let scale = 1.0 / (q.dims()[3] as f64).sqrt();
-    let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [B, H, S, K]
+    let scores = fused::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)); // [B, H, S, K]
     let weights = match mask {
         AttentionMask::Causal => fused::attention_softmax(scores, true),
         AttentionMask::Unmasked => fused::attention_softmax(scores, false),
         AttentionMask::Explicit(m) => softmax(scores + additive(m), 3),
         AttentionMask::PrefixAndSelf => panic!("PrefixAndSelf attends to cached keys"),
     };
-    weights.matmul(v)
+    fused::matmul(weights, v)
 }
 
 /// [`AttentionMask::PrefixAndSelf`]: query k's scores are its own key's and the cached keys'
@@ -170,11 +170,11 @@ fn prefix_and_self_attention(q: Tensor<4>, own: &LayerKv, past: &LayerKv) -> Ten
     );
     let q = q.mul_scalar(1.0 / (head_dim as f64).sqrt());
     let own_score = (q.clone() * own.key.clone()).sum_dim(3); // [B, H, S, 1]
-    let prefix_scores = q.matmul(past.key.clone().swap_dims(2, 3)); // [B, H, S, S]
+    let prefix_scores = fused::matmul(q, past.key.clone().swap_dims(2, 3)); // [B, H, S, S]
     let weights = fused::attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), true);
     let own_weight = weights.clone().slice([0..batch, 0..heads, 0..seq, 0..1]);
     let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..seq + 1]);
-    own_weight * own.value.clone() + prefix_weights.matmul(past.value.clone())
+    own_weight * own.value.clone() + fused::matmul(prefix_weights, past.value.clone())
 }
 
 /// A boolean mask (true hides) as an additive −inf bias `[1, 1, S, K]`: burn-tch passes

@@ -62,9 +62,22 @@ impl AdaptiveLayer {
 /// reduces from a `[B, d_in, d_out]` temporary. The same values, computed faster.
 pub fn rows(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
-    let y = linear.forward(x.reshape([batch * seq, d_in])); // [B·T, d_out]
+    let y = apply_linear(linear, x.reshape([batch * seq, d_in])); // [B·T, d_out]
     let d_out = y.dims()[1];
     y.reshape([batch, seq, d_out])
+}
+
+/// Burn's `Linear` on `[N, d_in]` rows, its product through [`fused::matmul`] where that
+/// applies (elsewhere Burn's own, which some backends run as one fused kernel).
+fn apply_linear(linear: &Linear, x: Tensor<2>) -> Tensor<2> {
+    if !fused::applies(&x) {
+        return linear.forward(x);
+    }
+    let y = fused::matmul(x, linear.weight.val());
+    match &linear.bias {
+        Some(bias) => y + bias.val().unsqueeze::<2>(),
+        None => y,
+    }
 }
 
 /// LayerNorm without affine parameters over the last dimension.

@@ -8,7 +8,7 @@ use burn::prelude::*;
 
 use crate::attention::{AttentionMask, CausalSelfAttention};
 use crate::layers::{LAYER_NORM_EPS, Mlp, apply_layer_norm};
-use crate::{GptConfig, init};
+use crate::{GptConfig, fused, init};
 
 #[derive(Module, Debug)]
 pub struct Block {
@@ -106,7 +106,5 @@ pub(crate) fn tied_logits(h: Tensor<3>, tok_emb: &Embedding) -> Tensor<3> {
     let [batch, seq, d] = h.dims();
     let weight = tok_emb.weight.val(); // [V, d]
     let vocab = weight.dims()[0];
-    h.reshape([batch * seq, d])
-        .matmul(weight.transpose())
-        .reshape([batch, seq, vocab])
+    fused::matmul(h.reshape([batch * seq, d]), weight.transpose()).reshape([batch, seq, vocab])
 }

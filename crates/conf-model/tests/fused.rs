@@ -186,3 +186,53 @@ fn under_gradient_checkpointing_the_plain_path_runs_with_the_same_gradients() {
     run(&checkpointed, false)
         .assert_approx_eq::<f32>(&run(&fused_device, true), Tolerance::absolute(1e-6));
 }
+
+#[test]
+fn the_fused_matrix_product_equals_burns_on_views_in_values_and_both_gradients() {
+    let device = Device::flex().autodiff();
+    // The attention's shapes: heads split off a [B, T, H, dh] layout (strided views), keys
+    // transposed; then Linear's one large 2-D product (gemm's own threads) and the tied head's
+    // transposed weight.
+    let cases = [
+        (
+            normal([2, 8, 3, 5], 0.0, 1.0, &device),
+            normal([2, 6, 3, 5], 0.0, 1.0, &device),
+            true,
+        ),
+        (
+            normal([1, 1, 300, 200], 0.0, 1.0, &device),
+            normal([1, 1, 150, 200], 0.0, 1.0, &device),
+            false,
+        ),
+    ];
+    for (a, b, split_heads) in cases {
+        let layout = |t: Tensor<4>| if split_heads { t.swap_dims(1, 2) } else { t };
+        let (a, b) = (a.require_grad(), b.require_grad());
+        // Each product builds its own graph from the leaves (a backward consumes its graph).
+        let operands = || (layout(a.clone()), layout(b.clone()).swap_dims(2, 3));
+        let (lhs, rhs) = operands();
+        assert!(fused::applies(&lhs));
+        let [batch, heads, rows, _] = lhs.dims();
+        let weights = normal([batch, heads, rows, rhs.dims()[3]], 0.0, 1.0, &device);
+        let ours = fused::matmul(lhs, rhs);
+        let (lhs, rhs) = operands();
+        let theirs = plain::matmul(lhs, rhs);
+        ours.clone()
+            .into_data()
+            .assert_approx_eq::<f32>(&theirs.clone().into_data(), Tolerance::absolute(1e-4));
+        let g_ours = (ours * weights.clone()).sum().backward();
+        let g_theirs = (theirs * weights).sum().backward();
+        for leaf in [&a, &b] {
+            let (ours, theirs) = (leaf.grad(&g_ours).unwrap(), leaf.grad(&g_theirs).unwrap());
+            assert!(theirs.clone().abs().max().into_scalar::<f32>() > 1e-2);
+            ours.into_data()
+                .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(1e-3));
+        }
+        // Without autodiff: the backend's own operation, the same values.
+        let (lhs, rhs) = operands();
+        let (lhs, rhs) = (lhs.inner(), rhs.inner());
+        fused::matmul(lhs.clone(), rhs.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&lhs.matmul(rhs).into_data(), Tolerance::absolute(1e-4));
+    }
+}

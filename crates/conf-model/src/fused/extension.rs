@@ -15,7 +15,7 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use super::kernels;
+use super::{kernels, products};
 
 /// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff, but not
 /// under gradient checkpointing: the kernels keep the tensors their backward reads for the
@@ -58,6 +58,13 @@ pub fn adaptive_norm(
     ))
 }
 
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_matmul(
+        lhs.into_dispatch(),
+        rhs.into_dispatch(),
+    ))
+}
+
 pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
         scores.into_dispatch(),
@@ -77,6 +84,7 @@ pub trait FusedOps: Backend {
         eps: f32,
     ) -> FloatTensor<Self>;
     fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self>;
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl FusedOps for Flex {
@@ -100,6 +108,10 @@ impl FusedOps for Flex {
 
     fn fused_attention_softmax(scores: FlexTensor, causal: bool) -> FlexTensor {
         on_flex::attention_softmax(&scores, causal)
+    }
+
+    fn fused_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        on_flex::matmul(&lhs, &rhs)
     }
 }
 
@@ -184,6 +196,52 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             },
             on_flex::softmax_backward,
         )
+    }
+
+    fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MatmulBackward;
+
+        impl Backward<Flex, 2> for MatmulBackward {
+            /// Both operands (shared buffers, not copies).
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (lhs, rhs) = &ops.state;
+                let [lhs_node, rhs_node] = ops.parents;
+                // d(lhs) = grad · rhsᵀ, d(rhs) = lhsᵀ · grad: transposed views, no copies.
+                if let Some(node) = lhs_node {
+                    let g = on_flex::matmul(&grad, &on_flex::transposed(rhs));
+                    grads.register::<Flex>(node.id, g);
+                }
+                if let Some(node) = rhs_node {
+                    let g = on_flex::matmul(&on_flex::transposed(lhs), &grad);
+                    grads.register::<Flex>(node.id, g);
+                }
+            }
+        }
+
+        match MatmulBackward
+            .prepare::<C>([lhs.node(), rhs.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
+                let output = on_flex::matmul(&lhs, &rhs);
+                prep.finish((lhs, rhs), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(on_flex::matmul(
+                &lhs.into_primitive(),
+                &rhs.into_primitive(),
+            )),
+        }
     }
 }
 
@@ -336,6 +394,52 @@ mod on_flex {
             &scores,
             kernels::attention_softmax(slice(&scores), keys, queries, causal),
         )
+    }
+
+    /// The view of `t` with its last two dimensions swapped (no copy).
+    pub fn transposed(t: &FlexTensor) -> FlexTensor {
+        let rank = t.shape().num_dims();
+        t.transpose(rank - 2, rank - 1)
+    }
+
+    /// The stack of matrices `t: [.., rows, cols]` holds, read in place (views included).
+    fn matrices(t: &FlexTensor) -> products::Matrices<'_> {
+        assert_eq!(t.dtype(), DType::F32, "fused operations run on f32");
+        let layout = t.layout();
+        let (dims, strides) = (layout.shape(), layout.strides());
+        let rank = dims.num_dims();
+        // Each matrix's start: the batch dimensions' index times their strides.
+        let mut offsets = vec![layout.start_offset() as isize];
+        for axis in 0..rank - 2 {
+            offsets = offsets
+                .iter()
+                .flat_map(|&o| (0..dims[axis]).map(move |i| o + i as isize * strides[axis]))
+                .collect();
+        }
+        products::Matrices {
+            data: t.storage::<f32>(),
+            offsets,
+            rows: dims[rank - 2],
+            cols: dims[rank - 1],
+            row_stride: strides[rank - 2],
+            col_stride: strides[rank - 1],
+        }
+    }
+
+    /// `lhs · rhs` over the last two dimensions; the batch dimensions must be equal.
+    pub fn matmul(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+        let (lhs_dims, rhs_dims) = (lhs.shape(), rhs.shape());
+        let rank = lhs_dims.num_dims();
+        assert!(
+            rank >= 2
+                && rhs_dims.num_dims() == rank
+                && lhs_dims[..rank - 2] == rhs_dims[..rank - 2],
+            "fused matmul: batch dimensions differ ({lhs_dims:?} · {rhs_dims:?})"
+        );
+        let values = products::matmul(&matrices(lhs), &matrices(rhs));
+        let mut dims = lhs_dims.clone();
+        dims[rank - 1] = rhs_dims[rank - 1];
+        FlexTensor::from_data(TensorData::new(values, dims))
     }
 
     pub fn softmax_backward(p: &FlexTensor, grad: &FlexTensor) -> FlexTensor {

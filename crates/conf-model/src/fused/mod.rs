@@ -1,5 +1,6 @@
 //! Fused operations for the flex CPU backend: exact GELU, LayerNorm without affine parameters,
-//! and the attention's masked softmax, each one parallel pass forward and one backward.
+//! the attention's masked softmax, each one parallel pass forward and one backward, and the
+//! matrix product written straight into its output.
 //!
 //! Burn runs these as chains of separately tracked element-wise operations under autodiff,
 //! most of them on one core (docs/performance.md). On flex with f32 they go through a Burn
@@ -13,6 +14,8 @@ mod extension;
 mod kernels;
 #[cfg(feature = "flex")]
 mod math;
+#[cfg(feature = "flex")]
+mod products;
 
 use burn::prelude::*;
 use burn::tensor::activation;
@@ -74,6 +77,16 @@ pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
     plain::attention_softmax(scores, causal)
 }
 
+/// The matrix product over the last two dimensions, `[.., M, K] · [.., K, N]`, with equal
+/// batch dimensions (broadcast ones take Burn's matmul).
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&lhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2] {
+        return extension::matmul(lhs, rhs);
+    }
+    plain::matmul(lhs, rhs)
+}
+
 /// The same operations from Burn's own tensor operations: what every backend but flex runs,
 /// and the reference the fused kernels are tested against.
 pub mod plain {
@@ -81,6 +94,10 @@ pub mod plain {
 
     pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         activation::gelu(x)
+    }
+
+    pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+        lhs.matmul(rhs)
     }
 
     pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
