@@ -30,12 +30,11 @@ pub fn gelu_backward(x: &[f32], grad: &[f32], out: &mut [MaybeUninit<f32>]) {
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     assert_eq!(x.len(), out.len());
-    let mut sum = 0.0;
+    // Two loops: a running sum in the first would keep it one value at a time.
     for (o, &v) in out.iter_mut().zip(x) {
         *o = exp(v - shift);
-        sum += *o;
     }
-    sum
+    sum(out)
 }
 
 /// Row `x` normalised to mean 0 and (biased) variance 1 into `out`; returns `1 / std`.
