@@ -137,24 +137,26 @@ impl CausalSelfAttention {
     }
 }
 
-/// `softmax(q·kᵀ / √dh + mask) · v` written out, for the trained pass: `q: [B, H, S, dh]`,
-/// `k`, `v: [B, H, K, dh]` → `[B, H, S, dh]`. The causal and unmasked softmax is one fused
-/// operation with its own backward where the backend has it ([`fused::attention_softmax`]).
+/// `softmax(q·kᵀ / √dh + mask) · v` for the trained pass: `q: [B, H, S, dh]`, `k`,
+/// `v: [B, H, K, dh]` → `[B, H, S, dh]`. Causal and unmasked attention is one fused operation
+/// with its own backward where the backend has it ([`fused::attention`]); an explicit mask
+/// goes through Burn's softmax as an additive bias.
 pub fn softmax_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     mask: &AttentionMask,
 ) -> Tensor<4> {
-    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
-    let scores = fused::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)); // [B, H, S, K]
-    let weights = match mask {
-        AttentionMask::Causal => fused::attention_softmax(scores, true),
-        AttentionMask::Unmasked => fused::attention_softmax(scores, false),
-        AttentionMask::Explicit(m) => softmax(scores + additive(m), 3),
+    match mask {
+        AttentionMask::Causal => fused::attention(q, k, v, true),
+        AttentionMask::Unmasked => fused::attention(q, k, v, false),
+        AttentionMask::Explicit(m) => {
+            let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+            let scores = fused::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)); // [B, H, S, K]
+            fused::matmul(softmax(scores + additive(m), 3), v)
+        }
         AttentionMask::PrefixAndSelf => panic!("PrefixAndSelf attends to cached keys"),
-    };
-    fused::matmul(weights, v)
+    }
 }
 
 /// [`AttentionMask::PrefixAndSelf`]: query k's scores are its own key's and the cached keys'

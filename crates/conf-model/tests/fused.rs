@@ -236,3 +236,43 @@ fn the_fused_matrix_product_equals_burns_on_views_in_values_and_both_gradients()
             .assert_approx_eq::<f32>(&lhs.matmul(rhs).into_data(), Tolerance::absolute(1e-4));
     }
 }
+
+#[test]
+fn fused_attention_equals_its_plain_form_in_values_and_the_three_gradients() {
+    let device = Device::flex().autodiff();
+    // (queries, keys, causal): a causal pass, one over cached keys, an unmasked one.
+    for (queries, keys, causal) in [(7, 7, true), (5, 9, true), (6, 4, false)] {
+        // Heads split off [B, T, H, dh] rows as the model does (strided views).
+        let leaf = |rows| normal([2, rows, 3, 8], 0.0, 1.5, &device).require_grad();
+        let (q, k, v) = (leaf(queries), leaf(keys), leaf(keys));
+        let heads = |t: &Tensor<4>| t.clone().swap_dims(1, 2);
+        let weights = normal([2, 3, queries, 8], 0.0, 1.0, &device);
+        let ours = fused::attention(heads(&q), heads(&k), heads(&v), causal);
+        let theirs = plain::attention(heads(&q), heads(&k), heads(&v), causal);
+        ours.clone()
+            .into_data()
+            .assert_approx_eq::<f32>(&theirs.clone().into_data(), Tolerance::absolute(1e-5));
+        // Merging the heads back, as the model does.
+        let merge = |t: Tensor<4>| t.swap_dims(1, 2).reshape([2, queries, 24]);
+        let weights = merge(weights);
+        let g_ours = (merge(ours) * weights.clone()).sum().backward();
+        let g_theirs = (merge(theirs) * weights).sum().backward();
+        for (name, leaf) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (ours, theirs) = (leaf.grad(&g_ours).unwrap(), leaf.grad(&g_theirs).unwrap());
+            assert!(
+                theirs.clone().abs().max().into_scalar::<f32>() > 1e-2,
+                "{name}: a zero gradient proves nothing"
+            );
+            ours.into_data()
+                .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(1e-5));
+        }
+        // Without autodiff: the backend's own operation, the same values.
+        let inner = |t: &Tensor<4>| heads(t).inner();
+        fused::attention(inner(&q), inner(&k), inner(&v), causal)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &plain::attention(inner(&q), inner(&k), inner(&v), causal).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+    }
+}

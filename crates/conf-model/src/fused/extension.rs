@@ -15,7 +15,7 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use super::{kernels, products};
+use super::{head_attention, kernels, products};
 
 /// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff, but not
 /// under gradient checkpointing: the kernels keep the tensors their backward reads for the
@@ -65,6 +65,15 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     ))
 }
 
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        causal,
+    ))
+}
+
 pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention_softmax(
         scores.into_dispatch(),
@@ -85,6 +94,12 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     fn fused_attention_softmax(scores: FloatTensor<Self>, causal: bool) -> FloatTensor<Self>;
     fn fused_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> FloatTensor<Self>;
 }
 
 impl FusedOps for Flex {
@@ -112,6 +127,10 @@ impl FusedOps for Flex {
 
     fn fused_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         on_flex::matmul(&lhs, &rhs)
+    }
+
+    fn fused_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
+        on_flex::attention(&q, &k, &v, causal).0
     }
 }
 
@@ -241,6 +260,64 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 &lhs.into_primitive(),
                 &rhs.into_primitive(),
             )),
+        }
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        causal: bool,
+    ) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (output, probs) = on_flex::attention(&q, &k, &v, causal);
+                let saved = AttentionSaved {
+                    q,
+                    k,
+                    v,
+                    probs: probs.into(),
+                    causal,
+                };
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                prep.finish(on_flex::attention(&q, &k, &v, causal).0)
+            }
+        }
+    }
+}
+
+/// What the attention's backward reads: its inputs (shared buffers) and the probabilities.
+#[derive(Debug, Clone)]
+struct AttentionSaved {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: Arc<[f32]>,
+    causal: bool,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionSaved;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let s = &ops.state;
+        let gradients = on_flex::attention_backward(&s.q, &s.k, &s.v, &s.probs, s.causal, &grad);
+        for (parent, g) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, g);
+            }
         }
     }
 }
@@ -440,6 +517,67 @@ mod on_flex {
         let mut dims = lhs_dims.clone();
         dims[rank - 1] = rhs_dims[rank - 1];
         FlexTensor::from_data(TensorData::new(values, dims))
+    }
+
+    /// `[B, S, H, dh]` memory as the `[B, H, S, dh]` tensor it holds (a view).
+    fn heads_view(
+        values: Vec<f32>,
+        batch: usize,
+        heads: usize,
+        rows: usize,
+        dh: usize,
+    ) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, [batch, rows, heads, dh])).transpose(1, 2)
+    }
+
+    fn heads<'a>(
+        q: &'a FlexTensor,
+        k: &'a FlexTensor,
+        v: &'a FlexTensor,
+        causal: bool,
+    ) -> head_attention::Heads<'a> {
+        let dims = q.shape();
+        assert_eq!(dims.num_dims(), 4, "attention on [B, H, S, dh]");
+        head_attention::Heads {
+            q: matrices(q),
+            k: matrices(k),
+            v: matrices(v),
+            heads: dims[1],
+            scale: 1.0 / (dims[3] as f32).sqrt(),
+            causal,
+        }
+    }
+
+    /// Attention of `q: [B, H, S, dh]` over `k`, `v: [B, H, K, dh]`, scaled by `1/√dh`: the
+    /// output (a view of `[B, S, H, dh]` memory) and the probabilities.
+    pub fn attention(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        causal: bool,
+    ) -> (FlexTensor, Vec<f32>) {
+        let d = q.shape();
+        let (output, probs) = head_attention::forward(&heads(q, k, v, causal));
+        (heads_view(output, d[0], d[1], d[2], d[3]), probs)
+    }
+
+    /// The gradients of q, k and v.
+    pub fn attention_backward(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        probs: &[f32],
+        causal: bool,
+        grad: &FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let [dq, dk, dv] =
+            head_attention::backward(&heads(q, k, v, causal), probs, &matrices(grad));
+        let (d, keys) = (q.shape(), k.shape()[2]);
+        [
+            heads_view(dq, d[0], d[1], d[2], d[3]),
+            heads_view(dk, d[0], d[1], keys, d[3]),
+            heads_view(dv, d[0], d[1], keys, d[3]),
+        ]
     }
 
     pub fn softmax_backward(p: &FlexTensor, grad: &FlexTensor) -> FlexTensor {

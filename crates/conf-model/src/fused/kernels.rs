@@ -18,7 +18,7 @@ fn rows_per_task(len: usize) -> usize {
 
 /// `n` floats for a kernel to write, without the zeroing pass `vec![0.0; n]` would make over
 /// outputs of 1–4 MB (the memsets of the profile).
-fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
+pub(super) fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
     Box::new_uninit_slice(n)
 }
 
@@ -244,23 +244,29 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
                     } else {
                         keys
                     };
-                    let (out, hidden) = out.split_at_mut(seen);
-                    let x = &x[..seen];
-                    let max = math::max(x);
-                    exps.resize(seen, 0.0);
-                    let inv = 1.0 / math::exp_shifted(x, max, exps);
-                    for (o, e) in out.iter_mut().zip(exps.iter()) {
-                        o.write(e * inv);
-                    }
-                    for o in hidden {
-                        o.write(0.0);
-                    }
+                    softmax_row(x, seen, exps, out);
                 }
             })
     };
     // SAFETY: `fill` writes every element: each row's seen keys from the exponentials and its
     // hidden keys' zeros.
     unsafe { written(uninit(x.len()), fill) }
+}
+
+/// The softmax of `x[..seen]` into `out[..seen]` and zeros into the rest of `out` (hidden
+/// keys); `exps` is scratch.
+pub fn softmax_row(x: &[f32], seen: usize, exps: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
+    let (out, hidden) = out.split_at_mut(seen);
+    let x = &x[..seen];
+    let max = math::max(x);
+    exps.resize(seen, 0.0);
+    let inv = 1.0 / math::exp_shifted(x, max, exps);
+    for (o, e) in out.iter_mut().zip(exps.iter()) {
+        o.write(e * inv);
+    }
+    for o in hidden {
+        o.write(0.0);
+    }
 }
 
 /// Gradient of a softmax row from its output `p` and the output's gradient:

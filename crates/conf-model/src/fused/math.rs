@@ -126,6 +126,17 @@ pub fn softmax_backward_row(p: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) 
     }
 }
 
+/// [`softmax_backward_row`] in place of the gradient, times `scale`:
+/// `g ← scale · p · (g − Σ p · g)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn softmax_backward_in_place(p: &[f32], g: &mut [f32], scale: f32) {
+    assert_eq!(p.len(), g.len());
+    let dot = dot(p, g);
+    for (g, p) in g.iter_mut().zip(p) {
+        *g = scale * p * (*g - dot);
+    }
+}
+
 /// The largest value of a row.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn max(x: &[f32]) -> f32 {

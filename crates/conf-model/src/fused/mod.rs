@@ -11,6 +11,8 @@
 #[cfg(feature = "flex")]
 mod extension;
 #[cfg(feature = "flex")]
+mod head_attention;
+#[cfg(feature = "flex")]
 mod kernels;
 #[cfg(feature = "flex")]
 mod math;
@@ -87,6 +89,17 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     plain::matmul(lhs, rhs)
 }
 
+/// `softmax(q·kᵀ / √dh) · v` for `q: [B, H, S, dh]` and `k`, `v: [B, H, K, dh]`, the softmax
+/// causal or not as in [`attention_softmax`]. The output's memory is `[B, S, H, dh]` on flex,
+/// so merging the heads back copies nothing.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if extension::applies(&q) {
+        return extension::attention(q, k, v, causal);
+    }
+    plain::attention(q, k, v, causal)
+}
+
 /// The same operations from Burn's own tensor operations: what every backend but flex runs,
 /// and the reference the fused kernels are tested against.
 pub mod plain {
@@ -118,6 +131,12 @@ pub mod plain {
         let scale = modulation.clone().slice([0..batch, 0..seq, 0..d]);
         let shift = modulation.slice([0..batch, 0..seq, d..2 * d]);
         normalise(x, eps) * (scale + 1.0) + shift
+    }
+
+    pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
+        let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+        let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [B, H, S, K]
+        attention_softmax(scores, causal).matmul(v)
     }
 
     pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {

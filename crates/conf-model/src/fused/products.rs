@@ -11,8 +11,63 @@ use rayon::prelude::*;
 /// run one per thread across the batch. The size flex's matmul uses for the same choice.
 const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
 
-/// A stack of `batch` matrices in a flat buffer: element (b, i, j) of the stack is
-/// `data[offsets[b] + i · row_stride + j · col_stride]`.
+/// One matrix in a flat buffer: element (i, j) is
+/// `data[offset + i · row_stride + j · col_stride]`.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub offset: isize,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+impl<'a> Matrix<'a> {
+    /// A row-major `rows × cols` matrix filling `data`.
+    pub fn dense(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        Self {
+            data,
+            offset: 0,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Pointer to element (0, 0); panics unless every element lies in `data`, which is what
+    /// makes gemm's reads through it sound.
+    fn start(&self) -> *const f32 {
+        if self.rows > 0 && self.cols > 0 {
+            let last_row = (self.rows - 1) as isize * self.row_stride;
+            let last_col = (self.cols - 1) as isize * self.col_stride;
+            let reach = [0, last_row, last_col, last_row + last_col];
+            let (low, high) = (reach.iter().min().unwrap(), reach.iter().max().unwrap());
+            assert!(
+                self.offset + low >= 0 && self.offset + high < self.data.len() as isize,
+                "a matrix at offset {} reaches outside its {} elements",
+                self.offset,
+                self.data.len()
+            );
+        }
+        self.data.as_ptr().wrapping_offset(self.offset)
+    }
+}
+
+/// A stack of matrices of one shape and strides at `offsets` in one buffer.
 pub struct Matrices<'a> {
     pub data: &'a [f32],
     pub offsets: Vec<isize>,
@@ -22,71 +77,84 @@ pub struct Matrices<'a> {
     pub col_stride: isize,
 }
 
-impl Matrices<'_> {
-    /// Panics unless every element of every matrix lies in `data`: what makes the pointer
-    /// arithmetic of [`matmul`] sound.
-    fn check_bounds(&self) {
-        if self.rows == 0 || self.cols == 0 {
-            return;
-        }
-        let last_row = (self.rows - 1) as isize * self.row_stride;
-        let last_col = (self.cols - 1) as isize * self.col_stride;
-        let reach = [0, last_row, last_col, last_row + last_col];
-        let (low, high) = (reach.iter().min().unwrap(), reach.iter().max().unwrap());
-        for &offset in &self.offsets {
-            assert!(
-                offset + low >= 0 && offset + high < self.data.len() as isize,
-                "a matrix at offset {offset} reaches outside its {} elements",
-                self.data.len()
-            );
-        }
+impl<'a> Matrices<'a> {
+    pub fn len(&self) -> usize {
+        self.offsets.len()
     }
 
-    /// Pointer to the first element of matrix `b`.
-    fn start(&self, b: usize) -> *const f32 {
-        // SAFETY: `check_bounds` holds, so the offset is inside `data`.
-        unsafe { self.data.as_ptr().offset(self.offsets[b]) }
+    pub fn get(&self, b: usize) -> Matrix<'a> {
+        Matrix {
+            data: self.data,
+            offset: self.offsets[b],
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs`, `dst` row-major from its first element with rows `dst_stride`
+/// apart; only the product's elements are written, and `dst` is never read.
+pub fn product_into(
+    dst: &mut [MaybeUninit<f32>],
+    dst_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matrix product: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= dst_stride && dst.len() >= (m - 1) * dst_stride + n,
+        "matrix product: {m} × {n} does not fit its destination"
+    );
+    if k == 0 {
+        for row in dst.chunks_mut(dst_stride).take(m) {
+            row[..n].fill(MaybeUninit::new(0.0));
+        }
+        return;
+    }
+    let (lhs_start, rhs_start) = (lhs.start(), rhs.start());
+    // SAFETY: both operands lie in their buffers (`start` checks), `dst` holds the m × n
+    // strided block (asserted), and gemm writes it without reading it (read_dst false).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().cast::<f32>(),
+            1,
+            dst_stride as isize,
+            false,
+            lhs_start,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs_start,
+            rhs.col_stride,
+            rhs.row_stride,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }
 
 /// `lhs[b] · rhs[b]` for every b, as a contiguous `[batch, m, n]` buffer.
 pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
-    let (batch, m, k, n) = (lhs.offsets.len(), lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.offsets.len(), batch, "matmul: batch sizes differ");
+    let (batch, m, k, n) = (lhs.len(), lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.len(), batch, "matmul: batch sizes differ");
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    if k == 0 {
-        return vec![0.0; batch * m * n];
-    }
-    lhs.check_bounds();
-    rhs.check_bounds();
     let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(batch * m * n);
-    // One product into `dst` (m × n, row-major); gemm does not read `dst` (read_dst false).
-    let product = |dst: &mut [MaybeUninit<f32>], b: usize, parallelism: Parallelism| {
-        // SAFETY: the operands' bounds are checked above, `dst` holds m·n elements and is
-        // written whole by gemm (read_dst is false, so its initial contents are never read).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr().cast::<f32>(),
-                1,
-                n as isize,
-                false,
-                lhs.start(b),
-                lhs.col_stride,
-                lhs.row_stride,
-                rhs.start(b),
-                rhs.col_stride,
-                rhs.row_stride,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+    let product = |dst: &mut [MaybeUninit<f32>], b: usize, parallelism| {
+        product_into(dst, n, lhs.get(b), rhs.get(b), 1.0, parallelism)
     };
     if m * n > 0 {
         let threads = rayon::current_num_threads();
@@ -105,7 +173,7 @@ pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
                 .for_each(|(b, dst)| product(dst, b, Parallelism::None));
         }
     }
-    // SAFETY: every m × n block was written by gemm above (none when m·n is 0).
+    // SAFETY: every m × n block was written by `product_into` (none when m·n is 0).
     unsafe { out.assume_init() }.into_vec()
 }
 

@@ -1,0 +1,190 @@
+//! Attention per batch element and head, forward and backward, in one parallel pass each:
+//! `softmax(scale · q·kᵀ, causal) · v` with the scores, the softmax and both products of a head
+//! in cache, instead of `[B, H, S, K]` tensors written and read by separate operations.
+//!
+//! Heads are read in place from their strided views (`[B, S, H, dh]` memory seen as
+//! `[B, H, S, dh]`), and the output and the gradients are written in that same layout, so that
+//! merging or splitting heads around the attention copies nothing.
+
+use std::mem::MaybeUninit;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::kernels::{softmax_row, uninit};
+use super::math;
+use super::products::{Matrices, Matrix, product_into};
+
+/// The keys query `i` of `queries` sees among `keys`: the causal ones are any cached keys
+/// followed by the queries' own.
+fn seen(i: usize, queries: usize, keys: usize, causal: bool) -> usize {
+    if causal { i + keys - queries + 1 } else { keys }
+}
+
+/// The inputs of one attention: stacks of `B · H` matrices (batch-major), `q: [S, dh]`,
+/// `k`, `v: [K, dh]`.
+pub struct Heads<'a> {
+    pub q: Matrices<'a>,
+    pub k: Matrices<'a>,
+    pub v: Matrices<'a>,
+    pub heads: usize,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+impl Heads<'_> {
+    /// (batch, heads, queries, keys, head dimension), checked consistent.
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        let (heads, queries, keys, dh) = (self.heads, q.rows, k.rows, q.cols);
+        assert!(
+            heads > 0 && q.len().is_multiple_of(heads),
+            "attention: heads do not divide the stack"
+        );
+        assert_eq!(
+            (k.len(), v.len()),
+            (q.len(), q.len()),
+            "attention: stacks differ"
+        );
+        assert_eq!(
+            (k.cols, v.rows, v.cols),
+            (dh, keys, dh),
+            "attention: shapes differ"
+        );
+        assert!(keys > 0 && queries > 0, "attention without queries or keys");
+        assert!(
+            !self.causal || keys >= queries,
+            "causal attention: {keys} keys for {queries} queries"
+        );
+        (q.len() / heads, heads, queries, keys, dh)
+    }
+}
+
+/// `[rows, H, dh]` memory of one batch element as head `h`'s `rows × dh` block.
+fn head_block(chunk: &mut [MaybeUninit<f32>], h: usize, dh: usize) -> &mut [MaybeUninit<f32>] {
+    &mut chunk[h * dh..]
+}
+
+/// A fully written stretch of an output buffer, read back.
+///
+/// # Safety
+/// Every element of `x` must have been written.
+unsafe fn written(x: &[MaybeUninit<f32>]) -> &[f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller wrote every element.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
+}
+
+/// Forward: the output in `[B, S, H, dh]` memory and the softmax probabilities
+/// `[B, H, S, K]` (what the backward reads).
+pub fn forward(heads: &Heads) -> (Vec<f32>, Vec<f32>) {
+    let (batch, n_heads, queries, keys, dh) = heads.dims();
+    let mut out = uninit(batch * queries * n_heads * dh);
+    let mut probs = uninit(batch * n_heads * queries * keys);
+    if out.is_empty() {
+        // SAFETY: no queries: both buffers are empty.
+        return unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) };
+    }
+    out.par_chunks_mut(queries * n_heads * dh)
+        .zip(probs.par_chunks_mut(n_heads * queries * keys))
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0f32; queries * keys], Vec::new()),
+            |(scores, exps), (b, (out, probs))| {
+                for (h, p) in probs.chunks_mut(queries * keys).enumerate() {
+                    let i = b * n_heads + h;
+                    let scores_out = as_uninit(scores);
+                    product_into(
+                        scores_out,
+                        keys,
+                        heads.q.get(i),
+                        heads.k.get(i).t(),
+                        heads.scale,
+                        Parallelism::None,
+                    );
+                    for (row, (x, p)) in scores.chunks(keys).zip(p.chunks_mut(keys)).enumerate() {
+                        softmax_row(x, seen(row, queries, keys, heads.causal), exps, p);
+                    }
+                    // SAFETY: `softmax_row` wrote every element of every row of `p`.
+                    let p = Matrix::dense(unsafe { written(p) }, queries, keys);
+                    let dst = head_block(out, h, dh);
+                    product_into(dst, n_heads * dh, p, heads.v.get(i), 1.0, Parallelism::None);
+                }
+            },
+        );
+    // SAFETY: every batch element's heads wrote their probabilities (every row) and their
+    // `queries × dh` output blocks, which tile the `[S, H, dh]` chunk.
+    unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) }
+}
+
+/// `&mut [f32]` as a buffer to write, for `product_into`.
+fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and what is written through it is an f32.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
+}
+
+/// The gradients of q (`[B, S, H, dh]` memory), k and v (`[B, K, H, dh]`) from the output's
+/// gradient (a `B · H` stack of `[S, dh]`) and the forward's probabilities.
+pub fn backward(heads: &Heads, probs: &[f32], grad: &Matrices) -> [Vec<f32>; 3] {
+    let (batch, n_heads, queries, keys, dh) = heads.dims();
+    assert_eq!(probs.len(), batch * n_heads * queries * keys);
+    assert_eq!(
+        (grad.len(), grad.rows, grad.cols),
+        (batch * n_heads, queries, dh)
+    );
+    let mut dq = uninit(batch * queries * n_heads * dh);
+    let mut dk = uninit(batch * keys * n_heads * dh);
+    let mut dv = uninit(batch * keys * n_heads * dh);
+    if !dq.is_empty() {
+        dq.par_chunks_mut(queries * n_heads * dh)
+            .zip(dk.par_chunks_mut(keys * n_heads * dh))
+            .zip(dv.par_chunks_mut(keys * n_heads * dh))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; queries * keys],
+                |d_scores, (b, ((dq, dk), dv))| {
+                    for h in 0..n_heads {
+                        let i = b * n_heads + h;
+                        let p = &probs[i * queries * keys..(i + 1) * queries * keys];
+                        let (q, k, v, g) =
+                            (heads.q.get(i), heads.k.get(i), heads.v.get(i), grad.get(i));
+                        // d(probs) = g · vᵀ, then through the softmax (and the scale) in place.
+                        product_into(as_uninit(d_scores), keys, g, v.t(), 1.0, Parallelism::None);
+                        for (d, p) in d_scores.chunks_mut(keys).zip(p.chunks(keys)) {
+                            math::softmax_backward_in_place(p, d, heads.scale);
+                        }
+                        let (p, ds) = (
+                            Matrix::dense(p, queries, keys),
+                            Matrix::dense(d_scores, queries, keys),
+                        );
+                        let stride = n_heads * dh;
+                        product_into(
+                            head_block(dv, h, dh),
+                            stride,
+                            p.t(),
+                            g,
+                            1.0,
+                            Parallelism::None,
+                        );
+                        product_into(head_block(dq, h, dh), stride, ds, k, 1.0, Parallelism::None);
+                        product_into(
+                            head_block(dk, h, dh),
+                            stride,
+                            ds.t(),
+                            q,
+                            1.0,
+                            Parallelism::None,
+                        );
+                    }
+                },
+            );
+    }
+    // SAFETY: every batch element's heads wrote their `rows × dh` blocks of dq, dk and dv,
+    // which tile each `[rows, H, dh]` chunk (keys > 0, so dk and dv are empty only with dq).
+    unsafe {
+        [
+            dq.assume_init().into_vec(),
+            dk.assume_init().into_vec(),
+            dv.assume_init().into_vec(),
+        ]
+    }
+}
