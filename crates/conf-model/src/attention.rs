@@ -102,14 +102,15 @@ impl CausalSelfAttention {
             None => (own.key.clone(), own.value.clone()),
         };
         let keys = k.dims()[2];
-        let context = if q.is_autodiff() {
-            // The trained pass. Burn's `attention` under autodiff falls back to decomposed ops
-            // whose row maximum is not detached (its backward scatters into a fresh
-            // [B, H, S, K] tensor) and rebuilds the causal mask on every call; this form
-            // differentiates through one masked softmax. Same values.
+        let context = if q.is_autodiff() || fused::applies(&q) {
+            // The trained pass, and every pass on flex. Burn's `attention` under autodiff
+            // falls back to decomposed ops whose row maximum is not detached (its backward
+            // scatters into a fresh [B, H, S, K] tensor) and rebuilds the causal mask on every
+            // call; this form differentiates through one masked softmax, and on flex is one
+            // fused operation whose output needs no copy to merge the heads. Same values.
             softmax_attention(q, k, v, mask)
         } else {
-            // The no-gradient passes: Burn's fused kernel.
+            // The no-gradient passes elsewhere: Burn's fused kernel.
             let (bias, is_causal) = match mask {
                 AttentionMask::Causal => (None, true),
                 AttentionMask::Unmasked => (None, false),

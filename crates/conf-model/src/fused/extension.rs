@@ -130,7 +130,7 @@ impl FusedOps for Flex {
     }
 
     fn fused_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
-        on_flex::attention(&q, &k, &v, causal).0
+        on_flex::attention(&q, &k, &v, causal, false).0
     }
 }
 
@@ -276,7 +276,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (output, probs) = on_flex::attention(&q, &k, &v, causal);
+                let (output, probs) = on_flex::attention(&q, &k, &v, causal, true);
                 let saved = AttentionSaved {
                     q,
                     k,
@@ -288,7 +288,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                prep.finish(on_flex::attention(&q, &k, &v, causal).0)
+                prep.finish(on_flex::attention(&q, &k, &v, causal, false).0)
             }
         }
     }
@@ -549,15 +549,16 @@ mod on_flex {
     }
 
     /// Attention of `q: [B, H, S, dh]` over `k`, `v: [B, H, K, dh]`, scaled by `1/√dh`: the
-    /// output (a view of `[B, S, H, dh]` memory) and the probabilities.
+    /// output (a view of `[B, S, H, dh]` memory) and, with `keep_probs`, the probabilities.
     pub fn attention(
         q: &FlexTensor,
         k: &FlexTensor,
         v: &FlexTensor,
         causal: bool,
+        keep_probs: bool,
     ) -> (FlexTensor, Vec<f32>) {
         let d = q.shape();
-        let (output, probs) = head_attention::forward(&heads(q, k, v, causal));
+        let (output, probs) = head_attention::forward(&heads(q, k, v, causal), keep_probs);
         (heads_view(output, d[0], d[1], d[2], d[3]), probs)
     }
 

@@ -51,7 +51,10 @@ impl Heads<'_> {
             (dh, keys, dh),
             "attention: shapes differ"
         );
-        assert!(keys > 0 && queries > 0, "attention without queries or keys");
+        assert!(
+            keys > 0 && queries > 0 && dh > 0,
+            "attention without queries, keys or width"
+        );
         assert!(
             !self.causal || keys >= queries,
             "causal attention: {keys} keys for {queries} queries"
@@ -74,45 +77,62 @@ unsafe fn written(x: &[MaybeUninit<f32>]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
 }
 
-/// Forward: the output in `[B, S, H, dh]` memory and the softmax probabilities
-/// `[B, H, S, K]` (what the backward reads).
-pub fn forward(heads: &Heads) -> (Vec<f32>, Vec<f32>) {
+/// Forward: the output in `[B, S, H, dh]` memory and, with `keep_probs`, the softmax
+/// probabilities `[B, H, S, K]` the backward reads (empty without).
+pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
     let (batch, n_heads, queries, keys, dh) = heads.dims();
+    let per_head = queries * keys;
     let mut out = uninit(batch * queries * n_heads * dh);
-    let mut probs = uninit(batch * n_heads * queries * keys);
-    if out.is_empty() {
-        // SAFETY: no queries: both buffers are empty.
-        return unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) };
-    }
-    out.par_chunks_mut(queries * n_heads * dh)
-        .zip(probs.par_chunks_mut(n_heads * queries * keys))
-        .enumerate()
-        .for_each_init(
-            || (vec![0.0f32; queries * keys], Vec::new()),
-            |(scores, exps), (b, (out, probs))| {
-                for (h, p) in probs.chunks_mut(queries * keys).enumerate() {
-                    let i = b * n_heads + h;
-                    let scores_out = as_uninit(scores);
-                    product_into(
-                        scores_out,
-                        keys,
-                        heads.q.get(i),
-                        heads.k.get(i).t(),
-                        heads.scale,
-                        Parallelism::None,
-                    );
-                    for (row, (x, p)) in scores.chunks(keys).zip(p.chunks_mut(keys)).enumerate() {
-                        softmax_row(x, seen(row, queries, keys, heads.causal), exps, p);
-                    }
-                    // SAFETY: `softmax_row` wrote every element of every row of `p`.
-                    let p = Matrix::dense(unsafe { written(p) }, queries, keys);
-                    let dst = head_block(out, h, dh);
-                    product_into(dst, n_heads * dh, p, heads.v.get(i), 1.0, Parallelism::None);
+    let mut probs = uninit(if keep_probs {
+        batch * n_heads * per_head
+    } else {
+        0
+    });
+    // Head h of batch element b: its probabilities into `p`, its output block into `out`.
+    let head = |(b, h): (usize, usize),
+                (scores, exps): &mut (Vec<f32>, Vec<f32>),
+                out: &mut [MaybeUninit<f32>],
+                p: &mut [MaybeUninit<f32>]| {
+        let i = b * n_heads + h;
+        let (q, k) = (heads.q.get(i), heads.k.get(i));
+        product_into(
+            as_uninit(scores),
+            keys,
+            q,
+            k.t(),
+            heads.scale,
+            Parallelism::None,
+        );
+        for (row, (x, p)) in scores.chunks(keys).zip(p.chunks_mut(keys)).enumerate() {
+            softmax_row(x, seen(row, queries, keys, heads.causal), exps, p);
+        }
+        // SAFETY: `softmax_row` wrote every element of every row of `p`.
+        let p = Matrix::dense(unsafe { written(p) }, queries, keys);
+        let dst = head_block(out, h, dh);
+        product_into(dst, n_heads * dh, p, heads.v.get(i), 1.0, Parallelism::None);
+    };
+    let scratch = || (vec![0.0f32; per_head], Vec::new());
+    let out_chunks = out.par_chunks_mut(queries * n_heads * dh).enumerate();
+    if keep_probs {
+        out_chunks
+            .zip(probs.par_chunks_mut(n_heads * per_head))
+            .for_each_init(scratch, |scratch, ((b, out), probs)| {
+                for (h, p) in probs.chunks_mut(per_head).enumerate() {
+                    head((b, h), scratch, out, p);
+                }
+            });
+    } else {
+        out_chunks.for_each_init(
+            || (scratch(), uninit(per_head)),
+            |(scratch, p), (b, out)| {
+                for h in 0..n_heads {
+                    head((b, h), scratch, out, p);
                 }
             },
         );
-    // SAFETY: every batch element's heads wrote their probabilities (every row) and their
-    // `queries × dh` output blocks, which tile the `[S, H, dh]` chunk.
+    }
+    // SAFETY: every batch element's heads wrote their probabilities when kept (every row)
+    // and their `queries × dh` output blocks, which tile the `[S, H, dh]` chunk.
     unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) }
 }
 
