@@ -94,7 +94,7 @@ pub fn time_steps<M, O>(
     settings: &BenchSettings,
 ) -> StepTiming
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     let device = trainee.devices()[0].clone();
@@ -150,7 +150,7 @@ fn parallel_step<M, O>(
     workers: &[Device],
 ) -> (GradientsParams, f64)
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     let parts = workers.len();

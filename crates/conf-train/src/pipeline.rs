@@ -157,7 +157,7 @@ fn run<M>(
     stop: &StopRequest,
 ) -> Result<ModelOutcome, TrainError>
 where
-    M: Module + ModuleDisplay + Generate + 'static,
+    M: Module + ModuleDisplay + Generate + Sync + 'static,
 {
     let settings = &plan.training;
     let parameters = Module::num_params(&trainee.model);

@@ -9,6 +9,7 @@ use burn::module::{Module, ModuleDisplay};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
+use conf_model::fused::on_cpu_pool;
 use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, MiniGpt};
 
 use crate::weights::{AnyModel, Architecture};
@@ -70,19 +71,26 @@ impl<M, O> Trainee<M, O> {
 
 impl<M, O> TrainStep for Trainee<M, O>
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     type Input = LookaheadBatch;
     type Output = StepOutput;
 
     fn step(&self, batch: LookaheadBatch) -> TrainOutput<StepOutput> {
-        let output = self.objective.compute(&self.model, batch);
-        let grads = if self.parts > 1 {
-            (output.total.clone() / self.parts as f64).backward()
-        } else {
-            output.total.backward()
-        };
+        if self.parts > 1 {
+            // A data-parallel worker's part: its own thread, outside rayon's pool, so that
+            // the workers' steps never wait on each other inside the pool.
+            let output = self.objective.compute(&self.model, batch);
+            let grads = (output.total.clone() / self.parts as f64).backward();
+            return TrainOutput::new(self, grads, StepOutput::new(output));
+        }
+        let device = batch.tokens.device();
+        let (output, grads) = on_cpu_pool(&device, || {
+            let output = self.objective.compute(&self.model, batch);
+            let grads = output.total.backward();
+            (output, grads)
+        });
         TrainOutput::new(self, grads, StepOutput::new(output))
     }
 
@@ -105,14 +113,17 @@ where
 
 impl<M, O> InferenceStep for Trainee<M, O>
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     type Input = LookaheadBatch;
     type Output = StepOutput;
 
     fn step(&self, batch: LookaheadBatch) -> StepOutput {
-        StepOutput::new(self.objective.compute(&self.model, batch))
+        let device = batch.tokens.device();
+        StepOutput::new(on_cpu_pool(&device, || {
+            self.objective.compute(&self.model, batch)
+        }))
     }
 }
 

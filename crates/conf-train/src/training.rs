@@ -189,7 +189,7 @@ pub fn fit<M, O>(
     stop: &StopRequest,
 ) -> Result<TrainedModel<Trainee<M, O>>, TrainError>
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     settings.validate()?;
@@ -418,7 +418,7 @@ pub fn evaluate<M, O>(
     settings: &TrainingSettings,
 ) -> (MetricValues, Samples)
 where
-    M: Module + ModuleDisplay + 'static,
+    M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     let device = trainee.devices()[0].clone();

@@ -25,10 +25,15 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     let device = x.device();
     x.dtype() == DType::F32
         && device.gradient_checkpointing_strategy() != Some(GradientCheckpointingStrategy::Balanced)
-        && matches!(
-            device.without_autodiff().as_dispatch(),
-            DispatchDevice::Flex(_)
-        )
+        && is_flex(&device)
+}
+
+/// Whether `device` is flex's, with or without autodiff.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
 }
 
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
