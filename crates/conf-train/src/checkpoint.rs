@@ -223,7 +223,10 @@ impl StepTracker {
     /// due or the run is being stopped, if the weights are finite.
     pub fn after_step<M: Module>(&self, module: &M, optimizer: &ModuleOptimizer, lr: f64) {
         let step = self.step.fetch_add(1, Ordering::SeqCst) + 1;
-        self.log.lock().expect("training log lock").lr = lr;
+        self.log
+            .lock()
+            .expect("training log lock")
+            .record_lr(step, lr);
         self.print_progress(step);
         let stopping = self
             .interrupter

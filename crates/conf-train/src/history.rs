@@ -30,10 +30,29 @@ pub struct EvalRecord {
 #[derive(Debug, Default)]
 pub struct TrainingLog {
     pub records: Vec<EvalRecord>,
-    /// Learning rate of the last optimizer step.
-    pub lr: f64,
+    /// Learning rate of each optimizer step (index: step − 1). Kept per step because
+    /// burn-train's logger thread reads it for an evaluation after training has gone on.
+    lrs: Vec<f64>,
     /// Set when a non-finite loss stopped the run.
     pub failure: Option<String>,
+}
+
+impl TrainingLog {
+    /// Records that optimizer step `step` (from 1) ran at learning rate `lr`.
+    pub fn record_lr(&mut self, step: usize, lr: f64) {
+        if self.lrs.len() < step {
+            self.lrs.resize(step, lr);
+        }
+        self.lrs[step - 1] = lr;
+    }
+
+    /// The learning rate of the last optimizer step up to `step` (0 before any).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        self.lrs[..step.min(self.lrs.len())]
+            .last()
+            .copied()
+            .unwrap_or(0.0)
+    }
 }
 
 pub struct HistoryLogger {
@@ -182,11 +201,28 @@ impl MetricLogger for HistoryLogger {
                 record.train.clear();
             }
             let mut log = self.log.lock().expect("training log lock");
-            record.lr = log.lr;
+            record.lr = log.lr_at(record.step);
             if self.print {
                 self.print_line(&record);
             }
             log.records.push(record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_evaluation_gets_the_learning_rate_of_its_own_step_whatever_ran_since() {
+        let mut log = TrainingLog::default();
+        assert_eq!(log.lr_at(0), 0.0);
+        for step in 1..=5 {
+            log.record_lr(step, step as f64 / 10.0);
+        }
+        assert_eq!(log.lr_at(3), 0.3);
+        assert_eq!(log.lr_at(5), 0.5);
+        assert_eq!(log.lr_at(9), 0.5, "past the last step: the last rate");
     }
 }

@@ -254,8 +254,8 @@ where
             .from_bytes(restored.optimizer)
             .map_err(|e| TrainError::Settings(format!("{}: {e}", checkpoints.display())))?;
         let mut log = log.lock().expect("training log lock");
-        for _ in 0..start.step {
-            log.lr = scheduler.step().base();
+        for step in 1..=start.step {
+            log.record_lr(step, scheduler.step().base());
         }
         train_loader.set_next_step(start.step);
         log.records = restored.state.history;
@@ -303,7 +303,7 @@ where
         let mut log = log.lock().expect("training log lock");
         let record = EvalRecord {
             step: first,
-            lr: log.lr,
+            lr: log.lr_at(first),
             valid,
             ..EvalRecord::default()
         };
