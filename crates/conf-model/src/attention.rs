@@ -103,7 +103,7 @@ impl CausalSelfAttention {
         };
         let keys = k.dims()[2];
         let context = if q.is_autodiff() || fused::applies(&q) {
-            // The trained pass, and every pass on flex. Burn's `attention` under autodiff
+            // The trained pass, and every f32 pass on flex. Burn's `attention` under autodiff
             // falls back to decomposed ops whose row maximum is not detached (its backward
             // scatters into a fresh [B, H, S, K] tensor) and rebuilds the causal mask on every
             // call; this form differentiates through one masked softmax, and on flex is one

@@ -38,7 +38,8 @@ pub struct TrainingLog {
 }
 
 impl TrainingLog {
-    /// Records that optimizer step `step` (from 1) ran at learning rate `lr`.
+    /// Records that optimizer step `step` (from 1) ran at learning rate `lr` (steps are
+    /// recorded in order; a gap, which no caller leaves, would take this rate too).
     pub fn record_lr(&mut self, step: usize, lr: f64) {
         if self.lrs.len() < step {
             self.lrs.resize(step, lr);

@@ -286,7 +286,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     q,
                     k,
                     v,
-                    probs: probs.into(),
+                    probs: Arc::new(probs),
                     causal,
                 };
                 prep.finish(saved, output)
@@ -305,7 +305,8 @@ struct AttentionSaved {
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
-    probs: Arc<[f32]>,
+    /// Shared, not copied: `Arc<[f32]>::from(Vec)` would copy the whole `[B, H, S, K]`.
+    probs: Arc<Vec<f32>>,
     causal: bool,
 }
 

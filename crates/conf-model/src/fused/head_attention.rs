@@ -63,6 +63,14 @@ impl Heads<'_> {
     }
 }
 
+/// The element count of a buffer of these dimensions; panics on overflow rather than size a
+/// buffer smaller than what the kernels write.
+fn size(dims: &[usize]) -> usize {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .expect("attention: buffer size overflows")
+}
+
 /// `[rows, H, dh]` memory of one batch element as head `h`'s `rows × dh` block.
 fn head_block(chunk: &mut [MaybeUninit<f32>], h: usize, dh: usize) -> &mut [MaybeUninit<f32>] {
     &mut chunk[h * dh..]
@@ -72,7 +80,7 @@ fn head_block(chunk: &mut [MaybeUninit<f32>], h: usize, dh: usize) -> &mut [Mayb
 ///
 /// # Safety
 /// Every element of `x` must have been written.
-unsafe fn written(x: &[MaybeUninit<f32>]) -> &[f32] {
+unsafe fn assume_written(x: &[MaybeUninit<f32>]) -> &[f32] {
     // SAFETY: MaybeUninit<f32> has f32's layout, and the caller wrote every element.
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
 }
@@ -82,9 +90,9 @@ unsafe fn written(x: &[MaybeUninit<f32>]) -> &[f32] {
 pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
     let (batch, n_heads, queries, keys, dh) = heads.dims();
     let per_head = queries * keys;
-    let mut out = uninit(batch * queries * n_heads * dh);
+    let mut out = uninit(size(&[batch, queries, n_heads, dh]));
     let mut probs = uninit(if keep_probs {
-        batch * n_heads * per_head
+        size(&[batch, n_heads, queries, keys])
     } else {
         0
     });
@@ -95,19 +103,14 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
                 p: &mut [MaybeUninit<f32>]| {
         let i = b * n_heads + h;
         let (q, k) = (heads.q.get(i), heads.k.get(i));
-        product_into(
-            as_uninit(scores),
-            keys,
-            q,
-            k.t(),
-            heads.scale,
-            Parallelism::None,
-        );
+        // SAFETY: gemm writes only floats into the scores.
+        let scores_out = unsafe { as_uninit(scores) };
+        product_into(scores_out, keys, q, k.t(), heads.scale, Parallelism::None);
         for (row, (x, p)) in scores.chunks(keys).zip(p.chunks_mut(keys)).enumerate() {
             softmax_row(x, seen(row, queries, keys, heads.causal), exps, p);
         }
         // SAFETY: `softmax_row` wrote every element of every row of `p`.
-        let p = Matrix::dense(unsafe { written(p) }, queries, keys);
+        let p = Matrix::dense(unsafe { assume_written(p) }, queries, keys);
         let dst = head_block(out, h, dh);
         product_into(dst, n_heads * dh, p, heads.v.get(i), 1.0, Parallelism::None);
     };
@@ -137,8 +140,11 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// `&mut [f32]` as a buffer to write, for `product_into`.
-fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: MaybeUninit<f32> has f32's layout, and what is written through it is an f32.
+///
+/// # Safety
+/// Only initialised values may be written through the result.
+unsafe fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller writes only floats through it.
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
 }
 
@@ -151,9 +157,9 @@ pub fn backward(heads: &Heads, probs: &[f32], grad: &Matrices) -> [Vec<f32>; 3] 
         (grad.len(), grad.rows, grad.cols),
         (batch * n_heads, queries, dh)
     );
-    let mut dq = uninit(batch * queries * n_heads * dh);
-    let mut dk = uninit(batch * keys * n_heads * dh);
-    let mut dv = uninit(batch * keys * n_heads * dh);
+    let mut dq = uninit(size(&[batch, queries, n_heads, dh]));
+    let mut dk = uninit(size(&[batch, keys, n_heads, dh]));
+    let mut dv = uninit(size(&[batch, keys, n_heads, dh]));
     if !dq.is_empty() {
         dq.par_chunks_mut(queries * n_heads * dh)
             .zip(dk.par_chunks_mut(keys * n_heads * dh))
@@ -168,7 +174,9 @@ pub fn backward(heads: &Heads, probs: &[f32], grad: &Matrices) -> [Vec<f32>; 3] 
                         let (q, k, v, g) =
                             (heads.q.get(i), heads.k.get(i), heads.v.get(i), grad.get(i));
                         // d(probs) = g · vᵀ, then through the softmax (and the scale) in place.
-                        product_into(as_uninit(d_scores), keys, g, v.t(), 1.0, Parallelism::None);
+                        // SAFETY: gemm writes only floats into the scores' gradient.
+                        let d_out = unsafe { as_uninit(d_scores) };
+                        product_into(d_out, keys, g, v.t(), 1.0, Parallelism::None);
                         for (d, p) in d_scores.chunks_mut(keys).zip(p.chunks(keys)) {
                             math::softmax_backward_in_place(p, d, heads.scale);
                         }

@@ -1,6 +1,7 @@
 //! Fused operations for the flex CPU backend: exact GELU, LayerNorm without affine parameters,
-//! the attention's masked softmax, each one parallel pass forward and one backward, and the
-//! matrix product written straight into its output.
+//! the AdaptiveLayer and the attention's masked softmax, each one parallel pass forward and one
+//! backward; the attention whole, per batch element and head; and the matrix product written
+//! straight into its output.
 //!
 //! Burn runs these as chains of separately tracked element-wise operations under autodiff,
 //! most of them on one core (docs/performance.md). On flex with f32 they go through a Burn
@@ -97,7 +98,10 @@ pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
 /// batch dimensions (broadcast ones take Burn's matmul).
 pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]
-    if extension::applies(&lhs) && lhs.dims()[..D - 2] == rhs.dims()[..D - 2] {
+    if extension::applies(&lhs)
+        && extension::applies(&rhs)
+        && lhs.dims()[..D - 2] == rhs.dims()[..D - 2]
+    {
         return extension::matmul(lhs, rhs);
     }
     plain::matmul(lhs, rhs)
@@ -108,10 +112,26 @@ pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
 /// so merging the heads back copies nothing.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    if extension::applies(&q) {
+    if [&q, &k, &v].into_iter().all(extension::applies) && fused_shapes(&q, &k, &v, causal) {
         return extension::attention(q, k, v, causal);
     }
     plain::attention(q, k, v, causal)
+}
+
+/// Shapes the fused attention takes: the same batch, heads and head width everywhere (no
+/// broadcasting), as many keys as values, and no empty sequence or fewer keys than causal
+/// queries need; others take Burn's operations.
+#[cfg(feature = "flex")]
+fn fused_shapes(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, causal: bool) -> bool {
+    let ([b, h, queries, dh], [kb, kh, keys, kd], [vb, vh, values, vd]) =
+        (q.dims(), k.dims(), v.dims());
+    (kb, kh, kd) == (b, h, dh)
+        && (vb, vh, vd) == (b, h, dh)
+        && keys == values
+        && queries > 0
+        && keys > 0
+        && dh > 0
+        && (!causal || keys >= queries)
 }
 
 /// The same operations from Burn's own tensor operations: what every backend but flex runs,

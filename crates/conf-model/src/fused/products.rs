@@ -52,12 +52,26 @@ impl<'a> Matrix<'a> {
     /// makes gemm's reads through it sound.
     fn start(&self) -> *const f32 {
         if self.rows > 0 && self.cols > 0 {
-            let last_row = (self.rows - 1) as isize * self.row_stride;
-            let last_col = (self.cols - 1) as isize * self.col_stride;
-            let reach = [0, last_row, last_col, last_row + last_col];
+            let overflow = "matrix extent overflows";
+            let extent = |n: usize, stride: isize| {
+                isize::try_from(n - 1)
+                    .ok()
+                    .and_then(|n| n.checked_mul(stride))
+                    .expect(overflow)
+            };
+            let (last_row, last_col) = (
+                extent(self.rows, self.row_stride),
+                extent(self.cols, self.col_stride),
+            );
+            let corner = last_row.checked_add(last_col).expect(overflow);
+            let reach = [0, last_row, last_col, corner];
             let (low, high) = (reach.iter().min().unwrap(), reach.iter().max().unwrap());
+            let (low, high) = (
+                self.offset.checked_add(*low).expect(overflow),
+                self.offset.checked_add(*high).expect(overflow),
+            );
             assert!(
-                self.offset + low >= 0 && self.offset + high < self.data.len() as isize,
+                low >= 0 && high < self.data.len() as isize,
                 "a matrix at offset {} reaches outside its {} elements",
                 self.offset,
                 self.data.len()
@@ -109,8 +123,11 @@ pub fn product_into(
     if m == 0 || n == 0 {
         return;
     }
+    let needed = (m - 1)
+        .checked_mul(dst_stride)
+        .and_then(|e| e.checked_add(n));
     assert!(
-        n <= dst_stride && dst.len() >= (m - 1) * dst_stride + n,
+        n <= dst_stride && needed.is_some_and(|needed| dst.len() >= needed),
         "matrix product: {m} × {n} does not fit its destination"
     );
     if k == 0 {
@@ -152,7 +169,10 @@ pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
     let (batch, m, k, n) = (lhs.len(), lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.len(), batch, "matmul: batch sizes differ");
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(batch * m * n);
+    let size = batch
+        .checked_mul(m * n)
+        .expect("matmul: output size overflows");
+    let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(size);
     let product = |dst: &mut [MaybeUninit<f32>], b: usize, parallelism| {
         product_into(dst, n, lhs.get(b), rhs.get(b), 1.0, parallelism)
     };
