@@ -78,19 +78,23 @@ where
     type Output = StepOutput;
 
     fn step(&self, batch: LookaheadBatch) -> TrainOutput<StepOutput> {
-        if self.parts > 1 {
-            // A data-parallel worker's part: its own thread, outside rayon's pool, so that
-            // the workers' steps never wait on each other inside the pool.
-            let output = self.objective.compute(&self.model, batch);
-            let grads = (output.total.clone() / self.parts as f64).backward();
-            return TrainOutput::new(self, grads, StepOutput::new(output));
-        }
         let device = batch.tokens.device();
-        let (output, grads) = on_cpu_pool(&device, || {
+        let step = || {
             let output = self.objective.compute(&self.model, batch);
-            let grads = output.total.backward();
+            let grads = if self.parts > 1 {
+                (output.total.clone() / self.parts as f64).backward()
+            } else {
+                output.total.backward()
+            };
             (output, grads)
-        });
+        };
+        // A data-parallel worker's part stays on its own thread, outside rayon's pool, so
+        // that the workers' steps never wait on each other inside the pool.
+        let (output, grads) = if self.parts > 1 {
+            step()
+        } else {
+            on_cpu_pool(&device, step)
+        };
         TrainOutput::new(self, grads, StepOutput::new(output))
     }
 

@@ -11,15 +11,9 @@ use std::mem::MaybeUninit;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernels::{softmax_row, uninit};
+use super::kernels::{seen, softmax_row, uninit};
 use super::math;
 use super::products::{Matrices, Matrix, product_into};
-
-/// The keys query `i` of `queries` sees among `keys`: the causal ones are any cached keys
-/// followed by the queries' own.
-fn seen(i: usize, queries: usize, keys: usize, causal: bool) -> usize {
-    if causal { i + keys - queries + 1 } else { keys }
-}
 
 /// The inputs of one attention: stacks of `B · H` matrices (batch-major), `q: [S, dh]`,
 /// `k`, `v: [K, dh]`.

@@ -239,18 +239,19 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
             .for_each_init(Vec::new, |exps, (task, (out, x))| {
                 for (r, (out, x)) in out.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
                     let query = (task * rows + r) % queries;
-                    let seen = if causal {
-                        query + keys - queries + 1
-                    } else {
-                        keys
-                    };
-                    softmax_row(x, seen, exps, out);
+                    softmax_row(x, seen(query, queries, keys, causal), exps, out);
                 }
             })
     };
     // SAFETY: `fill` writes every element: each row's seen keys from the exponentials and its
     // hidden keys' zeros.
     unsafe { written(uninit(x.len()), fill) }
+}
+
+/// The keys query `i` of `queries` sees among `keys`: with `causal`, the cached keys (the
+/// first `keys − queries`) and its own and earlier ones; all of them otherwise.
+pub fn seen(i: usize, queries: usize, keys: usize, causal: bool) -> usize {
+    if causal { i + keys - queries + 1 } else { keys }
 }
 
 /// The softmax of `x[..seen]` into `out[..seen]` and zeros into the rest of `out` (hidden

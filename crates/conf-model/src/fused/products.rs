@@ -201,6 +201,18 @@ pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    /// One row-major `rows × cols` matrix at `offset` in `data`, as a stack.
+    fn single(data: &[f32], offset: isize, rows: usize, cols: usize) -> Matrices<'_> {
+        Matrices {
+            data,
+            offsets: vec![offset],
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
     /// The naive triple loop over the same strided stacks.
     fn reference(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
         let mut out = Vec::new();
@@ -255,15 +267,7 @@ mod tests {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
         // A product large enough for gemm's own threads: the same values.
-        let big = |offset, rows, cols| Matrices {
-            data: &data,
-            offsets: vec![offset],
-            rows,
-            cols,
-            row_stride: cols as isize,
-            col_stride: 1,
-        };
-        let (lhs, rhs) = (big(0, 200, 200), big(40_000, 200, 200));
+        let (lhs, rhs) = (single(&data, 0, 200, 200), single(&data, 40_000, 200, 200));
         const { assert!(200 * 200 * 200 >= PARALLEL_PRODUCT) };
         let (fast, slow) = (matmul(&lhs, &rhs), reference(&lhs, &rhs));
         for (a, b) in fast.iter().zip(&slow) {
@@ -275,15 +279,7 @@ mod tests {
     #[should_panic(expected = "reaches outside")]
     fn a_matrix_past_the_end_of_its_buffer_is_refused() {
         let data = [1.0f32; 10];
-        let matrix = |offset, rows, cols| Matrices {
-            data: &data,
-            offsets: vec![offset],
-            rows,
-            cols,
-            row_stride: cols as isize,
-            col_stride: 1,
-        };
         // Rows 4..12 of a 10-element buffer.
-        matmul(&matrix(4, 2, 4), &matrix(0, 4, 1));
+        matmul(&single(&data, 4, 2, 4), &single(&data, 0, 4, 1));
     }
 }
