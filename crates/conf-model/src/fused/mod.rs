@@ -17,11 +17,14 @@ mod head_attention;
 mod kernels;
 #[cfg(feature = "flex")]
 mod math;
+mod pool;
 #[cfg(feature = "flex")]
 mod products;
 
 use burn::prelude::*;
 use burn::tensor::activation;
+
+pub use pool::on_cpu_pool;
 
 /// Whether `x` takes the fused path (an f32 tensor on flex without gradient checkpointing, in
 /// a build with the `flex` feature); elsewhere the functions here run Burn's own operations.
@@ -33,20 +36,6 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
         let _ = x;
         false
     }
-}
-
-/// Runs `work` on a thread of rayon's pool when `device` is flex (in a build with the `flex`
-/// feature), else on this one. Every parallel loop of flex and of the fused kernels started
-/// from outside the pool is handed to it while the calling thread sleeps, two thread wake-ups
-/// per operation; started from a pool thread, that thread takes part instead. A training step
-/// runs hundreds of such loops (docs/performance.md).
-pub fn on_cpu_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
-    #[cfg(feature = "flex")]
-    if extension::is_flex(device) {
-        return rayon::scope(|_| work());
-    }
-    let _ = device;
-    work()
 }
 
 /// Exact (erf) GELU, element-wise.
@@ -186,23 +175,5 @@ pub mod plain {
             .mask_fill(hidden, f32::NEG_INFINITY)
             .unsqueeze::<4>();
         activation::softmax(scores + bias, 3)
-    }
-}
-
-#[cfg(all(test, feature = "flex"))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn work_for_flex_runs_on_a_pool_thread_and_other_work_where_it_is_called() {
-        let on_pool = || rayon::current_thread_index().is_some();
-        assert!(!on_pool(), "the test itself runs outside the pool");
-        assert!(on_cpu_pool(&Device::flex(), on_pool));
-        assert!(on_cpu_pool(&Device::flex().autodiff(), on_pool));
-        // Nested: already on the pool, it stays there.
-        assert!(on_cpu_pool(&Device::flex(), || on_cpu_pool(
-            &Device::flex(),
-            on_pool
-        )));
     }
 }
