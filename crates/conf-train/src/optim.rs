@@ -7,8 +7,12 @@ use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{
+    AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer,
+    Optimizer,
+};
 use burn::prelude::*;
+use conf_model::fused::{self, AdamWScalars};
 
 /// Optimizer settings of a run.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -69,17 +73,80 @@ pub fn vector_param_paths<M: Module>(module: &M) -> Vec<String> {
 
 /// AdamW with weight decay on matrices only; clipping is global, done before the step.
 pub fn adamw<M: Module>(module: &M, settings: &OptimizerSettings) -> ModuleOptimizer {
-    let config = |decay: f64| {
-        AdamWConfig::new()
-            .with_beta_1(0.9)
-            .with_beta_2(0.95)
-            .with_epsilon(1e-8)
-            .with_weight_decay(decay as f32)
-    };
     let no_decay = ParamGroup::from_paths(vector_param_paths(module));
-    config(settings.weight_decay)
-        .init()
-        .with_group(no_decay, config(0.0).build(), None)
+    ModuleOptimizer::from(AdamW::new(settings.weight_decay)).with_group(
+        no_decay,
+        AdamW::new(0.0),
+        None,
+    )
+}
+
+/// Burn's AdamW (β (0.9, 0.95), ε 1e-8), with each parameter's update one fused pass on flex
+/// (`conf_model::fused::adamw`, the same arithmetic); the state is Burn's, so checkpoints are
+/// the same either way.
+#[derive(Clone)]
+pub struct AdamW {
+    burn: burn::optim::AdamW,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    const BETA_1: f32 = 0.9;
+    const BETA_2: f32 = 0.95;
+    const EPSILON: f32 = 1e-8;
+
+    pub fn new(weight_decay: f64) -> Self {
+        let burn = AdamWConfig::new()
+            .with_beta_1(Self::BETA_1)
+            .with_beta_2(Self::BETA_2)
+            .with_epsilon(Self::EPSILON)
+            .with_weight_decay(weight_decay as f32)
+            .build();
+        Self { burn, weight_decay }
+    }
+}
+
+impl Optimizer for AdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamWState<D>>,
+    ) -> (Tensor<D>, Option<AdamWState<D>>) {
+        let (moment_1, moment_2, time) = match &state {
+            Some(s) => (
+                s.momentum.moment_1.clone(),
+                s.momentum.moment_2.clone(),
+                s.momentum.time + 1,
+            ),
+            // Zero moments give exactly Burn's first step (`0 · β + g · (1 − β)`).
+            None => (grad.zeros_like(), grad.zeros_like(), 1),
+        };
+        let power = i32::try_from(time).unwrap_or(i32::MAX);
+        let scalars = AdamWScalars {
+            learning_rate: lr as f32,
+            beta_1: Self::BETA_1,
+            beta_2: Self::BETA_2,
+            epsilon: Self::EPSILON,
+            keep: (1.0 - lr * self.weight_decay as f32 as f64) as f32,
+            correction_1: 1.0 - Self::BETA_1.powi(power),
+            correction_2: 1.0 - Self::BETA_2.powi(power),
+        };
+        match fused::adamw(tensor.clone(), grad.clone(), moment_1, moment_2, scalars) {
+            Some([tensor, moment_1, moment_2]) => {
+                let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
+                (tensor, Some(AdamWState::new(momentum)))
+            }
+            None => self.burn.step(lr, tensor, grad, state),
+        }
+    }
+
+    fn to_device<const D: usize>(state: AdamWState<D>, device: &Device) -> AdamWState<D> {
+        burn::optim::AdamW::to_device(state, device)
+    }
 }
 
 /// Linear warmup to the peak (step k of W gives `peak · (k + 1) / W`), then cosine decay to
@@ -195,6 +262,72 @@ mod tests {
             .max()
             .into_scalar::<f64>();
         assert_eq!(gain, 0.0);
+    }
+
+    #[test]
+    fn the_fused_adamw_steps_exactly_as_burns_adamw() {
+        let device = Device::flex().autodiff();
+        let burn_adamw = |model: &conf_model::MiniGpt| {
+            let config = |decay: f32| {
+                AdamWConfig::new()
+                    .with_beta_1(0.9)
+                    .with_beta_2(0.95)
+                    .with_epsilon(1e-8)
+                    .with_weight_decay(decay)
+            };
+            let no_decay = ParamGroup::from_paths(vector_param_paths(model));
+            config(0.1)
+                .init()
+                .with_group(no_decay, config(0.0).build(), None)
+        };
+        let start = conf_model::GptConfig::new(7, 8, 16, 2, 2, 32).init_minigpt(&device);
+        let first = named_params(&start)[0].values.clone();
+        let (mut fused, mut reference) = (start.clone(), start);
+        let (mut fused_optim, mut reference_optim) =
+            (adamw(&fused, &settings()), burn_adamw(&reference));
+        let ids = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5, 6, 0, 1]], &device);
+        let grads_of = |model: &conf_model::MiniGpt| {
+            let loss = model
+                .forward(ids.clone(), &conf_model::AttentionMask::Causal)
+                .powi_scalar(2)
+                .mean();
+            GradientsParams::from_grads(loss.backward(), model)
+        };
+        for (step, lr) in [1e-2, 5e-3, 2e-3].into_iter().enumerate() {
+            let (fused_grads, reference_grads) = (grads_of(&fused), grads_of(&reference));
+            fused = fused_optim.step(lr, fused, fused_grads);
+            reference = reference_optim.step(lr, reference, reference_grads);
+            let (ours, theirs) = (named_params(&fused), named_params(&reference));
+            assert_eq!(ours.len(), theirs.len());
+            for (a, b) in ours.iter().zip(&theirs) {
+                let (a, b) = (a.values.to_data(), b.values.to_data());
+                let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst <= 1e-7, "step {step}: a parameter differs by {worst}");
+            }
+        }
+        // The comparison is of real updates, and of the fused path.
+        let moved = (named_params(&fused)[0].values.clone() - first.clone())
+            .abs()
+            .max()
+            .into_scalar::<f64>();
+        assert!(moved > 1e-3, "{moved}");
+        let inner = first.inner();
+        let scalars = AdamWScalars {
+            learning_rate: 0.1,
+            beta_1: 0.9,
+            beta_2: 0.9,
+            epsilon: 1e-8,
+            keep: 1.0,
+            correction_1: 0.1,
+            correction_2: 0.1,
+        };
+        let [a, b, c, d] = [0, 1, 2, 3].map(|_| inner.clone());
+        assert!(fused::adamw(a, b, c, d, scalars).is_some());
     }
 
     #[test]

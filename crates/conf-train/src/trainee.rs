@@ -104,10 +104,18 @@ where
         lr: ModuleLearningRate,
         mut grads: GradientsParams,
     ) -> Self {
-        clip_global_norm(&self, &mut grads, self.grad_clip);
         let tracker = self.tracker.clone();
         let rate = lr.base();
-        let trainee = optim.step(lr, self, grads);
+        let device = self.devices().into_iter().next();
+        let update = || {
+            clip_global_norm(&self, &mut grads, self.grad_clip);
+            optim.step(lr, self, grads)
+        };
+        // On flex, the clipping and AdamW's fused updates run on the pool too.
+        let trainee = match device {
+            Some(device) => on_cpu_pool(&device, update),
+            None => update(),
+        };
         if let Some(tracker) = tracker {
             tracker.after_step(&trainee, optim, rate);
         }

@@ -15,7 +15,7 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use super::{head_attention, kernels, products};
+use super::{AdamWScalars, head_attention, kernels, products, update};
 
 /// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff, but not
 /// under gradient checkpointing: the kernels keep the tensors their backward reads for the
@@ -84,6 +84,62 @@ pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {
         scores.into_dispatch(),
         causal,
     ))
+}
+
+/// AdamW's update of one parameter (no autodiff: optimizers step on the inner tensors): the
+/// new parameter and moments.
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    s: AdamWScalars,
+) -> [Tensor<D>; 3] {
+    let (param, moment_1, moment_2) = <Dispatch as FusedUpdateOps>::fused_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        moment_1.into_dispatch(),
+        moment_2.into_dispatch(),
+        [s.learning_rate, s.beta_1, s.beta_2, s.epsilon],
+        [s.keep, s.correction_1, s.correction_2],
+    );
+    [param, moment_1, moment_2].map(Tensor::from_dispatch)
+}
+
+#[backend_extension(Flex)]
+pub trait FusedUpdateOps: Backend {
+    /// `rates`: learning rate, β₁, β₂, ε; `factors`: decay keep, bias corrections 1 and 2.
+    #[allow(clippy::type_complexity)]
+    fn fused_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        rates: [f32; 4],
+        factors: [f32; 3],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl FusedUpdateOps for Flex {
+    fn fused_adamw(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+        [learning_rate, beta_1, beta_2, epsilon]: [f32; 4],
+        [keep, correction_1, correction_2]: [f32; 3],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let s = AdamWScalars {
+            learning_rate,
+            beta_1,
+            beta_2,
+            epsilon,
+            keep,
+            correction_1,
+            correction_2,
+        };
+        on_flex::adamw(&param, &grad, &moment_1, &moment_2, s)
+    }
 }
 
 #[backend_extension(Flex, Autodiff)]
@@ -585,6 +641,24 @@ mod on_flex {
             heads_view(dk, d[0], d[1], keys, d[3]),
             heads_view(dv, d[0], d[1], keys, d[3]),
         ]
+    }
+
+    pub fn adamw(
+        param: &FlexTensor,
+        grad: &FlexTensor,
+        moment_1: &FlexTensor,
+        moment_2: &FlexTensor,
+        s: AdamWScalars,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let [param, grad, moment_1, moment_2] = [param, grad, moment_1, moment_2].map(values);
+        let [p, m, v] = update::adamw(
+            slice(&param),
+            slice(&grad),
+            slice(&moment_1),
+            slice(&moment_2),
+            s,
+        );
+        (like(&param, p), like(&param, m), like(&param, v))
     }
 
     pub fn softmax_backward(p: &FlexTensor, grad: &FlexTensor) -> FlexTensor {

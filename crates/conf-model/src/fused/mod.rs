@@ -20,6 +20,8 @@ mod math;
 mod pool;
 #[cfg(feature = "flex")]
 mod products;
+#[cfg(feature = "flex")]
+mod update;
 
 use burn::prelude::*;
 use burn::tensor::activation;
@@ -36,6 +38,41 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
         let _ = x;
         false
     }
+}
+
+/// The scalars of one AdamW step of one parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub learning_rate: f32,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    /// `1 − learning_rate · weight_decay`, the decoupled decay's factor (1 without decay).
+    pub keep: f32,
+    /// The bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ` at this step t.
+    pub correction_1: f32,
+    pub correction_2: f32,
+}
+
+/// AdamW's update of one parameter on flex (f32, no autodiff): the new parameter and first
+/// and second moments, as Burn's AdamW computes them, in one pass. Other devices use Burn's
+/// AdamW itself; this returns `None` for them.
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    scalars: AdamWScalars,
+) -> Option<[Tensor<D>; 3]> {
+    #[cfg(feature = "flex")]
+    if [&param, &grad, &moment_1, &moment_2]
+        .iter()
+        .all(|t| extension::applies(t) && !t.device().is_autodiff())
+    {
+        return Some(extension::adamw(param, grad, moment_1, moment_2, scalars));
+    }
+    let _ = (param, grad, moment_1, moment_2, scalars);
+    None
 }
 
 /// Exact (erf) GELU, element-wise.
