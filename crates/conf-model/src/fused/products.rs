@@ -48,6 +48,21 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// Rows `first..first + rows`, as a view.
+    pub fn rows_at(self, first: usize, rows: usize) -> Self {
+        assert!(first + rows <= self.rows, "rows outside the matrix");
+        Self {
+            offset: self.offset + first as isize * self.row_stride,
+            rows,
+            ..self
+        }
+    }
+
+    /// Columns `first..first + cols`, as a view.
+    pub fn cols_at(self, first: usize, cols: usize) -> Self {
+        self.t().rows_at(first, cols).t()
+    }
+
     /// Pointer to element (0, 0); panics unless every element lies in `data`, which is what
     /// makes gemm's reads through it sound.
     fn start(&self) -> *const f32 {
@@ -118,33 +133,58 @@ pub fn product_into(
     scale: f32,
     parallelism: Parallelism,
 ) {
+    check_destination(dst.len(), dst_stride, lhs.rows, rhs.cols);
+    // SAFETY: `dst` holds the m × n block (checked) and is borrowed mutably.
+    unsafe { product_raw(dst.as_mut_ptr(), dst_stride, lhs, rhs, scale, parallelism) }
+}
+
+/// Panics unless `len` elements hold an `m × n` block with rows `stride` apart.
+fn check_destination(len: usize, stride: usize, m: usize, n: usize) {
+    let needed = m
+        .checked_sub(1)
+        .map(|last| last.checked_mul(stride).and_then(|e| e.checked_add(n)));
+    assert!(
+        n <= stride && needed.is_none_or(|needed| needed.is_some_and(|needed| len >= needed)),
+        "matrix product: {m} × {n} does not fit its destination"
+    );
+}
+
+/// [`product_into`] through a pointer.
+///
+/// # Safety
+/// `dst` must be valid for writes of the `lhs.rows × rhs.cols` block with rows `dst_stride`
+/// apart, and nothing else may access that block during the call.
+unsafe fn product_raw(
+    dst: *mut MaybeUninit<f32>,
+    dst_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallelism: Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matrix product: inner dimensions differ");
     if m == 0 || n == 0 {
         return;
     }
-    let needed = (m - 1)
-        .checked_mul(dst_stride)
-        .and_then(|e| e.checked_add(n));
-    assert!(
-        n <= dst_stride && needed.is_some_and(|needed| dst.len() >= needed),
-        "matrix product: {m} × {n} does not fit its destination"
-    );
     if k == 0 {
-        for row in dst.chunks_mut(dst_stride).take(m) {
-            row[..n].fill(MaybeUninit::new(0.0));
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) lies in the block the caller guarantees.
+                unsafe { dst.add(i * dst_stride + j).write(MaybeUninit::new(0.0)) };
+            }
         }
         return;
     }
     let (lhs_start, rhs_start) = (lhs.start(), rhs.start());
-    // SAFETY: both operands lie in their buffers (`start` checks), `dst` holds the m × n
-    // strided block (asserted), and gemm writes it without reading it (read_dst false).
+    // SAFETY: both operands lie in their buffers (`start` checks), the caller guarantees the
+    // destination block, and gemm writes it without reading it (read_dst false).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr().cast::<f32>(),
+            dst.cast::<f32>(),
             1,
             dst_stride as isize,
             false,
@@ -164,6 +204,46 @@ pub fn product_into(
     }
 }
 
+/// A large product into the row-major `m × n` `dst`, split across `parts` threads in blocks of
+/// rows (or of columns, when it has fewer rows than columns), each one single-threaded gemm.
+/// Inside a training step this keeps both cores busy where gemm's own split of the same
+/// product left one idle for part of it (docs/performance.md).
+fn split_product(dst: &mut [MaybeUninit<f32>], lhs: Matrix, rhs: Matrix, parts: usize) {
+    let (m, n) = (lhs.rows, rhs.cols);
+    check_destination(dst.len(), n, m, n);
+    if m >= n {
+        let block = m.div_ceil(parts);
+        dst.par_chunks_mut(block * n)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let rows = lhs.rows_at(i * block, dst.len() / n);
+                product_into(dst, n, rows, rhs, 1.0, Parallelism::None)
+            });
+    } else {
+        let block = n.div_ceil(parts);
+        let dst = SharedDestination(dst.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each(|i| {
+            let cols = rhs.cols_at(i * block, block.min(n - i * block));
+            // SAFETY: `dst` holds the m × n block (checked above); the column blocks are
+            // disjoint, so each task writes elements no other task touches.
+            unsafe { product_raw(dst.at(i * block), n, lhs, cols, 1.0, Parallelism::None) }
+        });
+    }
+}
+
+/// The destination of a product split by columns, shared by its tasks.
+struct SharedDestination(*mut MaybeUninit<f32>);
+
+// SAFETY: the tasks sharing it write disjoint elements (see `split_product`).
+unsafe impl Send for SharedDestination {}
+unsafe impl Sync for SharedDestination {}
+
+impl SharedDestination {
+    fn at(&self, offset: usize) -> *mut MaybeUninit<f32> {
+        self.0.wrapping_add(offset)
+    }
+}
+
 /// `lhs[b] · rhs[b]` for every b, as a contiguous `[batch, m, n]` buffer.
 pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
     let (batch, m, k, n) = (lhs.len(), lhs.rows, lhs.cols, rhs.cols);
@@ -173,24 +253,20 @@ pub fn matmul(lhs: &Matrices, rhs: &Matrices) -> Vec<f32> {
         .checked_mul(m * n)
         .expect("matmul: output size overflows");
     let mut out: Box<[MaybeUninit<f32>]> = Box::new_uninit_slice(size);
-    let product = |dst: &mut [MaybeUninit<f32>], b: usize, parallelism| {
-        product_into(dst, n, lhs.get(b), rhs.get(b), 1.0, parallelism)
-    };
     if m * n > 0 {
         let threads = rayon::current_num_threads();
-        if threads == 1 || batch == 1 || m * n * k >= PARALLEL_PRODUCT {
-            let parallelism = if threads > 1 && m * n * k >= PARALLEL_PRODUCT {
-                Parallelism::Rayon(threads)
-            } else {
-                Parallelism::None
-            };
+        if threads > 1 && m * n * k >= PARALLEL_PRODUCT {
             for (b, dst) in out.chunks_mut(m * n).enumerate() {
-                product(dst, b, parallelism);
+                split_product(dst, lhs.get(b), rhs.get(b), threads);
+            }
+        } else if threads == 1 || batch == 1 {
+            for (b, dst) in out.chunks_mut(m * n).enumerate() {
+                product_into(dst, n, lhs.get(b), rhs.get(b), 1.0, Parallelism::None);
             }
         } else {
-            out.par_chunks_mut(m * n)
-                .enumerate()
-                .for_each(|(b, dst)| product(dst, b, Parallelism::None));
+            out.par_chunks_mut(m * n).enumerate().for_each(|(b, dst)| {
+                product_into(dst, n, lhs.get(b), rhs.get(b), 1.0, Parallelism::None)
+            });
         }
     }
     // SAFETY: every m × n block was written by `product_into` (none when m·n is 0).
@@ -266,12 +342,30 @@ mod tests {
         for (a, b) in fast.iter().zip(&slow) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
-        // A product large enough for gemm's own threads: the same values.
-        let (lhs, rhs) = (single(&data, 0, 200, 200), single(&data, 40_000, 200, 200));
-        const { assert!(200 * 200 * 200 >= PARALLEL_PRODUCT) };
-        let (fast, slow) = (matmul(&lhs, &rhs), reference(&lhs, &rhs));
-        for (a, b) in fast.iter().zip(&slow) {
-            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+
+    #[test]
+    fn large_products_split_across_threads_by_rows_or_columns_multiply_as_the_naive_loop_does() {
+        let data: Vec<f32> = (0..200_000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        // Three threads: uneven blocks. More rows than columns splits rows, else columns
+        // (the right operand read transposed).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let by_rows = (single(&data, 0, 301, 200), single(&data, 70_000, 200, 130));
+        let mut by_cols = (single(&data, 5, 80, 200), single(&data, 100_000, 200, 490));
+        by_cols.1.row_stride = 1;
+        by_cols.1.col_stride = 200;
+        for (lhs, rhs) in [by_rows, by_cols] {
+            assert!(lhs.rows * lhs.cols * rhs.cols >= PARALLEL_PRODUCT);
+            let (fast, slow) = (pool.install(|| matmul(&lhs, &rhs)), reference(&lhs, &rhs));
+            assert_eq!(fast.len(), lhs.rows * rhs.cols);
+            for (a, b) in fast.iter().zip(&slow) {
+                assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+            }
         }
     }
 
