@@ -20,6 +20,8 @@ mod math;
 mod pool;
 #[cfg(feature = "flex")]
 mod products;
+#[cfg(feature = "tch")]
+mod torch;
 #[cfg(feature = "flex")]
 mod update;
 
@@ -140,6 +142,10 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     #[cfg(feature = "flex")]
     if [&q, &k, &v].into_iter().all(extension::applies) && fused_shapes(&q, &k, &v, causal) {
         return extension::attention(q, k, v, causal);
+    }
+    #[cfg(feature = "tch")]
+    if torch::applies(&q, &k, &v, causal) {
+        return torch::attention(q, k, v, causal);
     }
     plain::attention(q, k, v, causal)
 }
