@@ -85,10 +85,14 @@ pub fn normalise(x: Tensor<3>) -> Tensor<3> {
     fused::normalise(x, LAYER_NORM_EPS as f32)
 }
 
-/// Burn's `LayerNorm` (built with [`LAYER_NORM_EPS`]), through the fused normalisation where
-/// it applies (the same values and parameters, fewer operations under autodiff); elsewhere
-/// Burn's own, which some backends run as one kernel.
+/// Burn's `LayerNorm` (built with [`LAYER_NORM_EPS`]), through the fused normalisation on flex
+/// or libtorch's fused LayerNorm on the tch backends (the same values and parameters, fewer
+/// operations under autodiff); elsewhere Burn's own, which some backends run as one kernel.
 pub fn apply_layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    if fused::layer_norm_is_one_op(&x) {
+        let beta = norm.beta.as_ref().map(|beta| beta.val());
+        return fused::layer_norm(x, norm.gamma.val(), beta, LAYER_NORM_EPS);
+    }
     if !fused::applies(&x) {
         return norm.forward(x);
     }

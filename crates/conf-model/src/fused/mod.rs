@@ -92,7 +92,41 @@ pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
     if extension::applies(&x) {
         return extension::normalise(x, eps);
     }
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&x) {
+        return torch::layer_norm(x, None, None, eps as f64);
+    }
     plain::normalise(x, eps)
+}
+
+/// Whether [`layer_norm`] runs as one operation for `x`: on libtorch (the tch backends), through
+/// its fused kernel. Elsewhere callers keep Burn's `LayerNorm` or the flex path.
+pub fn layer_norm_is_one_op<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(feature = "tch")]
+    return torch::on_libtorch(x);
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// `normalise(x) · gamma + beta` over the last dimension (Burn's `LayerNorm`).
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&x) {
+        return torch::layer_norm(x, Some(gamma), beta, eps);
+    }
+    let scaled = plain::normalise(x, eps as f32) * gamma.unsqueeze::<D>();
+    match beta {
+        Some(beta) => scaled + beta.unsqueeze::<D>(),
+        None => scaled,
+    }
 }
 
 /// The AdaptiveLayer `normalise(x) · (1 + scale) + shift` with `[scale | shift] = c·W + b`:

@@ -1,8 +1,11 @@
-//! The attention on libtorch's CPU device (tch-cpu) through PyTorch's own fused
-//! scaled-dot-product attention, forward and backward (its flash kernel for the CPU), with
-//! Burn's autodiff recording one operation. Burn's path records the decomposed softmax over
-//! `[B, H, S, K]` scores, and libtorch's vectorised exponential takes its slow path on every
-//! masked (−∞) score.
+//! Operations on libtorch (the tch backends) that Burn's autodiff records as chains of
+//! element-wise operations, each a libtorch call and a graph node, as one operation each:
+//! - the attention on the CPU through PyTorch's own fused scaled-dot-product attention, forward
+//!   and backward (its flash kernel for the CPU); Burn's path records the decomposed softmax
+//!   over `[B, H, S, K]` scores, and libtorch's vectorised exponential takes its slow path on
+//!   every masked (−∞) score;
+//! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
+//!   `native_layer_norm`, with a backward of a few libtorch operations.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -39,6 +42,34 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     ))
 }
 
+/// Whether `x` is an f32 tensor on libtorch (any device).
+pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32
+        && matches!(
+            x.device().without_autodiff().as_dispatch(),
+            DispatchDevice::LibTorch(_)
+        )
+}
+
+/// `normalise(x) · gamma + beta` over the last dimension (biased variance); without gain or
+/// bias, 1 and 0.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Option<Tensor<1>>,
+    beta: Option<Tensor<1>>,
+    eps: f64,
+) -> Tensor<D> {
+    let (width, device) = (x.dims()[D - 1], x.device());
+    let gamma = gamma.unwrap_or_else(|| Tensor::ones([width], &device));
+    let beta = beta.unwrap_or_else(|| Tensor::zeros([width], &device));
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
 #[backend_extension(LibTorch, Autodiff)]
 pub trait TorchOps: Backend {
     fn torch_attention(
@@ -47,6 +78,27 @@ pub trait TorchOps: Backend {
         v: FloatTensor<Self>,
         causal: bool,
     ) -> FloatTensor<Self>;
+    fn torch_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+}
+
+/// The output, and the normalised input and each row's `1 / std` (for the backward).
+fn layer_norm_forward(
+    x: &TchTensor,
+    gamma: &TchTensor,
+    beta: &TchTensor,
+    eps: f64,
+) -> (TchTensor, tch::Tensor, tch::Tensor) {
+    let width = *x.tensor.size().last().expect("a tensor with dimensions");
+    let (output, mean, rstd) =
+        x.tensor
+            .native_layer_norm([width], Some(&gamma.tensor), Some(&beta.tensor), eps);
+    let normalised = (&x.tensor - mean) * &rstd;
+    (TchTensor::new(output), normalised, rstd)
 }
 
 /// The output and the rows' log-sum-exp, which the backward reads.
@@ -66,6 +118,55 @@ fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, causal: bool) -> (TchTen
 impl TorchOps for LibTorch {
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, causal: bool) -> TchTensor {
         forward(&q, &k, &v, causal).0
+    }
+
+    fn torch_layer_norm(x: TchTensor, gamma: TchTensor, beta: TchTensor, eps: f64) -> TchTensor {
+        let width = *x.tensor.size().last().expect("a tensor with dimensions");
+        let output =
+            x.tensor
+                .layer_norm([width], Some(&gamma.tensor), Some(&beta.tensor), eps, true);
+        TchTensor::new(output)
+    }
+}
+
+/// What LayerNorm's backward reads.
+#[derive(Debug, Clone)]
+struct NormSaved {
+    normalised: TchTensor,
+    rstd: TchTensor,
+    gamma: TchTensor,
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<LibTorch, 3> for LayerNormBackward {
+    type State = NormSaved;
+
+    /// With `x̂` the normalised input and `ĝ = g · γ`: `dx = rstd · (ĝ − mean(ĝ) − x̂ ·
+    /// mean(ĝ · x̂))`, `dγ = Σ g · x̂`, `dβ = Σ g` (sums over every row).
+    fn backward(self, ops: Ops<NormSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node).tensor;
+        let s = &ops.state;
+        let (xhat, rstd) = (&s.normalised.tensor, &s.rstd.tensor);
+        let last = [-1i64];
+        let [x_node, gamma_node, beta_node] = ops.parents;
+        let rows = |t: &tch::Tensor| t.reshape([-1, *t.size().last().unwrap()]);
+        if let Some(node) = x_node {
+            let scaled = &grad * &s.gamma.tensor;
+            let mean = scaled.mean_dim(&last[..], true, None);
+            let projection = (&scaled * xhat).mean_dim(&last[..], true, None);
+            let dx = (scaled - mean - xhat * projection) * rstd;
+            grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+        }
+        if let Some(node) = gamma_node {
+            let dgamma = rows(&(&grad * xhat)).sum_dim_intlist(&[0i64][..], false, None);
+            grads.register::<LibTorch>(node.id, TchTensor::new(dgamma));
+        }
+        if let Some(node) = beta_node {
+            let dbeta = rows(&grad).sum_dim_intlist(&[0i64][..], false, None);
+            grads.register::<LibTorch>(node.id, TchTensor::new(dbeta));
+        }
     }
 }
 
@@ -111,6 +212,40 @@ impl Backward<LibTorch, 3> for AttentionBackward {
 }
 
 impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
+    fn torch_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma, beta) = (
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                );
+                let (output, normalised, rstd) = layer_norm_forward(&x, &gamma, &beta, eps);
+                let saved = NormSaved {
+                    normalised: TchTensor::new(normalised),
+                    rstd: TchTensor::new(rstd),
+                    gamma,
+                };
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(LibTorch::torch_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
     fn torch_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
