@@ -23,7 +23,7 @@ use conf_train::optim::{OptimizerSettings, adamw, named_params};
 use conf_train::trainee::Trainee;
 use conf_train::{
     ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatch, LookaheadBatcher, Objective,
-    WindowParts,
+    SeedObjective, WindowParts,
 };
 
 use conf_cli::backend::{BackendChoice, device};
@@ -111,6 +111,9 @@ struct Outputs {
     total: Vec<f32>,
     token_losses: Vec<f32>,
     actual_future: Vec<f32>,
+    /// The seed objective's future losses: its pass 2 attends over pass 1's cached keys (a
+    /// causal attention with more keys than queries).
+    seed_future: Vec<f32>,
 }
 
 fn outputs(bytes: &[u8], device: &Device) -> Outputs {
@@ -123,6 +126,8 @@ fn outputs(bytes: &[u8], device: &Device) -> Outputs {
         alpha: 1.0,
         conf_input: ConfInput::SelfConditioned,
     };
+    let seed = SeedObjective(settings).compute(&model, batch.clone());
+    let seed_future = seed.lookahead.expect("seed measures the lookahead").actual;
     let objective = DenseObjective(settings).compute(&model, batch);
     let lookahead = objective.lookahead.expect("dense measures the lookahead");
     Outputs {
@@ -133,6 +138,7 @@ fn outputs(bytes: &[u8], device: &Device) -> Outputs {
         total: values(objective.total),
         token_losses: values(objective.tokens.loss),
         actual_future: values(lookahead.actual),
+        seed_future: values(seed_future),
     }
 }
 
@@ -169,6 +175,31 @@ fn parameters<M: Module>(module: &M) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// A causal attention of 3 queries over 5 keys (2 of them cached), as generation runs it: the
+/// output and the gradients of q, k and v of a weighted sum of it.
+fn cached_attention(device: &Device) -> [Vec<f32>; 4] {
+    let device = device.clone().autodiff();
+    let input = |shape: [usize; 4], salt: usize| {
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..n)
+            .map(|i| (((i * 37 + salt * 11) % 23) as f32 - 11.0) / 9.0)
+            .collect();
+        Tensor::<1>::from_floats(values.as_slice(), &device)
+            .reshape(shape)
+            .require_grad()
+    };
+    let (q, k, v) = (
+        input([2, 2, 3, 4], 1),
+        input([2, 2, 5, 4], 2),
+        input([2, 2, 5, 4], 3),
+    );
+    let output = conf_model::fused::attention(q.clone(), k.clone(), v.clone(), true);
+    let weights = input([2, 2, 3, 4], 4).detach();
+    let grads = (output.clone() * weights).sum().backward();
+    let grad = |t: &Tensor<4>| values(t.grad(&grads).expect("a gradient"));
+    [values(output), grad(&q), grad(&k), grad(&v)]
+}
+
 /// Runs every comparison for one backend against flex.
 fn matches_flex(backend: BackendChoice) {
     let other = device(backend, None).unwrap_or_else(|e| panic!("{e}"));
@@ -190,8 +221,24 @@ fn matches_flex(backend: BackendChoice) {
         &got.actual_future,
         &want.actual_future,
     );
+    assert_close(
+        "seed's future losses",
+        backend,
+        &got.seed_future,
+        &want.seed_future,
+    );
     assert_close("confidence loss", backend, &got.conf_loss, &want.conf_loss);
     assert_close("total loss", backend, &got.total, &want.total);
+    let attention = [cached_attention(&other), cached_attention(&Device::flex())];
+    for (i, what) in ["output", "dq", "dk", "dv"].iter().enumerate() {
+        let (got, want) = (&attention[0][i], &attention[1][i]);
+        assert_close(
+            &format!("attention over cached keys: {what}"),
+            backend,
+            got,
+            want,
+        );
+    }
 
     let before = parameters(&load(&bytes, &Device::flex()));
     let want = after_one_step(&bytes, &Device::flex());

@@ -178,7 +178,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
         return extension::attention(q, k, v, causal);
     }
     #[cfg(feature = "tch")]
-    if torch::applies(&q, &k, &v, causal) {
+    if torch::applies(&q, &k, &v) && fused_shapes(&q, &k, &v, causal) {
         return torch::attention(q, k, v, causal);
     }
     plain::attention(q, k, v, causal)
@@ -187,7 +187,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
 /// Shapes the fused attention takes: the same batch, heads and head width everywhere (no
 /// broadcasting), as many keys as values, and no empty sequence or fewer keys than causal
 /// queries need; others take Burn's operations.
-#[cfg(feature = "flex")]
+#[cfg(any(feature = "flex", feature = "tch"))]
 fn fused_shapes(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, causal: bool) -> bool {
     let ([b, h, queries, dh], [kb, kh, keys, kd], [vb, vh, values, vd]) =
         (q.dims(), k.dims(), v.dims());

@@ -19,10 +19,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backe
 use burn::prelude::*;
 use burn::tensor::DType;
 
-/// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU
-/// device, and for a causal mask as many keys as queries (its causal mask is aligned at the
-/// first key, so it cannot serve queries over cached keys).
-pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, causal: bool) -> bool {
+/// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU device.
+pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
     let on_torch_cpu = |t: &Tensor<4>| {
         t.dtype() == DType::F32
             && matches!(
@@ -30,7 +28,7 @@ pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, causal: bool) -> boo
                 DispatchDevice::LibTorch(LibTorchDevice::Cpu)
             )
     };
-    [q, k, v].into_iter().all(on_torch_cpu) && (!causal || q.dims()[2] == k.dims()[2])
+    [q, k, v].into_iter().all(on_torch_cpu)
 }
 
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
@@ -101,15 +99,32 @@ fn layer_norm_forward(
     (TchTensor::new(output), normalised, rstd)
 }
 
+/// The mask of a causal attention of S queries over K ≥ S keys, the last S of them the
+/// queries' own: PyTorch's `is_causal` where K = S; where earlier keys are cached (K > S) its
+/// causal mask would start at the first key, so an additive `[S, K]` mask (−∞ on the hidden
+/// keys) instead.
+fn causal_mask(q: &tch::Tensor, k: &tch::Tensor, causal: bool) -> (bool, Option<tch::Tensor>) {
+    let (queries, keys) = (q.size()[2], k.size()[2]);
+    if !causal || queries == keys {
+        return (causal, None);
+    }
+    let hidden =
+        tch::Tensor::ones([queries, keys], (tch::Kind::Bool, q.device())).triu(1 + keys - queries);
+    let bias = tch::Tensor::zeros([queries, keys], (tch::Kind::Float, q.device()))
+        .masked_fill(&hidden, f64::NEG_INFINITY);
+    (false, Some(bias))
+}
+
 /// The output and the rows' log-sum-exp, which the backward reads.
 fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, causal: bool) -> (TchTensor, TchTensor) {
+    let (is_causal, mask) = causal_mask(&q.tensor, &k.tensor, causal);
     let (output, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
         &q.tensor,
         &k.tensor,
         &v.tensor,
         0.0,
-        causal,
-        None::<tch::Tensor>,
+        is_causal,
+        mask,
         None::<f64>,
     );
     (TchTensor::new(output), TchTensor::new(logsumexp))
@@ -190,6 +205,7 @@ impl Backward<LibTorch, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<LibTorch>(&ops.node);
         let s = &ops.state;
+        let (is_causal, mask) = causal_mask(&s.q.tensor, &s.k.tensor, s.causal);
         let (dq, dk, dv) =
             tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
                 &grad.tensor,
@@ -199,8 +215,8 @@ impl Backward<LibTorch, 3> for AttentionBackward {
                 &s.output.tensor,
                 &s.logsumexp.tensor,
                 0.0,
-                s.causal,
-                None::<tch::Tensor>,
+                is_causal,
+                mask,
                 None::<f64>,
             );
         for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
