@@ -9,7 +9,7 @@ use super::math;
 
 /// Elements per parallel task: enough work to outweigh a task's cost, small enough that the
 /// step's tensors (0.25M–1M elements) split across every core.
-const TASK_ELEMENTS: usize = 16 * 1024;
+pub(super) const TASK_ELEMENTS: usize = 16 * 1024;
 
 /// Rows per parallel task for rows of `len` elements.
 fn rows_per_task(len: usize) -> usize {

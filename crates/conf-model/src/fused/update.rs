@@ -7,9 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::AdamWScalars;
-
-/// Elements per parallel task.
-const TASK_ELEMENTS: usize = 16 * 1024;
+use super::kernels::TASK_ELEMENTS;
 
 /// The updated parameter and first and second moments.
 pub fn adamw(
