@@ -89,16 +89,9 @@ pub fn normalise(x: Tensor<3>) -> Tensor<3> {
 /// or libtorch's fused LayerNorm on the tch backends (the same values and parameters, fewer
 /// operations under autodiff); elsewhere Burn's own, which some backends run as one kernel.
 pub fn apply_layer_norm(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
-    if fused::layer_norm_is_one_op(&x) {
-        let beta = norm.beta.as_ref().map(|beta| beta.val());
-        return fused::layer_norm(x, norm.gamma.val(), beta, LAYER_NORM_EPS);
-    }
-    if !fused::applies(&x) {
+    if !fused::layer_norm_applies(&x) {
         return norm.forward(x);
     }
-    let x = normalise(x) * norm.gamma.val().unsqueeze::<3>();
-    match &norm.beta {
-        Some(beta) => x + beta.val().unsqueeze::<3>(),
-        None => x,
-    }
+    let beta = norm.beta.as_ref().map(|beta| beta.val());
+    fused::layer_norm(x, norm.gamma.val(), beta, LAYER_NORM_EPS)
 }

@@ -56,25 +56,34 @@ pub struct AdamWScalars {
     pub correction_2: f32,
 }
 
-/// AdamW's update of one parameter on flex (f32, no autodiff): the new parameter and first
-/// and second moments, as Burn's AdamW computes them, in one pass. Other devices use Burn's
-/// AdamW itself; this returns `None` for them.
+/// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex without autodiff (optimizers
+/// step on the inner tensors). Other devices use Burn's AdamW itself.
+pub fn adamw_applies<const D: usize>(param: &Tensor<D>) -> bool {
+    applies(param) && !param.device().is_autodiff()
+}
+
+/// AdamW's update of one parameter where [`adamw_applies`]: the new parameter and first and
+/// second moments, as Burn's AdamW computes them, in one pass.
 pub fn adamw<const D: usize>(
     param: Tensor<D>,
     grad: Tensor<D>,
     moment_1: Tensor<D>,
     moment_2: Tensor<D>,
     scalars: AdamWScalars,
-) -> Option<[Tensor<D>; 3]> {
+) -> [Tensor<D>; 3] {
+    assert!(
+        [&param, &grad, &moment_1, &moment_2]
+            .iter()
+            .all(|t| adamw_applies(t)),
+        "fused AdamW: the parameter, gradient and moments must be f32 on flex without autodiff"
+    );
     #[cfg(feature = "flex")]
-    if [&param, &grad, &moment_1, &moment_2]
-        .iter()
-        .all(|t| extension::applies(t) && !t.device().is_autodiff())
+    return extension::adamw(param, grad, moment_1, moment_2, scalars);
+    #[cfg(not(feature = "flex"))]
     {
-        return Some(extension::adamw(param, grad, moment_1, moment_2, scalars));
+        let _ = (param, grad, moment_1, moment_2, scalars);
+        unreachable!("adamw_applies holds only with the flex feature")
     }
-    let _ = (param, grad, moment_1, moment_2, scalars);
-    None
 }
 
 /// Exact (erf) GELU, element-wise.
@@ -99,16 +108,15 @@ pub fn normalise<const D: usize>(x: Tensor<D>, eps: f32) -> Tensor<D> {
     plain::normalise(x, eps)
 }
 
-/// Whether [`layer_norm`] runs as one operation for `x`: on libtorch (the tch backends), through
-/// its fused kernel. Elsewhere callers keep Burn's `LayerNorm` or the flex path.
-pub fn layer_norm_is_one_op<const D: usize>(x: &Tensor<D>) -> bool {
+/// Whether [`layer_norm`] takes a fused path for `x`: flex's normalisation (then gain and bias)
+/// or libtorch's fused LayerNorm. Elsewhere callers keep Burn's `LayerNorm`, which some
+/// backends run as one kernel.
+pub fn layer_norm_applies<const D: usize>(x: &Tensor<D>) -> bool {
     #[cfg(feature = "tch")]
-    return torch::on_libtorch(x);
-    #[cfg(not(feature = "tch"))]
-    {
-        let _ = x;
-        false
+    if torch::on_libtorch(x) {
+        return true;
     }
+    applies(x)
 }
 
 /// `normalise(x) · gamma + beta` over the last dimension (Burn's `LayerNorm`).
@@ -122,7 +130,7 @@ pub fn layer_norm<const D: usize>(
     if torch::on_libtorch(&x) {
         return torch::layer_norm(x, Some(gamma), beta, eps);
     }
-    let scaled = plain::normalise(x, eps as f32) * gamma.unsqueeze::<D>();
+    let scaled = normalise(x, eps as f32) * gamma.unsqueeze::<D>();
     match beta {
         Some(beta) => scaled + beta.unsqueeze::<D>(),
         None => scaled,

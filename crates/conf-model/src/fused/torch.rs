@@ -21,14 +21,13 @@ use burn::tensor::DType;
 
 /// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU device.
 pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    let on_torch_cpu = |t: &Tensor<4>| {
-        t.dtype() == DType::F32
+    [q, k, v].into_iter().all(|t| {
+        on_libtorch(t)
             && matches!(
                 t.device().without_autodiff().as_dispatch(),
                 DispatchDevice::LibTorch(LibTorchDevice::Cpu)
             )
-    };
-    [q, k, v].into_iter().all(on_torch_cpu)
+    })
 }
 
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
@@ -103,28 +102,46 @@ fn layer_norm_forward(
 /// queries' own: PyTorch's `is_causal` where K = S; where earlier keys are cached (K > S) its
 /// causal mask would start at the first key, so an additive `[S, K]` mask (−∞ on the hidden
 /// keys) instead.
-fn causal_mask(q: &tch::Tensor, k: &tch::Tensor, causal: bool) -> (bool, Option<tch::Tensor>) {
-    let (queries, keys) = (q.size()[2], k.size()[2]);
-    if !causal || queries == keys {
-        return (causal, None);
+#[derive(Debug, Clone)]
+struct Mask {
+    is_causal: bool,
+    bias: Option<TchTensor>,
+}
+
+impl Mask {
+    fn new(q: &TchTensor, k: &TchTensor, causal: bool) -> Self {
+        let (queries, keys) = (q.tensor.size()[2], k.tensor.size()[2]);
+        if !causal || queries == keys {
+            return Self {
+                is_causal: causal,
+                bias: None,
+            };
+        }
+        let device = q.tensor.device();
+        let hidden =
+            tch::Tensor::ones([queries, keys], (tch::Kind::Bool, device)).triu(1 + keys - queries);
+        let bias = tch::Tensor::zeros([queries, keys], (tch::Kind::Float, device))
+            .masked_fill(&hidden, f64::NEG_INFINITY);
+        Self {
+            is_causal: false,
+            bias: Some(TchTensor::new(bias)),
+        }
     }
-    let hidden =
-        tch::Tensor::ones([queries, keys], (tch::Kind::Bool, q.device())).triu(1 + keys - queries);
-    let bias = tch::Tensor::zeros([queries, keys], (tch::Kind::Float, q.device()))
-        .masked_fill(&hidden, f64::NEG_INFINITY);
-    (false, Some(bias))
+
+    fn bias(&self) -> Option<&tch::Tensor> {
+        self.bias.as_ref().map(|b| &b.tensor)
+    }
 }
 
 /// The output and the rows' log-sum-exp, which the backward reads.
-fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, causal: bool) -> (TchTensor, TchTensor) {
-    let (is_causal, mask) = causal_mask(&q.tensor, &k.tensor, causal);
+fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, mask: &Mask) -> (TchTensor, TchTensor) {
     let (output, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
         &q.tensor,
         &k.tensor,
         &v.tensor,
         0.0,
-        is_causal,
-        mask,
+        mask.is_causal,
+        mask.bias(),
         None::<f64>,
     );
     (TchTensor::new(output), TchTensor::new(logsumexp))
@@ -132,7 +149,7 @@ fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, causal: bool) -> (TchTen
 
 impl TorchOps for LibTorch {
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, causal: bool) -> TchTensor {
-        forward(&q, &k, &v, causal).0
+        forward(&q, &k, &v, &Mask::new(&q, &k, causal)).0
     }
 
     fn torch_layer_norm(x: TchTensor, gamma: TchTensor, beta: TchTensor, eps: f64) -> TchTensor {
@@ -185,15 +202,15 @@ impl Backward<LibTorch, 3> for LayerNormBackward {
     }
 }
 
-/// What the backward reads: the inputs, the output and its log-sum-exp.
+/// What the backward reads: the inputs, the mask, the output and its log-sum-exp.
 #[derive(Debug, Clone)]
 struct Saved {
     q: TchTensor,
     k: TchTensor,
     v: TchTensor,
+    mask: Mask,
     output: TchTensor,
     logsumexp: TchTensor,
-    causal: bool,
 }
 
 #[derive(Debug)]
@@ -205,7 +222,6 @@ impl Backward<LibTorch, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<LibTorch>(&ops.node);
         let s = &ops.state;
-        let (is_causal, mask) = causal_mask(&s.q.tensor, &s.k.tensor, s.causal);
         let (dq, dk, dv) =
             tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
                 &grad.tensor,
@@ -215,8 +231,8 @@ impl Backward<LibTorch, 3> for AttentionBackward {
                 &s.output.tensor,
                 &s.logsumexp.tensor,
                 0.0,
-                is_causal,
-                mask,
+                s.mask.is_causal,
+                s.mask.bias(),
                 None::<f64>,
             );
         for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
@@ -275,20 +291,21 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (output, logsumexp) = forward(&q, &k, &v, causal);
+                let mask = Mask::new(&q, &k, causal);
+                let (output, logsumexp) = forward(&q, &k, &v, &mask);
                 let saved = Saved {
                     q,
                     k,
                     v,
+                    mask,
                     output: output.clone(),
                     logsumexp,
-                    causal,
                 };
                 prep.finish(saved, output)
             }
             OpsKind::UnTracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                prep.finish(forward(&q, &k, &v, causal).0)
+                prep.finish(LibTorch::torch_attention(q, k, v, causal))
             }
         }
     }
