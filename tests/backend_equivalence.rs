@@ -179,15 +179,7 @@ fn parameters<M: Module>(module: &M) -> Vec<(String, Vec<f32>)> {
 /// output and the gradients of q, k and v of a weighted sum of it.
 fn cached_attention(device: &Device) -> [Vec<f32>; 4] {
     let device = device.clone().autodiff();
-    let input = |shape: [usize; 4], salt: usize| {
-        let n = shape.iter().product::<usize>();
-        let values: Vec<f32> = (0..n)
-            .map(|i| (((i * 37 + salt * 11) % 23) as f32 - 11.0) / 9.0)
-            .collect();
-        Tensor::<1>::from_floats(values.as_slice(), &device)
-            .reshape(shape)
-            .require_grad()
-    };
+    let input = |shape: [usize; 4], salt: usize| pattern(shape, salt, &device).require_grad();
     let (q, k, v) = (
         input([2, 2, 3, 4], 1),
         input([2, 2, 5, 4], 2),
@@ -198,6 +190,49 @@ fn cached_attention(device: &Device) -> [Vec<f32>; 4] {
     let grads = (output.clone() * weights).sum().backward();
     let grad = |t: &Tensor<4>| values(t.grad(&grads).expect("a gradient"));
     [values(output), grad(&q), grad(&k), grad(&v)]
+}
+
+/// Deterministic test values of `shape`, varied by `salt`, in about [−1.2, 1.2].
+fn pattern<const D: usize>(shape: [usize; D], salt: usize, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product::<usize>();
+    let values: Vec<f32> = (0..n)
+        .map(|i| (((i * 37 + salt * 11) % 23) as f32 - 11.0) / 9.0)
+        .collect();
+    Tensor::<1>::from_floats(values.as_slice(), device).reshape(shape)
+}
+
+/// The AdaptiveLayer on `[2, 3, 8]` rows: its output and the gradients of x, c, W and b of a
+/// weighted sum of it.
+fn adaptive_layer(device: &Device) -> [Vec<f32>; 5] {
+    let device = device.clone().autodiff();
+    let x = pattern([2, 3, 8], 1, &device).require_grad();
+    let c = pattern([2, 3, 1], 2, &device).require_grad();
+    let weight = pattern([1, 16], 3, &device).require_grad();
+    let bias = pattern([16], 4, &device).require_grad();
+    let output =
+        conf_model::fused::adaptive_norm(x.clone(), c.clone(), weight.clone(), bias.clone(), 1e-5);
+    let grads = (output.clone() * pattern([2, 3, 8], 5, &device))
+        .sum()
+        .backward();
+    [
+        values(output),
+        values(x.grad(&grads).expect("dx")),
+        values(c.grad(&grads).expect("dc")),
+        values(weight.grad(&grads).expect("dW")),
+        values(bias.grad(&grads).expect("db")),
+    ]
+}
+
+/// Dense pass 2's attention (no gradient) of 5 queries over their cached keys and their own.
+fn prefix_and_self(device: &Device) -> Vec<f32> {
+    let heads = |salt| pattern([2, 5, 3, 4], salt, device).swap_dims(1, 2);
+    values(conf_model::fused::prefix_and_self_attention(
+        heads(1),
+        heads(2),
+        heads(3),
+        heads(4),
+        heads(5),
+    ))
 }
 
 /// Runs every comparison for one backend against flex.
@@ -239,6 +274,17 @@ fn matches_flex(backend: BackendChoice) {
             want,
         );
     }
+    let adaptive = [adaptive_layer(&other), adaptive_layer(&Device::flex())];
+    for (i, what) in ["output", "dx", "dc", "dW", "db"].iter().enumerate() {
+        let (got, want) = (&adaptive[0][i], &adaptive[1][i]);
+        assert_close(&format!("AdaptiveLayer: {what}"), backend, got, want);
+    }
+    assert_close(
+        "prefix-and-self attention",
+        backend,
+        &prefix_and_self(&other),
+        &prefix_and_self(&Device::flex()),
+    );
 
     let before = parameters(&load(&bytes, &Device::flex()));
     let want = after_one_step(&bytes, &Device::flex());

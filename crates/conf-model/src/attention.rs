@@ -90,7 +90,13 @@ impl CausalSelfAttention {
         };
         if let AttentionMask::PrefixAndSelf = mask {
             let past = past.expect("PrefixAndSelf attends to cached keys");
-            let context = prefix_and_self_attention(q, &own, past);
+            let context = fused::prefix_and_self_attention(
+                q,
+                own.key.clone(),
+                own.value.clone(),
+                past.key.clone(),
+                past.value.clone(),
+            );
             let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
             return (rows(&self.output, context), own);
         }
@@ -158,26 +164,6 @@ pub fn softmax_attention(
         }
         AttentionMask::PrefixAndSelf => panic!("PrefixAndSelf attends to cached keys"),
     }
-}
-
-/// [`AttentionMask::PrefixAndSelf`]: query k's scores are its own key's and the cached keys'
-/// `0..=k`, `[B, H, S, 1 + S]` with its own first, so that one causal softmax (query k sees
-/// the first k + 2 columns) masks them; half the scores of attending to `[past, own]` under
-/// an explicit `[S, 2S]` mask.
-fn prefix_and_self_attention(q: Tensor<4>, own: &LayerKv, past: &LayerKv) -> Tensor<4> {
-    let [batch, heads, seq, head_dim] = q.dims();
-    assert_eq!(
-        past.key.dims()[2],
-        seq,
-        "PrefixAndSelf: one cached key per query"
-    );
-    let q = q.mul_scalar(1.0 / (head_dim as f64).sqrt());
-    let own_score = (q.clone() * own.key.clone()).sum_dim(3); // [B, H, S, 1]
-    let prefix_scores = fused::matmul(q, past.key.clone().swap_dims(2, 3)); // [B, H, S, S]
-    let weights = fused::attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), true);
-    let own_weight = weights.clone().slice([0..batch, 0..heads, 0..seq, 0..1]);
-    let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..seq + 1]);
-    own_weight * own.value.clone() + fused::matmul(prefix_weights, past.value.clone())
 }
 
 /// A boolean mask (true hides) as an additive −inf bias `[1, 1, S, K]`: burn-tch passes

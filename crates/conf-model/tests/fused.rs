@@ -278,3 +278,44 @@ fn fused_attention_equals_its_plain_form_in_values_and_the_three_gradients() {
             );
     }
 }
+
+#[test]
+fn fused_prefix_and_self_attention_equals_its_plain_form_and_sees_no_later_key() {
+    let device = Device::flex();
+    for seq in [1, 2, 9] {
+        // Heads split off [B, T, H, dh] rows as the model does (strided views).
+        let heads = || normal([2, seq, 3, 8], 0.0, 1.5, &device).swap_dims(1, 2);
+        let inputs = [heads(), heads(), heads(), heads(), heads()];
+        let fused_on = |[q, own_k, own_v, past_k, past_v]: [Tensor<4>; 5]| {
+            fused::prefix_and_self_attention(q, own_k, own_v, past_k, past_v)
+        };
+        let [q, own_k, own_v, past_k, past_v] = inputs.clone();
+        let ours = fused_on(inputs.clone());
+        ours.clone().into_data().assert_approx_eq::<f32>(
+            &plain::prefix_and_self_attention(q, own_k, own_v, past_k, past_v).into_data(),
+            Tolerance::absolute(1e-5),
+        );
+        // The last position's own and cached keys and values change only the last row.
+        let last = [0..2, 0..3, seq - 1..seq, 0..8];
+        let changed = inputs.clone().map(|t| {
+            let [b, h, _, dh] = t.dims();
+            let moved = t.clone().slice(last.clone()) + 3.0;
+            let t = t.slice_assign(last.clone(), moved);
+            assert_eq!(t.dims(), [b, h, seq, dh]);
+            t
+        });
+        let [_, own_k, own_v, past_k, past_v] = changed;
+        let moved = fused_on([inputs[0].clone(), own_k, own_v, past_k, past_v]);
+        let earlier = [0..2, 0..3, 0..seq - 1, 0..8];
+        moved
+            .clone()
+            .slice(earlier.clone())
+            .into_data()
+            .assert_eq(&ours.clone().slice(earlier).into_data(), true);
+        let change = (moved.slice(last.clone()) - ours.slice(last)).abs().max();
+        assert!(
+            change.into_scalar::<f32>() > 0.1,
+            "the last row sees its own keys"
+        );
+    }
+}

@@ -95,7 +95,7 @@ pub fn adamw<const D: usize>(
     moment_2: Tensor<D>,
     s: AdamWScalars,
 ) -> [Tensor<D>; 3] {
-    let (param, moment_1, moment_2) = <Dispatch as FusedUpdateOps>::fused_adamw(
+    let (param, moment_1, moment_2) = <Dispatch as NoGradOps>::fused_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
@@ -106,8 +106,28 @@ pub fn adamw<const D: usize>(
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
 
+/// Dense pass 2's attention (no autodiff): queries `[B, H, S, dh]` over the cached keys and
+/// values `0..=i` and their own, `[B, H, S, dh]` each.
+pub fn prefix_and_self_attention(
+    q: Tensor<4>,
+    own_key: Tensor<4>,
+    own_value: Tensor<4>,
+    past_key: Tensor<4>,
+    past_value: Tensor<4>,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NoGradOps>::fused_prefix_and_self_attention(
+        q.into_dispatch(),
+        own_key.into_dispatch(),
+        own_value.into_dispatch(),
+        past_key.into_dispatch(),
+        past_value.into_dispatch(),
+    ))
+}
+
+/// Operations that never take gradients: the optimizer's update, and the attention of a pass
+/// that builds no graph.
 #[backend_extension(Flex)]
-pub trait FusedUpdateOps: Backend {
+pub trait NoGradOps: Backend {
     /// `rates`: learning rate, β₁, β₂, ε; `factors`: decay keep, bias corrections 1 and 2.
     #[allow(clippy::type_complexity)]
     fn fused_adamw(
@@ -118,9 +138,17 @@ pub trait FusedUpdateOps: Backend {
         rates: [f32; 4],
         factors: [f32; 3],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    fn fused_prefix_and_self_attention(
+        q: FloatTensor<Self>,
+        own_key: FloatTensor<Self>,
+        own_value: FloatTensor<Self>,
+        past_key: FloatTensor<Self>,
+        past_value: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
-impl FusedUpdateOps for Flex {
+impl NoGradOps for Flex {
     fn fused_adamw(
         param: FlexTensor,
         grad: FlexTensor,
@@ -139,6 +167,16 @@ impl FusedUpdateOps for Flex {
             correction_2,
         };
         on_flex::adamw(&param, &grad, &moment_1, &moment_2, s)
+    }
+
+    fn fused_prefix_and_self_attention(
+        q: FlexTensor,
+        own_key: FlexTensor,
+        own_value: FlexTensor,
+        past_key: FlexTensor,
+        past_value: FlexTensor,
+    ) -> FlexTensor {
+        on_flex::prefix_and_self_attention(&q, &own_key, &own_value, &past_key, &past_value)
     }
 }
 
@@ -622,6 +660,24 @@ mod on_flex {
         let d = q.shape();
         let (output, probs) = head_attention::forward(&heads(q, k, v, causal), keep_probs);
         (heads_view(output, d[0], d[1], d[2], d[3]), probs)
+    }
+
+    /// [`head_attention::prefix_and_self`] on `[B, H, S, dh]` tensors (views included): a
+    /// view of `[B, S, H, dh]` memory.
+    pub fn prefix_and_self_attention(
+        q: &FlexTensor,
+        own_key: &FlexTensor,
+        own_value: &FlexTensor,
+        past_key: &FlexTensor,
+        past_value: &FlexTensor,
+    ) -> FlexTensor {
+        let d = q.shape();
+        let output = head_attention::prefix_and_self(
+            &heads(q, past_key, past_value, true),
+            &matrices(own_key),
+            &matrices(own_value),
+        );
+        heads_view(output, d[0], d[1], d[2], d[3])
     }
 
     /// The gradients of q, k and v.

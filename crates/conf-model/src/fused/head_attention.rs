@@ -133,6 +133,93 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
     unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) }
 }
 
+/// Dense pass 2's attention, which builds no graph: query i attends to the cached keys `0..=i`
+/// (`heads.k`, `heads.v`: as many as queries) and to its own key and value (`own_k`,
+/// `own_v`: stacks of `[S, dh]` like `heads.q`), its own score first in each softmax row as
+/// in the plain path. One pass per head instead of the plain path's concatenated
+/// `[B, H, S, 1 + S]` scores, their slices and a separate product; the output in
+/// `[B, S, H, dh]` memory.
+pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec<f32> {
+    let (batch, n_heads, queries, keys, dh) = heads.dims();
+    assert!(
+        heads.causal && keys == queries,
+        "prefix and self: {keys} cached keys for {queries} queries"
+    );
+    for own in [own_k, own_v] {
+        assert_eq!(
+            (own.len(), own.rows, own.cols),
+            (heads.q.len(), queries, dh),
+            "prefix and self: own keys or values differ from the queries"
+        );
+    }
+    // Row i of the scores: its own key's, then the cached keys' `0..=i` (and hidden ones).
+    let width = keys + 1;
+    let mut out = uninit(size(&[batch, queries, n_heads, dh]));
+    let scratch = || {
+        let scores = vec![0.0f32; size(&[queries, width])];
+        let probs = uninit(scores.len());
+        (scores, Vec::new(), probs, vec![0.0f32; queries * dh])
+    };
+    out.par_chunks_mut(queries * n_heads * dh)
+        .enumerate()
+        .for_each_init(scratch, |(scores, exps, probs, prefix), (b, out)| {
+            for h in 0..n_heads {
+                let i = b * n_heads + h;
+                let (q, own_k, own_v) = (heads.q.get(i), own_k.get(i), own_v.get(i));
+                // SAFETY: gemm writes only floats into the scores.
+                let prefix_scores = unsafe { &mut as_uninit(scores)[1..] };
+                let k = heads.k.get(i);
+                product_into(
+                    prefix_scores,
+                    width,
+                    q,
+                    k.t(),
+                    heads.scale,
+                    Parallelism::None,
+                );
+                for (row, x) in scores.chunks_mut(width).enumerate() {
+                    let dot = (0..dh).fold(0.0, |s, j| s + q.at(row, j) * own_k.at(row, j));
+                    x[0] = heads.scale * dot;
+                }
+                for (row, (x, p)) in scores
+                    .chunks(width)
+                    .zip(probs.chunks_mut(width))
+                    .enumerate()
+                {
+                    softmax_row(x, row + 2, exps, p);
+                }
+                // SAFETY: `softmax_row` wrote every element of every row of `probs`.
+                let p = unsafe { assume_written(probs) };
+                let cached = Matrix {
+                    offset: 1,
+                    cols: keys,
+                    ..Matrix::dense(p, queries, width)
+                };
+                // SAFETY: gemm writes only floats into the product.
+                let prefix_out = unsafe { as_uninit(prefix) };
+                product_into(
+                    prefix_out,
+                    dh,
+                    cached,
+                    heads.v.get(i),
+                    1.0,
+                    Parallelism::None,
+                );
+                let dst = head_block(out, h, dh);
+                for (row, context) in prefix.chunks(dh).enumerate() {
+                    let own_p = p[row * width];
+                    let dst = &mut dst[row * n_heads * dh..][..dh];
+                    for (j, (o, c)) in dst.iter_mut().zip(context).enumerate() {
+                        o.write(own_p * own_v.at(row, j) + c);
+                    }
+                }
+            }
+        });
+    // SAFETY: every batch element's heads wrote their `queries × dh` output blocks, which
+    // tile the `[S, H, dh]` chunk.
+    unsafe { out.assume_init().into_vec() }
+}
+
 /// `&mut [f32]` as a buffer to write, for `product_into`.
 ///
 /// # Safety

@@ -150,6 +150,10 @@ pub fn adaptive_norm(
     if extension::applies(&x) {
         return extension::adaptive_norm(x, c, weight, bias, eps);
     }
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&x) {
+        return torch::adaptive_norm(x, c, weight, bias, eps as f64);
+    }
     plain::adaptive_norm(x, c, weight, bias, eps)
 }
 
@@ -190,6 +194,46 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
         return torch::attention(q, k, v, causal);
     }
     plain::attention(q, k, v, causal)
+}
+
+/// Dense pass 2's attention ([`AttentionMask::PrefixAndSelf`](crate::AttentionMask)), in a
+/// pass without gradient: query i of `q: [B, H, S, dh]` attends to the cached keys and values
+/// `0..=i` (`past_*`, `[B, H, S, dh]`) and to its own (`own_*`), its own score first in the
+/// softmax row. One fused operation on flex without autodiff.
+pub fn prefix_and_self_attention(
+    q: Tensor<4>,
+    own_key: Tensor<4>,
+    own_value: Tensor<4>,
+    past_key: Tensor<4>,
+    past_value: Tensor<4>,
+) -> Tensor<4> {
+    let [batch, heads, seq, head_dim] = q.dims();
+    for (name, t) in [
+        ("own key", &own_key),
+        ("own value", &own_value),
+        ("cached key", &past_key),
+        ("cached value", &past_value),
+    ] {
+        assert_eq!(
+            t.dims(),
+            [batch, heads, seq, head_dim],
+            "prefix-and-self attention: the {name}s' shape differs from the queries' (one cached key per query)"
+        );
+    }
+    #[cfg(feature = "flex")]
+    if [&q, &own_key, &own_value, &past_key, &past_value]
+        .into_iter()
+        .all(|t| applies(t) && !t.device().is_autodiff())
+        && seq > 0
+        && head_dim > 0
+    {
+        return extension::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
+    }
+    #[cfg(feature = "tch")]
+    if torch::prefix_and_self_applies(&q) && seq > 0 && head_dim > 0 {
+        return torch::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
+    }
+    plain::prefix_and_self_attention(q, own_key, own_value, past_key, past_value)
 }
 
 /// Shapes the fused attention takes: the same batch, heads and head width everywhere (no
@@ -245,6 +289,27 @@ pub mod plain {
         let scale = 1.0 / (q.dims()[3] as f64).sqrt();
         let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3)); // [B, H, S, K]
         attention_softmax(scores, causal).matmul(v)
+    }
+
+    /// Query k's scores are its own key's and the cached keys' `0..=k`, `[B, H, S, 1 + S]`
+    /// with its own first, so that one causal softmax (query k sees the first k + 2 columns)
+    /// masks them; half the scores of attending to `[past, own]` under an explicit
+    /// `[S, 2S]` mask.
+    pub fn prefix_and_self_attention(
+        q: Tensor<4>,
+        own_key: Tensor<4>,
+        own_value: Tensor<4>,
+        past_key: Tensor<4>,
+        past_value: Tensor<4>,
+    ) -> Tensor<4> {
+        let [batch, heads, seq, head_dim] = q.dims();
+        let q = q.mul_scalar(1.0 / (head_dim as f64).sqrt());
+        let own_score = (q.clone() * own_key).sum_dim(3); // [B, H, S, 1]
+        let prefix_scores = q.matmul(past_key.swap_dims(2, 3)); // [B, H, S, S]
+        let weights = attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), true);
+        let own_weight = weights.clone().slice([0..batch, 0..heads, 0..seq, 0..1]);
+        let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..seq + 1]);
+        own_weight * own_value + prefix_weights.matmul(past_value)
     }
 
     pub fn attention_softmax(scores: Tensor<4>, causal: bool) -> Tensor<4> {

@@ -63,6 +63,16 @@ impl<'a> Matrix<'a> {
         self.t().rows_at(first, cols).t()
     }
 
+    /// Element (i, j).
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        assert!(
+            i < self.rows && j < self.cols,
+            "({i}, {j}) outside the matrix"
+        );
+        let index = self.offset + i as isize * self.row_stride + j as isize * self.col_stride;
+        self.data[usize::try_from(index).expect("an element before the buffer")]
+    }
+
     /// Pointer to element (0, 0); panics unless every element lies in `data`, which is what
     /// makes gemm's reads through it sound.
     fn start(&self) -> *const f32 {

@@ -5,7 +5,12 @@
 //!   over `[B, H, S, K]` scores, and libtorch's vectorised exponential takes its slow path on
 //!   every masked (−∞) score;
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
-//!   `native_layer_norm`, with a backward of a few libtorch operations.
+//!   `native_layer_norm`, with a backward of a few libtorch operations;
+//! - the AdaptiveLayer: that normalisation, its `Linear(1 → 2d)` modulation as one `addmm` and
+//!   the modulation as one `addcmul`, where Burn records a product, a bias, two slices and
+//!   three element-wise operations (and their backward zero-fills and copies the slices);
+//! - dense pass 2's attention (no gradient) as one fused attention over the cached keys and
+//!   the queries' own under an additive `[S, 2S]` mask.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -67,8 +72,100 @@ pub fn layer_norm<const D: usize>(
     ))
 }
 
+/// The AdaptiveLayer `normalise(x) · (1 + scale) + shift`, `[scale | shift] = c·W + b`
+/// (`fused::adaptive_norm`).
+pub fn adaptive_norm(
+    x: Tensor<3>,
+    c: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    eps: f64,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_adaptive_norm(
+        x.into_dispatch(),
+        c.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        eps,
+    ))
+}
+
+/// Whether dense pass 2's attention takes [`prefix_and_self_attention`]: f32 on libtorch's
+/// CPU without autodiff.
+pub fn prefix_and_self_applies(q: &Tensor<4>) -> bool {
+    applies(q, q, q) && !q.device().is_autodiff()
+}
+
+/// Dense pass 2's attention (`fused::prefix_and_self_attention`): query i over the cached
+/// keys `0..=i` and its own key, as one fused attention over `[past, own]` keys.
+pub fn prefix_and_self_attention(
+    q: Tensor<4>,
+    own_key: Tensor<4>,
+    own_value: Tensor<4>,
+    past_key: Tensor<4>,
+    past_value: Tensor<4>,
+) -> Tensor<4> {
+    Tensor::from_dispatch(
+        <Dispatch as TorchNoGradOps>::torch_prefix_and_self_attention(
+            q.into_dispatch(),
+            own_key.into_dispatch(),
+            own_value.into_dispatch(),
+            past_key.into_dispatch(),
+            past_value.into_dispatch(),
+        ),
+    )
+}
+
+#[backend_extension(LibTorch)]
+pub trait TorchNoGradOps: Backend {
+    fn torch_prefix_and_self_attention(
+        q: FloatTensor<Self>,
+        own_key: FloatTensor<Self>,
+        own_value: FloatTensor<Self>,
+        past_key: FloatTensor<Self>,
+        past_value: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+impl TorchNoGradOps for LibTorch {
+    fn torch_prefix_and_self_attention(
+        q: TchTensor,
+        own_key: TchTensor,
+        own_value: TchTensor,
+        past_key: TchTensor,
+        past_value: TchTensor,
+    ) -> TchTensor {
+        let seq = q.tensor.size()[2];
+        let device = q.tensor.device();
+        // Keys [past 0..S, own 0..S]: query i sees past keys 0..=i and own key i.
+        let past = tch::Tensor::ones([seq, seq], (tch::Kind::Bool, device)).triu(1);
+        let own = tch::Tensor::ones([seq, seq], (tch::Kind::Bool, device))
+            .logical_xor(&tch::Tensor::eye(seq, (tch::Kind::Bool, device)));
+        let hidden = tch::Tensor::cat(&[past, own], 1);
+        let bias = tch::Tensor::zeros([seq, 2 * seq], (tch::Kind::Float, device))
+            .masked_fill(&hidden, f64::NEG_INFINITY);
+        let mask = Mask {
+            is_causal: false,
+            bias: Some(TchTensor::new(bias)),
+        };
+        let keys = TchTensor::new(tch::Tensor::cat(&[&past_key.tensor, &own_key.tensor], 2));
+        let values = TchTensor::new(tch::Tensor::cat(
+            &[&past_value.tensor, &own_value.tensor],
+            2,
+        ));
+        forward(&q, &keys, &values, &mask).0
+    }
+}
+
 #[backend_extension(LibTorch, Autodiff)]
 pub trait TorchOps: Backend {
+    fn torch_adaptive_norm(
+        x: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
     fn torch_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -96,6 +193,99 @@ fn layer_norm_forward(
             .native_layer_norm([width], Some(&gamma.tensor), Some(&beta.tensor), eps);
     let normalised = (&x.tensor - mean) * &rstd;
     (TchTensor::new(output), normalised, rstd)
+}
+
+/// The AdaptiveLayer's output, and what its backward reads.
+fn adaptive_norm_forward(
+    x: &TchTensor,
+    c: &TchTensor,
+    weight: &TchTensor,
+    bias: &TchTensor,
+    eps: f64,
+) -> (TchTensor, AdaptiveSaved) {
+    let size = x.tensor.size();
+    let width = *size.last().expect("a tensor with dimensions");
+    let (normalised, _, rstd) =
+        x.tensor
+            .native_layer_norm([width], None::<&tch::Tensor>, None, eps);
+    // `1 + scale` and `shift` in one product: the 1 folded into the scale's bias.
+    let one = tch::Tensor::cat(
+        &[
+            tch::Tensor::ones([width], (tch::Kind::Float, bias.tensor.device())),
+            tch::Tensor::zeros([width], (tch::Kind::Float, bias.tensor.device())),
+        ],
+        0,
+    );
+    let modulation = (&bias.tensor + one).addmm(&c.tensor.reshape([-1, 1]), &weight.tensor);
+    let gain = modulation.narrow(1, 0, width).reshape(&size[..]);
+    let shift = modulation.narrow(1, width, width).reshape(&size[..]);
+    let output = shift.addcmul(&normalised, &gain);
+    let saved = AdaptiveSaved {
+        normalised: TchTensor::new(normalised),
+        rstd: TchTensor::new(rstd),
+        gain: TchTensor::new(gain),
+        c: c.clone(),
+        weight: weight.clone(),
+    };
+    (TchTensor::new(output), saved)
+}
+
+/// `rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))`: the gradient of the normalisation's input from
+/// `ĝ`, the gradient of its output `x̂`.
+fn normalise_backward(scaled: tch::Tensor, xhat: &tch::Tensor, rstd: &tch::Tensor) -> tch::Tensor {
+    let last = [-1i64];
+    let mean = scaled.mean_dim(&last[..], true, None);
+    let projection = (&scaled * xhat).mean_dim(&last[..], true, None);
+    (scaled - mean - xhat * projection) * rstd
+}
+
+/// What the AdaptiveLayer's backward reads.
+#[derive(Debug, Clone)]
+struct AdaptiveSaved {
+    normalised: TchTensor,
+    rstd: TchTensor,
+    /// `1 + scale`.
+    gain: TchTensor,
+    c: TchTensor,
+    weight: TchTensor,
+}
+
+#[derive(Debug)]
+struct AdaptiveNormBackward;
+
+impl Backward<LibTorch, 4> for AdaptiveNormBackward {
+    type State = AdaptiveSaved;
+
+    /// With `m = [scale | shift]` the modulation: `dscale = g · x̂`, `dshift = g`, then
+    /// `dW = cᵀ · dm`, `db = Σ dm`, `dc = dm · Wᵀ`, and `dx` through the normalisation from
+    /// `g · (1 + scale)`.
+    fn backward(self, ops: Ops<AdaptiveSaved, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node).tensor;
+        let s = &ops.state;
+        let xhat = &s.normalised.tensor;
+        let width = *grad.size().last().expect("a tensor with dimensions");
+        let [x_node, c_node, weight_node, bias_node] = ops.parents;
+        let rows = |t: &tch::Tensor| t.reshape([-1, width]);
+        let d_modulation = tch::Tensor::cat(&[rows(&(&grad * xhat)), rows(&grad)], 1);
+        let c = s.c.tensor.reshape([-1, 1]);
+        if let Some(node) = x_node {
+            let dx = normalise_backward(&grad * &s.gain.tensor, xhat, &s.rstd.tensor);
+            grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+        }
+        if let Some(node) = c_node {
+            let dc = d_modulation
+                .mm(&s.weight.tensor.tr())
+                .reshape(&s.c.tensor.size()[..]);
+            grads.register::<LibTorch>(node.id, TchTensor::new(dc));
+        }
+        if let Some(node) = weight_node {
+            grads.register::<LibTorch>(node.id, TchTensor::new(c.tr().mm(&d_modulation)));
+        }
+        if let Some(node) = bias_node {
+            let db = d_modulation.sum_dim_intlist(&[0i64][..], false, None);
+            grads.register::<LibTorch>(node.id, TchTensor::new(db));
+        }
+    }
 }
 
 /// The mask of a causal attention of S queries over K ≥ S keys, the last S of them the
@@ -148,6 +338,16 @@ fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, mask: &Mask) -> (TchTens
 }
 
 impl TorchOps for LibTorch {
+    fn torch_adaptive_norm(
+        x: TchTensor,
+        c: TchTensor,
+        weight: TchTensor,
+        bias: TchTensor,
+        eps: f64,
+    ) -> TchTensor {
+        adaptive_norm_forward(&x, &c, &weight, &bias, eps).0
+    }
+
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, causal: bool) -> TchTensor {
         forward(&q, &k, &v, &Mask::new(&q, &k, causal)).0
     }
@@ -181,14 +381,10 @@ impl Backward<LibTorch, 3> for LayerNormBackward {
         let grad = grads.consume::<LibTorch>(&ops.node).tensor;
         let s = &ops.state;
         let (xhat, rstd) = (&s.normalised.tensor, &s.rstd.tensor);
-        let last = [-1i64];
         let [x_node, gamma_node, beta_node] = ops.parents;
         let rows = |t: &tch::Tensor| t.reshape([-1, *t.size().last().unwrap()]);
         if let Some(node) = x_node {
-            let scaled = &grad * &s.gamma.tensor;
-            let mean = scaled.mean_dim(&last[..], true, None);
-            let projection = (&scaled * xhat).mean_dim(&last[..], true, None);
-            let dx = (scaled - mean - xhat * projection) * rstd;
+            let dx = normalise_backward(&grad * &s.gamma.tensor, xhat, rstd);
             grads.register::<LibTorch>(node.id, TchTensor::new(dx));
         }
         if let Some(node) = gamma_node {
@@ -244,6 +440,30 @@ impl Backward<LibTorch, 3> for AttentionBackward {
 }
 
 impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
+    fn torch_adaptive_norm(
+        x: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        match AdaptiveNormBackward
+            .prepare::<C>([x.node(), c.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [x, c, weight, bias] = [x, c, weight, bias].map(|t| t.into_primitive());
+                let (output, saved) = adaptive_norm_forward(&x, &c, &weight, &bias, eps);
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [x, c, weight, bias] = [x, c, weight, bias].map(|t| t.into_primitive());
+                prep.finish(LibTorch::torch_adaptive_norm(x, c, weight, bias, eps))
+            }
+        }
+    }
+
     fn torch_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
