@@ -12,6 +12,7 @@ test -f "$kit/lookahead.gz" || { echo "no $kit/lookahead.gz: cargo xtask build -
 bin=$(mktemp -d)/lookahead
 gunzip -c "$kit/lookahead.gz" > "$bin" && chmod +x "$bin"
 export CUDA_PATH="$PWD/$kit/cuda"      # libdevice for kernels with exp, erf, tanh
+unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE  # f32 runs on tch-cuda refuse libtorch's TF32 switch
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log
@@ -29,4 +30,10 @@ for backend in $(cat "$kit/backends"); do
   step "$backend-bench-quick" $((budget / 8)) "$bin" bench --backend "$backend" --preset quick --steps 10 --output "$out/$backend-bench-quick.json"
   step "$backend-bench-gpu" $((budget / 4)) "$bin" bench --backend "$backend" --preset gpu --steps 5 --output "$out/$backend-bench-gpu.json"
   step "$backend-experiment-quick" $((budget / 4)) "$bin" experiment --backend "$backend" --no-tui --results-dir "$out/$backend-experiment"
+  # bf16 products (docs/backends.md#precision): speed at the gpu preset, eval loss against f32.
+  step "$backend-bench-gpu-bf16" $((budget / 4)) "$bin" bench --backend "$backend" --preset gpu --precision bf16 --steps 5 --output "$out/$backend-bench-gpu-bf16.json"
+  step "$backend-experiment-quick-bf16" $((budget / 4)) "$bin" experiment --backend "$backend" --precision bf16 --no-tui --results-dir "$out/$backend-experiment-bf16"
+  if [ "$backend" = tch-cuda ]; then
+    step "$backend-bench-gpu-tf32" $((budget / 4)) env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$bin" bench --backend "$backend" --preset gpu --precision tf32 --steps 5 --output "$out/$backend-bench-gpu-tf32.json"
+  fi
 done

@@ -557,6 +557,27 @@ fn bench_times_every_objective_and_writes_its_figures() {
         2,
         &["--steps"],
     );
+    // bf16 products: recorded as such, and a finite loss.
+    let bf16_output = dir.path().join("bench-bf16.json");
+    let mut bf16_args = args.to_vec();
+    bf16_args.extend(["--precision", "bf16", "--objectives", "standard,dense"]);
+    *bf16_args
+        .iter_mut()
+        .find(|a| a.ends_with("bench.json"))
+        .unwrap() = bf16_output.to_str().unwrap();
+    assert_success(&lookahead(&bf16_args, cache.path()));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bf16_output).unwrap()).unwrap();
+    assert_eq!(report["precision"], "bf16");
+    for row in report["rows"].as_array().unwrap() {
+        assert!(row["last_lm_loss"].as_f64().unwrap().is_finite(), "{row}");
+    }
+    // TF32 is libtorch's CUDA switch: flex refuses it, naming the setting.
+    fails_with(
+        &lookahead(&["bench", "--precision", "tf32"], cache.path()),
+        2,
+        &["precision", "tf32"],
+    );
 }
 
 /// A short experiment of both models on a backend other than flex, for real: the results

@@ -4,6 +4,7 @@
 //! `tch`, `cuda`); everything after this function is backend-agnostic.
 
 use burn::prelude::*;
+use conf_model::Precision;
 
 #[cfg(not(any(feature = "flex", feature = "wgpu", feature = "tch", feature = "cuda")))]
 compile_error!("conf-cli needs at least one backend feature: flex, wgpu, tch or cuda");
@@ -150,6 +151,39 @@ pub fn device(choice: BackendChoice, index: Option<usize>) -> Result<Device, Bac
     Ok(device)
 }
 
+/// The variable through which libtorch lets its CUDA f32 matrix products use TF32 (read once,
+/// at its first product; NVIDIA's PyTorch containers set it to 1).
+pub const TF32_SWITCH: &str = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE";
+
+/// Whether `backend` computes in `precision`, judged from `tf32_switch`, the value of
+/// [`TF32_SWITCH`] in the environment. bf16 runs on every backend (on the CPU backends it
+/// reproduces a GPU's bf16 products, more slowly than f32). TF32 is a switch of libtorch's
+/// CUDA products, on exactly when the variable is 1, so tch-cuda takes tf32 with it and f32
+/// without it; the other backends have no such switch.
+pub fn check_precision(
+    backend: BackendChoice,
+    precision: Precision,
+    tf32_switch: Option<&str>,
+) -> Result<(), String> {
+    let switched_on = tf32_switch == Some("1");
+    match (precision, backend) {
+        (Precision::Tf32, BackendChoice::TchCuda) if !switched_on => Err(format!(
+            "tf32 on tch-cuda needs {TF32_SWITCH}=1 in lookahead's environment \
+             (libtorch's TF32 switch)"
+        )),
+        (Precision::Tf32, BackendChoice::TchCuda) => Ok(()),
+        (Precision::Tf32, other) => Err(format!(
+            "tf32 is libtorch's switch for its CUDA products (tch-cuda); {other} has none: \
+             use f32 or bf16"
+        )),
+        (Precision::F32, BackendChoice::TchCuda) if switched_on => Err(format!(
+            "f32 on tch-cuda with {TF32_SWITCH}=1 in the environment: libtorch would run the \
+             f32 products in TF32; unset it, or ask for --precision tf32"
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[allow(unused_variables)] // `index` is unused in a CPU-only build
 fn compiled_device(choice: BackendChoice, index: Option<usize>) -> Device {
     match choice {
@@ -224,6 +258,28 @@ fn probe(device: &Device) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tf32_is_libtorchs_cuda_switch_and_f32_refuses_it_on() {
+        use BackendChoice::{Cuda, Flex, TchCpu, TchCuda};
+        let ok = |b, p, switch| check_precision(b, p, switch).is_ok();
+        for backend in BackendChoice::ALL {
+            assert!(ok(backend, Precision::Bf16, None), "{backend}: bf16");
+            assert!(ok(backend, Precision::F32, None), "{backend}: f32");
+        }
+        assert!(ok(TchCuda, Precision::Tf32, Some("1")));
+        let refused = check_precision(TchCuda, Precision::Tf32, Some("0")).unwrap_err();
+        assert!(refused.contains(TF32_SWITCH), "{refused}");
+        for backend in [Flex, TchCpu, Cuda] {
+            assert!(!ok(backend, Precision::Tf32, Some("1")), "{backend}: tf32");
+        }
+        let silent_tf32 = check_precision(TchCuda, Precision::F32, Some("1")).unwrap_err();
+        assert!(silent_tf32.contains("unset it"), "{silent_tf32}");
+        assert!(
+            ok(Flex, Precision::F32, Some("1")),
+            "the switch is libtorch's alone"
+        );
+    }
 
     #[test]
     fn flex_is_the_default_and_computes() {

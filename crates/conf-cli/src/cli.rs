@@ -221,8 +221,14 @@ pub struct CommonArgs {
     /// memory, more time; the same results.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// The device's dense f32 peak in TFLOP/s, for the model FLOP utilisation (MFU) [default:
-    /// the datasheet figure of a known NVIDIA GPU on the GPU backends, else none].
+    /// The matrix products' precision: f32, tf32 (GPU f32 products on TF32 tensor cores;
+    /// tch-cuda) or bf16 (the Linears' and the LM head's products on bf16 operands; parameters,
+    /// optimizer state, attention, normalisation and losses stay f32) [default: f32].
+    #[arg(long)]
+    pub precision: Option<conf_model::Precision>,
+    /// The device's dense peak in TFLOP/s for the run's precision, for the model FLOP
+    /// utilisation (MFU) [default: the datasheet figure of a known NVIDIA GPU on the GPU
+    /// backends, else none].
     #[arg(long, value_name = "TFLOPS")]
     pub peak_tflops: Option<f64>,
 }
@@ -312,8 +318,9 @@ pub struct ExperimentArgs {
 }
 
 impl CommonArgs {
-    /// `--peak-tflops`, else the f32 peak of the GPU the backend runs on when it is known.
-    pub fn peak_tflops(&self) -> Option<f64> {
+    /// `--peak-tflops`, else the peak for `precision` of the GPU the backend runs on when it
+    /// is known.
+    pub fn peak_tflops(&self, precision: conf_model::Precision) -> Option<f64> {
         use crate::backend::BackendChoice;
         let gpu = matches!(
             self.target.backend,
@@ -321,7 +328,7 @@ impl CommonArgs {
         );
         self.peak_tflops.or_else(|| {
             let name = gpu.then(|| crate::peak::gpu_name(self.target.device.unwrap_or(0)))??;
-            crate::peak::dense_peak_tflops(&name, crate::peak::Precision::F32)
+            crate::peak::dense_peak_tflops(&name, precision)
         })
     }
 
@@ -357,10 +364,18 @@ impl CommonArgs {
         set(&mut c.confidence_init_bias, self.confidence_init_bias);
         set(&mut c.save_interval, run.and_then(|r| r.save_interval));
         set(&mut c.objective, objective);
+        set(&mut c.precision, self.precision);
         if self.gradient_checkpointing {
             c.gradient_checkpointing = true;
         }
         config.validate()?;
+        let tf32_switch = std::env::var(crate::backend::TF32_SWITCH).ok();
+        crate::backend::check_precision(
+            self.target.backend,
+            config.precision,
+            tf32_switch.as_deref(),
+        )
+        .map_err(|message| ConfigError::new("precision", message))?;
         Ok(config)
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use conf_data::TokenizerKind;
-use conf_model::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError};
+use conf_model::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, Precision};
 use conf_train::optim::OptimizerSettings;
 use conf_train::pipeline::{ModelPlan, SampleSettings};
 use conf_train::training::{Execution, TrainError, TrainingSettings};
@@ -45,6 +45,9 @@ pub struct ConfidenceExperimentConfig {
     pub confidence_alpha: f64,
     pub confidence_init_bias: f64,
     pub objective: ObjectiveKind,
+    /// The matrix products' precision (`conf_model::Precision`): f32, tf32 or bf16.
+    #[serde(default)]
+    pub precision: Precision,
     pub conf_input: ConfInput,
     pub conf_head: ConfHead,
     // Output.
@@ -268,6 +271,7 @@ impl ConfidenceExperimentConfig {
         ModelPlan {
             objective,
             model: self.model(vocab_size),
+            precision: self.precision,
             confidence: self.confidence(),
             training,
             sample: SAMPLE,

@@ -3,23 +3,7 @@
 //! it computes in. Peaks of known NVIDIA GPUs from their datasheets (dense, without sparsity);
 //! any other device needs `--peak-tflops`.
 
-/// The float precision of the matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    Tf32,
-    Bf16,
-}
-
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Tf32 => "tf32",
-            Self::Bf16 => "bf16",
-        }
-    }
-}
+use conf_model::Precision;
 
 /// A GPU by a part of the name `nvidia-smi` gives it, with its dense peaks in TFLOP/s.
 struct Peak {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use conf_model::ConfHead;
+use conf_model::{ConfHead, Precision};
 use conf_train::{ConfInput, ObjectiveKind};
 
 use crate::config::{ConfidenceExperimentConfig, ConfigError};
@@ -53,6 +53,7 @@ fn quick() -> ConfidenceExperimentConfig {
         objective: ObjectiveKind::Dense,
         conf_input: ConfInput::SelfConditioned,
         conf_head: ConfHead::Final,
+        precision: Precision::F32,
         results_dir: PathBuf::from("results/confidence_experiments"),
         save_interval: 100,
         gradient_checkpointing: false,

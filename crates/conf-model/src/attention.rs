@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::layers::rows;
-use crate::{fused, init};
+use crate::{Precision, fused, init};
 
 /// Which keys each query may attend to.
 #[derive(Debug, Clone)]
@@ -56,9 +56,13 @@ pub struct CausalSelfAttention {
     pub value: Linear,
     pub output: Linear,
     pub n_heads: usize,
+    /// The projections' precision; the attention itself is f32.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl CausalSelfAttention {
+    /// In f32 ([`Precision`]; the models' `with_precision` sets another).
     pub fn new(d_model: usize, n_heads: usize, device: &Device) -> Self {
         Self {
             query: init::linear(d_model, d_model, true, device),
@@ -66,6 +70,7 @@ impl CausalSelfAttention {
             value: init::linear(d_model, d_model, true, device),
             output: init::linear(d_model, d_model, true, device),
             n_heads,
+            precision: Precision::F32,
         }
     }
 
@@ -83,10 +88,10 @@ impl CausalSelfAttention {
         past: Option<&LayerKv>,
     ) -> (Tensor<3>, LayerKv) {
         let [batch, seq, d_model] = x.dims();
-        let q = self.split_heads(rows(&self.query, x.clone())); // [B, H, S, dh]
+        let q = self.split_heads(rows(&self.query, x.clone(), self.precision)); // [B, H, S, dh]
         let own = LayerKv {
-            key: self.split_heads(rows(&self.key, x.clone())),
-            value: self.split_heads(rows(&self.value, x)),
+            key: self.split_heads(rows(&self.key, x.clone(), self.precision)),
+            value: self.split_heads(rows(&self.value, x, self.precision)),
         };
         if let AttentionMask::PrefixAndSelf = mask {
             let past = past.expect("PrefixAndSelf attends to cached keys");
@@ -98,7 +103,7 @@ impl CausalSelfAttention {
                 past.value.clone(),
             );
             let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-            return (rows(&self.output, context), own);
+            return (rows(&self.output, context, self.precision), own);
         }
         let (k, v) = match past {
             Some(p) => (
@@ -134,7 +139,7 @@ impl CausalSelfAttention {
             attention(q, k, v, None, bias, options) // [B, H, S, dh]
         };
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        (rows(&self.output, context), own)
+        (rows(&self.output, context, self.precision), own)
     }
 
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {

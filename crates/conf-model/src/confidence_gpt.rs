@@ -7,7 +7,7 @@ use burn::prelude::*;
 use crate::attention::{AttentionMask, CausalSelfAttention, LayerKv};
 use crate::layers::{AdaptiveLayer, Mlp, apply_layer_norm, rows};
 use crate::mini_gpt::{embed_at, layer_norm, positions, tied_logits};
-use crate::{ConfidenceGptConfig, GptConfig, init};
+use crate::{ConfidenceGptConfig, GptConfig, Precision, init};
 
 /// A pre-norm block whose two LayerNorms are AdaptiveLayers driven by the confidence input.
 #[derive(Module, Debug)]
@@ -64,6 +64,9 @@ pub struct ConfidenceAwareGpt {
     pub confidence_predictor: Linear,
     /// Blocks the probe head reads; 0 means the head on the final normalised state.
     pub probe_blocks: usize,
+    /// The LM head's precision (the blocks carry their own; the confidence head is f32).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl ConfidenceAwareGpt {
@@ -87,8 +90,20 @@ impl ConfidenceAwareGpt {
             ln_f: layer_norm(gpt.d_model, device),
             confidence_predictor: predictor,
             probe_blocks: config.conf_head.probe_blocks(gpt.n_layers),
+            precision: Precision::F32,
         }
         .materialize()
+    }
+
+    /// The same model with its matrix products in `precision` (built in f32; the
+    /// confidence head stays f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for block in &mut self.blocks {
+            block.attn.precision = precision;
+            block.mlp.precision = precision;
+        }
+        self.precision = precision;
+        self
     }
 
     /// `ids: [B, T]`, `confidence_input: [B, T]` (the confidence history every block reads),
@@ -171,9 +186,10 @@ impl ConfidenceAwareGpt {
             // Detached: the confidence loss trains the probe only, never the trunk.
             Tensor::cat(probed, 2).detach() // [B, T, k·d]
         };
-        let confidence = rows(&self.confidence_predictor, head_input).squeeze_dim::<2>(2);
+        let confidence =
+            rows(&self.confidence_predictor, head_input, Precision::F32).squeeze_dim::<2>(2);
         let output = ConfidenceOutput {
-            logits: tied_logits(h, &self.tok_emb),
+            logits: tied_logits(h, &self.tok_emb, self.precision),
             confidence,
         };
         (output, cache)

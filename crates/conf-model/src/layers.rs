@@ -3,7 +3,7 @@
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 
-use crate::{fused, init};
+use crate::{Precision, fused, init};
 
 pub const LAYER_NORM_EPS: f64 = 1e-5;
 
@@ -12,18 +12,23 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 pub struct Mlp {
     pub fc: Linear,
     pub proj: Linear,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl Mlp {
+    /// In f32 ([`Precision`]; the models' `with_precision` sets another).
     pub fn new(d_model: usize, hidden: usize, device: &Device) -> Self {
         Self {
             fc: init::linear(d_model, hidden, true, device),
             proj: init::linear(hidden, d_model, true, device),
+            precision: Precision::F32,
         }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        rows(&self.proj, fused::gelu(rows(&self.fc, x)))
+        let hidden = fused::gelu(rows(&self.fc, x, self.precision));
+        rows(&self.proj, hidden, self.precision)
     }
 }
 
@@ -59,21 +64,22 @@ impl AdaptiveLayer {
 
 /// `linear` on `x: [B, T, d_in]` as one `[B·T, d_in]` matrix: one gemm (and one for the
 /// weight's gradient) instead of a broadcast batched product over B that the backward pass
-/// reduces from a `[B, d_in, d_out]` temporary. The same values, computed faster.
-pub fn rows(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+/// reduces from a `[B, d_in, d_out]` temporary. The same values, computed faster. The product
+/// in `precision`, the bias added in f32.
+pub fn rows(linear: &Linear, x: Tensor<3>, precision: Precision) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
-    let y = apply_linear(linear, x.reshape([batch * seq, d_in])); // [B·T, d_out]
+    let y = apply_linear(linear, x.reshape([batch * seq, d_in]), precision); // [B·T, d_out]
     let d_out = y.dims()[1];
     y.reshape([batch, seq, d_out])
 }
 
 /// Burn's `Linear` on `[N, d_in]` rows, its product through [`fused::matmul`] where that
 /// applies (elsewhere Burn's own, which some backends run as one fused kernel).
-fn apply_linear(linear: &Linear, x: Tensor<2>) -> Tensor<2> {
-    if !fused::applies(&x) {
+fn apply_linear(linear: &Linear, x: Tensor<2>, precision: Precision) -> Tensor<2> {
+    if precision != Precision::Bf16 && !fused::applies(&x) {
         return linear.forward(x);
     }
-    let y = fused::matmul(x, linear.weight.val());
+    let y = precision.matmul(x, linear.weight.val());
     match &linear.bias {
         Some(bias) => y + bias.val().unsqueeze::<2>(),
         None => y,

@@ -8,12 +8,14 @@ pub mod fused;
 pub mod init;
 pub mod layers;
 mod mini_gpt;
+mod precision;
 
 pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask, softmax_attention};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
 pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use layers::{AdaptiveLayer, Mlp};
 pub use mini_gpt::{Block, MiniGpt, positions};
+pub use precision::Precision;
 
 #[cfg(feature = "test-util")]
 pub mod test_util;

@@ -8,7 +8,7 @@ use burn::prelude::*;
 
 use crate::attention::{AttentionMask, CausalSelfAttention};
 use crate::layers::{LAYER_NORM_EPS, Mlp, apply_layer_norm};
-use crate::{GptConfig, fused, init};
+use crate::{GptConfig, Precision, init};
 
 #[derive(Module, Debug)]
 pub struct Block {
@@ -55,6 +55,9 @@ pub struct MiniGpt {
     pub dropout: Dropout,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// The LM head's precision (the blocks carry their own).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl MiniGpt {
@@ -67,8 +70,19 @@ impl MiniGpt {
                 .map(|_| Block::new(config, device))
                 .collect(),
             ln_f: layer_norm(config.d_model, device),
+            precision: Precision::F32,
         }
         .materialize()
+    }
+
+    /// The same model with its matrix products in `precision` (built in f32).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for block in &mut self.blocks {
+            block.attn.precision = precision;
+            block.mlp.precision = precision;
+        }
+        self.precision = precision;
+        self
     }
 
     /// `ids: [B, T]` → logits `[B, T, V]`.
@@ -79,7 +93,11 @@ impl MiniGpt {
         for block in &self.blocks {
             x = block.forward(x, mask);
         }
-        tied_logits(apply_layer_norm(&self.ln_f, x), &self.tok_emb)
+        tied_logits(
+            apply_layer_norm(&self.ln_f, x),
+            &self.tok_emb,
+            self.precision,
+        )
     }
 }
 
@@ -101,10 +119,13 @@ pub(crate) fn embed_at(
     tok_emb.forward(ids) + pos_emb.forward(positions)
 }
 
-/// The LM head tied to the token embedding, without bias: `[B, T, d] → [B, T, V]`.
-pub(crate) fn tied_logits(h: Tensor<3>, tok_emb: &Embedding) -> Tensor<3> {
+/// The LM head tied to the token embedding, without bias: `[B, T, d] → [B, T, V]`, its product
+/// in `precision`.
+pub(crate) fn tied_logits(h: Tensor<3>, tok_emb: &Embedding, precision: Precision) -> Tensor<3> {
     let [batch, seq, d] = h.dims();
     let weight = tok_emb.weight.val(); // [V, d]
     let vocab = weight.dims()[0];
-    fused::matmul(h.reshape([batch * seq, d]), weight.transpose()).reshape([batch, seq, vocab])
+    precision
+        .matmul(h.reshape([batch * seq, d]), weight.transpose())
+        .reshape([batch, seq, vocab])
 }

@@ -278,8 +278,9 @@ fn the_matched_standard_model_is_within_half_a_percent_and_closest() {
     assert_eq!(conf.init(&device).num_params(), matched.confidence_params);
 }
 
-#[test]
-fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
+/// MiniGPT trained 300 steps on the synthetic source with its products in `precision`: its
+/// eval loss and the source's entropy floor.
+fn synthetic_eval_loss(precision: Precision) -> (f64, f64) {
     use burn::data::dataloader::batcher::Batcher;
     use burn::data::dataset::Dataset;
     use conf_data::{CorpusRequest, EvalWindows, Split, TrainWindows, WindowBatcher, load_corpus};
@@ -295,7 +296,9 @@ fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
 
     let device = Device::flex().autodiff();
     device.seed(7);
-    let mut model = GptConfig::new(corpus.vocab_size(), seq, 64, 2, 4, 256).init_minigpt(&device);
+    let mut model = GptConfig::new(corpus.vocab_size(), seq, 64, 2, 4, 256)
+        .init_minigpt(&device)
+        .with_precision(precision);
     let mut optim = AdamWConfig::new()
         .with_beta_2(0.95)
         .with_epsilon(1e-8)
@@ -328,12 +331,79 @@ fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
     let items: Vec<_> = (0..eval.len()).map(|i| eval.get(i).unwrap()).collect();
     let tokens = WindowBatcher.batch(items, &Device::flex()).tokens;
     let loss = lm_loss(&valid, tokens).into_scalar::<f64>();
-    eprintln!("eval loss {loss:.3}, entropy floor {floor:.3}");
+    eprintln!("{precision}: eval loss {loss:.3}, entropy floor {floor:.3}");
+    (loss, floor)
+}
+
+#[test]
+fn minigpt_learns_the_synthetic_source_to_near_its_entropy_floor() {
+    let (loss, floor) = synthetic_eval_loss(Precision::F32);
     assert!(
         loss - floor < 0.3,
         "eval loss {loss:.3} vs floor {floor:.3}"
     );
     assert!(loss > floor - 0.05, "a model cannot beat the exact source");
+}
+
+#[test]
+fn with_bf16_products_minigpt_trains_to_the_f32_eval_loss() {
+    let (f32_loss, floor) = synthetic_eval_loss(Precision::F32);
+    let (bf16_loss, _) = synthetic_eval_loss(Precision::Bf16);
+    // Seeds move this loss by a few hundredths; bf16's rounding must stay inside that.
+    assert!(
+        (bf16_loss - f32_loss).abs() < 0.03,
+        "bf16 eval loss {bf16_loss:.4} against f32's {f32_loss:.4}"
+    );
+    assert!(
+        bf16_loss - floor < 0.3,
+        "bf16 eval loss {bf16_loss:.3} vs floor {floor:.3}"
+    );
+}
+
+#[test]
+fn bf16_products_keep_f32_parameters_gradients_and_outputs_near_f32s() {
+    let device = Device::flex().autodiff();
+    let x = random_ids(2, 16, 11, &device);
+    let f32_model = conf_config(ConfHead::Final)
+        .init(&device)
+        .map(&mut perturb());
+    let bf16_model = f32_model.clone().with_precision(Precision::Bf16);
+    let run = |model: &ConfidenceAwareGpt| {
+        let out = model.forward(
+            x.clone(),
+            Tensor::zeros([2, 16], &device),
+            &AttentionMask::Causal,
+        );
+        let grads =
+            (out.logits.clone().powi_scalar(2).mean() + out.confidence.clone().mean()).backward();
+        let grad = model.blocks[0]
+            .mlp
+            .fc
+            .weight
+            .grad(&grads)
+            .expect("a gradient");
+        (out.logits, out.confidence, grad)
+    };
+    let (f32_logits, f32_conf, f32_grad) = run(&f32_model);
+    let (bf16_logits, bf16_conf, bf16_grad) = run(&bf16_model);
+    for t in [&bf16_logits, &bf16_grad.clone().unsqueeze::<3>()] {
+        assert_eq!(t.dtype(), burn::tensor::DType::F32);
+    }
+    let gap = |a: Tensor<3>, b: Tensor<3>| (a - b).abs().max().into_scalar::<f32>();
+    let logit_gap = gap(bf16_logits, f32_logits);
+    // bf16 keeps 8 bits of mantissa: the products differ, by about 2⁻⁸ of their size.
+    assert!(
+        logit_gap > 1e-5 && logit_gap < 0.05,
+        "logits differ by {logit_gap}"
+    );
+    let conf_gap = gap(bf16_conf.unsqueeze(), f32_conf.unsqueeze());
+    assert!(conf_gap < 0.05, "confidence differs by {conf_gap}");
+    let scale = f32_grad.clone().abs().max().into_scalar::<f32>();
+    let grad_gap = gap(bf16_grad.unsqueeze(), f32_grad.unsqueeze());
+    assert!(
+        scale > 1e-4 && grad_gap < 0.05 * scale,
+        "gradient differs by {grad_gap} of {scale}"
+    );
 }
 
 #[test]
@@ -397,7 +467,7 @@ fn a_linear_on_flattened_rows_equals_the_batched_linear_in_values_and_gradients(
     let device = Device::flex().autodiff();
     let linear = burn::nn::LinearConfig::new(6, 5).init(&device);
     let x = Tensor::<3>::random([3, 4, 6], Distribution::Normal(0.0, 1.0), &device);
-    let flat = conf_model::layers::rows(&linear, x.clone());
+    let flat = conf_model::layers::rows(&linear, x.clone(), conf_model::Precision::F32);
     let batched = linear.forward(x);
     flat.clone()
         .into_data()

@@ -9,7 +9,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::train::TrainStep;
 use conf_data::{Corpus, Split};
-use conf_model::ConfidenceGptConfig;
+use conf_model::{ConfidenceGptConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::cost::flops_per_token;
@@ -32,6 +32,8 @@ pub struct BenchSettings {
     /// Gradient checkpointing and data parallel, as in training: with several devices each
     /// step's batch is split across them, one worker thread each, gradients summed on the first.
     pub execution: Execution,
+    /// The matrix products' precision, as in training.
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,7 +68,14 @@ pub fn time_objective(
     let device = settings.execution.training_device(device);
     device.seed(settings.seed);
     let grad_clip = settings.optimizer.grad_clip;
-    let trainee = ObjectiveTrainee::new(objective, model, confidence, grad_clip, &device);
+    let trainee = ObjectiveTrainee::new(
+        objective,
+        model,
+        settings.precision,
+        confidence,
+        grad_clip,
+        &device,
+    );
     let parameters = trainee.parameters();
     let (extra_passes, timing) = match trainee {
         ObjectiveTrainee::Standard(t) => (

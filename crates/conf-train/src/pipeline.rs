@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use burn::module::{Module, ModuleDisplay};
 use burn::prelude::*;
 use conf_data::{Corpus, Split};
-use conf_model::ConfidenceGptConfig;
+use conf_model::{ConfidenceGptConfig, Precision};
 
 use crate::checkpoint::CheckpointError;
 use crate::cost::flops_per_token;
@@ -26,6 +26,8 @@ pub struct ModelPlan {
     pub objective: ObjectiveKind,
     /// The confidence model; the standard model is its parameter-matched MiniGPT.
     pub model: ConfidenceGptConfig,
+    /// The matrix products' precision (the weights are f32 in any).
+    pub precision: Precision,
     pub confidence: ConfidenceSettings,
     pub training: TrainingSettings,
     pub sample: SampleSettings,
@@ -80,7 +82,7 @@ pub fn train_model(
     let device = plan.training.execution.training_device(device);
     // Initialisation is seeded: both models of a seed start from that seed's generator.
     device.seed(plan.training.seed);
-    let mut model = AnyModel::init(&card.architecture, &device);
+    let mut model = AnyModel::init(&card.architecture, &device).with_precision(plan.precision);
     if let Some(path) = &plan.init_from {
         start_from(&mut model, &card, path)?;
     }

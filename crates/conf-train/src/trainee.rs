@@ -10,7 +10,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use conf_model::fused::on_cpu_pool;
-use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, MiniGpt};
+use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, MiniGpt, Precision};
 
 use crate::weights::{AnyModel, Architecture};
 
@@ -147,10 +147,12 @@ pub enum ObjectiveTrainee {
 }
 
 impl ObjectiveTrainee {
-    /// Builds (and so initialises, from the device's generator) the model `objective` trains.
+    /// Builds (and so initialises, from the device's generator) the model `objective` trains,
+    /// its products in `precision`.
     pub fn new(
         objective: ObjectiveKind,
         model: &ConfidenceGptConfig,
+        precision: Precision,
         confidence: ConfidenceSettings,
         grad_clip: f64,
         device: &Device,
@@ -158,7 +160,7 @@ impl ObjectiveTrainee {
         let architecture = Architecture::of(objective, model);
         Self::with_model(
             objective,
-            AnyModel::init(&architecture, device),
+            AnyModel::init(&architecture, device).with_precision(precision),
             confidence,
             grad_clip,
         )

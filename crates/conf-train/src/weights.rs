@@ -11,7 +11,7 @@ use burn::store::{
     PyTorchToBurnAdapter, SafetensorsStore,
 };
 use conf_data::{TokenizerSpec, write_atomic};
-use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, MiniGpt};
+use conf_model::{ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, MiniGpt, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::lookahead::ConfInput;
@@ -150,6 +150,14 @@ impl AnyModel {
         match architecture {
             Architecture::Standard(gpt) => Self::Standard(gpt.init_minigpt(device)),
             Architecture::Confidence(config) => Self::Confidence(config.init(device)),
+        }
+    }
+
+    /// The same model with its matrix products in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        match self {
+            Self::Standard(m) => Self::Standard(m.with_precision(precision)),
+            Self::Confidence(m) => Self::Confidence(m.with_precision(precision)),
         }
     }
 

@@ -70,12 +70,13 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             gradient_checkpointing: config.gradient_checkpointing,
             devices,
         },
+        precision: config.precision,
     };
     settings
         .execution
         .check_batch_size(config.batch_size)
         .map_err(|e| Failure::BadInput(anyhow!(e)))?;
-    let peak_tflops = args.common.peak_tflops();
+    let peak_tflops = args.common.peak_tflops(config.precision);
     let mut rows: Vec<BenchRow> = Vec::new();
     for &objective in &args.objectives {
         let timed = time_objective(
@@ -129,7 +130,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        precision: crate::peak::Precision::F32.name(),
+        precision: config.precision.name(),
         peak_tflops,
         rows,
         peak_host_mib: peak_host_mib(),

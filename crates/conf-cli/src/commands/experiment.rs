@@ -51,7 +51,7 @@ pub fn run(args: ExperimentArgs) -> Result<(), Failure> {
             } else {
                 format!("{device:?}")
             },
-            peak_tflops: args.common.peak_tflops(),
+            peak_tflops: args.common.peak_tflops(config.precision),
             parameter_counts: config.model(corpus.vocab_size()).matched_standard(),
             config: config.clone(),
             standard_model_results: Default::default(),
