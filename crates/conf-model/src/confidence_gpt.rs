@@ -156,6 +156,23 @@ impl ConfidenceAwareGpt {
             .0
     }
 
+    /// The confidence head's predictions of a causal pass at positions `0..T`, without the LM
+    /// head: `[B, T]`, equal to [`forward`](Self::forward)'s `confidence`. The confidence
+    /// history needs only these, and the LM head is the widest product of a forward pass.
+    pub fn predict_confidence(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+    ) -> Tensor<2> {
+        let pos = positions(&ids, 0);
+        let trunk = self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None);
+        let head_input = match trunk.probed {
+            Some(probed) => probed,
+            None => apply_layer_norm(&self.ln_f, trunk.state),
+        };
+        self.confidence_head(head_input)
+    }
+
     fn run(
         &self,
         ids: Tensor<2, Int>,
@@ -164,6 +181,25 @@ impl ConfidenceAwareGpt {
         mask: &AttentionMask,
         past: Option<&[LayerKv]>,
     ) -> (ConfidenceOutput, Vec<LayerKv>) {
+        let trunk = self.trunk(ids, confidence_input, positions, mask, past);
+        let h = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
+        let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| h.clone()));
+        let output = ConfidenceOutput {
+            logits: tied_logits(h, &self.tok_emb, self.precision),
+            confidence,
+        };
+        (output, trunk.cache)
+    }
+
+    /// The blocks over the embedded tokens.
+    fn trunk(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+        positions: Tensor<2, Int>,
+        mask: &AttentionMask,
+        past: Option<&[LayerKv]>,
+    ) -> Trunk {
         let c = confidence_input.unsqueeze_dim::<3>(2); // [B, T, 1]
         let mut x = self
             .dropout
@@ -179,19 +215,24 @@ impl ConfidenceAwareGpt {
                 probed.push(x.clone());
             }
         }
-        let h = apply_layer_norm(&self.ln_f, x); // [B, T, d]
-        let head_input = if probed.is_empty() {
-            h.clone()
-        } else {
+        Trunk {
+            state: x,
             // Detached: the confidence loss trains the probe only, never the trunk.
-            Tensor::cat(probed, 2).detach() // [B, T, k·d]
-        };
-        let confidence =
-            rows(&self.confidence_predictor, head_input, Precision::F32).squeeze_dim::<2>(2);
-        let output = ConfidenceOutput {
-            logits: tied_logits(h, &self.tok_emb, self.precision),
-            confidence,
-        };
-        (output, cache)
+            probed: (!probed.is_empty()).then(|| Tensor::cat(probed, 2).detach()), // [B, T, k·d]
+            cache,
+        }
     }
+
+    /// `[B, T, width] → [B, T]`, in f32 whatever the model's precision.
+    fn confidence_head(&self, head_input: Tensor<3>) -> Tensor<2> {
+        rows(&self.confidence_predictor, head_input, Precision::F32).squeeze_dim::<2>(2)
+    }
+}
+
+/// What the blocks leave: the last block's output (before the final LayerNorm), the probed
+/// blocks' outputs side by side if the head reads them, and every layer's keys and values.
+struct Trunk {
+    state: Tensor<3>,
+    probed: Option<Tensor<3>>,
+    cache: Vec<LayerKv>,
 }

@@ -319,3 +319,96 @@ fn fused_prefix_and_self_attention_equals_its_plain_form_and_sees_no_later_key()
         );
     }
 }
+
+fn random_targets(batch: usize, seq: usize, vocab: usize, device: &Device) -> Tensor<2, Int> {
+    Tensor::<2>::random(
+        [batch, seq],
+        Distribution::Uniform(0.0, vocab as f64),
+        device,
+    )
+    .int()
+}
+
+#[test]
+fn fused_cross_entropy_equals_log_softmax_and_gather_in_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    device.seed(11);
+    // Rows of 3 (shorter than a vector lane), 65 (a character vocabulary, a tail) and 1,000
+    // (several blocks), with large logits so that the log-sum-exp's shift matters.
+    for vocab in [3, 65, 1000] {
+        let targets = random_targets(4, 9, vocab, &device);
+        let logits = normal([4, 9, vocab], 20.0, 4.0, &device);
+        assert_same(
+            &device,
+            logits,
+            |x| fused::token_cross_entropy(x, targets.clone()).unsqueeze_dim(2),
+            |x| plain::token_cross_entropy(x, targets.clone()).unsqueeze_dim(2),
+            // Losses up to ~30 and gradients up to ~60 (the weights broadcast over the row).
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn fused_token_statistics_equal_the_plain_ones() {
+    let device = Device::flex();
+    device.seed(12);
+    for vocab in [3, 65, 1000] {
+        let logits = normal([4, 33, vocab], 0.0, 3.0, &device);
+        let mut targets = random_targets(4, 33, vocab, &device);
+        // Half the rows' targets are their arg-max, so `correct` has both values.
+        let argmax = logits.clone().argmax(2).squeeze_dim::<2>(2);
+        let half = Tensor::<2>::random([4, 33], Distribution::Bernoulli(0.5), &device).bool();
+        targets = targets.mask_where(half, argmax);
+        let ours = fused::token_stats(logits.clone(), targets.clone());
+        let theirs = plain::token_stats(logits, targets);
+        let correct: f32 = theirs.correct.clone().mean().into_scalar();
+        assert!((0.3..0.9).contains(&correct), "{correct}");
+        for (name, a, b) in [
+            ("loss", ours.loss, theirs.loss),
+            ("max_prob", ours.max_prob, theirs.max_prob),
+            ("correct", ours.correct, theirs.correct),
+            ("entropy", ours.entropy, theirs.entropy),
+        ] {
+            assert_eq!(a.dims(), [4, 33], "{name}");
+            a.into_data()
+                .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(2e-5));
+        }
+    }
+}
+
+#[test]
+fn fused_sampling_draws_the_plain_paths_tokens_from_each_rows_distribution() {
+    let device = Device::flex();
+    device.seed(13);
+    for vocab in [3, 65, 1000] {
+        let logits = normal([8, 50, vocab], 0.0, 2.0, &device);
+        let mut uniforms = Tensor::<2>::random([8, 50], Distribution::Default, &device);
+        // The ends of [0, 1): the first token, and the last where rounding leaves all below.
+        uniforms = uniforms.slice_assign(
+            [0..1, 0..2],
+            Tensor::from_floats([[0.0, 0.999_999_9]], &device),
+        );
+        let ours = fused::sample_tokens(logits.clone(), uniforms.clone());
+        let theirs = plain::sample_tokens(logits, uniforms);
+        assert_eq!(ours.dtype(), theirs.dtype());
+        let ours: Vec<i64> = ours.into_data().convert::<i64>().try_to_vec().unwrap();
+        let theirs: Vec<i64> = theirs.into_data().convert::<i64>().try_to_vec().unwrap();
+        assert_eq!(ours, theirs, "vocabulary {vocab}");
+        assert_eq!(ours[0], 0);
+        let distinct: std::collections::BTreeSet<_> = ours.iter().collect();
+        assert!(
+            distinct.len() > vocab.min(20) / 2,
+            "draws spread over the vocabulary"
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "target 7 outside the vocabulary of 5 tokens")]
+fn a_target_outside_the_vocabulary_is_refused_naming_it() {
+    let device = Device::flex();
+    let logits = normal([1, 2, 5], 0.0, 1.0, &device);
+    let targets = Tensor::<2, Int>::from_ints([[1, 7]], &device);
+    let _ = fused::token_cross_entropy(logits, targets);
+}

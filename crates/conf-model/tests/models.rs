@@ -65,6 +65,32 @@ fn both_models_produce_logits_and_confidence_of_the_right_shape() {
 }
 
 #[test]
+fn predicting_confidence_alone_equals_the_full_forwards_confidence() {
+    let device = Device::flex();
+    device.seed(5);
+    let x = random_ids(3, 16, 11, &device);
+    let c = Tensor::<2>::random([3, 16], Distribution::Uniform(0.0, 4.0), &device);
+    for head in [ConfHead::Final, ConfHead::Probe] {
+        let model = conf_config(head).init(&device).map(&mut perturb());
+        let full = model
+            .forward(x.clone(), c.clone(), &AttentionMask::Causal)
+            .confidence;
+        let alone = model.predict_confidence(x.clone(), c.clone());
+        assert_eq!(alone.dims(), [3, 16]);
+        let spread = full.clone().var(1).mean().into_scalar::<f32>();
+        assert!(
+            spread > 1e-4,
+            "{head:?}: a constant prediction would prove nothing"
+        );
+        assert_eq!(
+            alone.into_data().try_to_vec::<f32>().unwrap(),
+            full.into_data().try_to_vec::<f32>().unwrap(),
+            "{head:?}"
+        );
+    }
+}
+
+#[test]
 fn changing_a_future_token_leaves_past_outputs_unchanged() {
     let device = Device::flex();
     device.seed(3);

@@ -44,10 +44,7 @@ pub fn confidence_history(
     match mode {
         ConfInput::Zeros => zeros,
         ConfInput::SelfConditioned => {
-            let predictions = model
-                .valid()
-                .forward(x, zeros.clone(), &AttentionMask::Causal)
-                .confidence;
+            let predictions = model.valid().predict_confidence(x, zeros.clone());
             // Shift right by one: position i reads the prediction made at i − 1.
             let first = zeros.slice([0..batch, 0..1]);
             Tensor::cat(vec![first, predictions.slice([0..batch, 0..seq - 1])], 1)

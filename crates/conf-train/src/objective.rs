@@ -5,25 +5,12 @@
 //! `model.valid()` with inputs without autodiff.
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, softmax};
+pub use conf_model::fused::{TokenStats, sample_tokens, token_cross_entropy, token_stats};
 use conf_model::{ConfidenceAwareGpt, MiniGpt};
 
 use crate::batch::LookaheadBatch;
 use crate::lookahead::{ConfInput, confidence_history, dense_pass2, seed_pass2};
 use crate::metrics::MetricKind;
-
-/// Per-token statistics of pass 1's next-token predictions, without autodiff, `[B, L]` each.
-#[derive(Debug, Clone)]
-pub struct TokenStats {
-    /// Cross-entropy of the real next token (nats).
-    pub loss: Tensor<2>,
-    /// Largest predicted probability.
-    pub max_prob: Tensor<2>,
-    /// 1 where the arg-max is the real next token, else 0.
-    pub correct: Tensor<2>,
-    /// Entropy of the predicted distribution (nats).
-    pub entropy: Tensor<2>,
-}
 
 /// The self-prediction against what happened, without autodiff, `[B, K]` each.
 #[derive(Debug, Clone)]
@@ -136,14 +123,6 @@ impl WindowParts {
     }
 }
 
-/// Cross-entropy of each position: `logits [B, T, V]`, `targets [B, T]` → `[B, T]`.
-pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    let log_probs = log_softmax(logits, 2);
-    -log_probs
-        .gather(2, targets.unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2)
-}
-
 /// Mean next-token cross-entropy: the LM loss of every objective. `[1]`
 pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     token_cross_entropy(logits, targets).mean()
@@ -151,41 +130,6 @@ pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
 
 fn mse(predicted: Tensor<2>, target: Tensor<2>) -> Tensor<1> {
     (predicted - target).powi_scalar(2).mean()
-}
-
-/// Statistics of `logits [B, T, V]` against `targets [B, T]`, computed without autodiff.
-pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
-    let logits = logits.without_autodiff();
-    let targets = targets.without_autodiff();
-    let log_probs = log_softmax(logits, 2);
-    let probs = log_probs.clone().exp();
-    let entropy = -(probs.clone() * log_probs.clone())
-        .sum_dim(2)
-        .squeeze_dim::<2>(2);
-    let loss = -log_probs
-        .gather(2, targets.clone().unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2);
-    let (max_prob, argmax) = probs.max_dim_with_indices(2);
-    let correct = argmax.squeeze_dim::<2>(2).equal(targets).float();
-    TokenStats {
-        loss,
-        max_prob: max_prob.squeeze_dim::<2>(2),
-        correct,
-        entropy,
-    }
-}
-
-/// One draw per (row, position) from `softmax(logits)` at temperature 1 by inverting the
-/// cumulative distribution at the given uniforms: `[B, T, V]`, `[B, T] → [B, T]`.
-pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
-    let vocab = logits.dims()[2];
-    let cdf = softmax(logits.without_autodiff(), 2).cumsum(2);
-    let below = cdf.lower(uniforms.without_autodiff().unsqueeze_dim::<3>(2));
-    below
-        .int()
-        .sum_dim(2)
-        .clamp_max(vocab as i64 - 1)
-        .squeeze_dim::<2>(2)
 }
 
 /// `standard`: mean next-token cross-entropy over all L positions (MiniGPT), on the first
@@ -370,17 +314,16 @@ impl Objective<ConfidenceAwareGpt> for TeacherObjective {
         let targets = tokens.slice([0..batch, 1..seq + 2]); // [B, L + 1]
         let history = confidence_history(model, &x, self.0.conf_input);
         let out = model.forward(x, history, &conf_model::AttentionMask::Causal);
-        let vocab = out.logits.dims()[2];
-        // Pass 1's own loss at every one of the L + 1 positions; the target at k is that at k + 1.
-        let all_losses =
-            token_cross_entropy(out.logits.clone().without_autodiff(), targets.clone());
-        let future = all_losses.slice([0..batch, 1..seq + 1]);
-        let logits = out.logits.slice([0..batch, 0..seq, 0..vocab]);
-        let y1 = targets.slice([0..batch, 0..seq]);
-        let lm = lm_loss(logits.clone(), y1.clone());
+        // Pass 1's own loss at every one of the L + 1 positions, once: the LM loss averages the
+        // first L (only they get a gradient), and the target at k is the loss at k + 1. The
+        // logits are read whole: slices of them would be copied, by the loss and by its
+        // gradient.
+        let all_losses = token_cross_entropy(out.logits.clone(), targets.clone()); // [B, L + 1]
+        let lm = all_losses.clone().slice([0..batch, 0..seq]).mean();
+        let future = all_losses.without_autodiff().slice([0..batch, 1..seq + 1]);
         let predicted = out.confidence.slice([0..batch, 0..seq]);
         let conf_loss = mse(predicted.clone(), future.clone());
-        let tokens = token_stats(logits, y1);
+        let tokens = token_stats(out.logits, targets).first_positions(seq);
         let entropy = tokens.entropy.clone();
         confidence_output(
             self.0.alpha,

@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Dispatch, DispatchDevice, Flex, GradientCheckpointingStrategy,
     TensorMetadata, backend_extension,
@@ -15,7 +15,7 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
-use super::{AdamWScalars, head_attention, kernels, products, update};
+use super::{AdamWScalars, head_attention, kernels, logit_rows, products, update};
 
 /// Whether `x` takes the fused path: an f32 tensor on flex, with or without autodiff, but not
 /// under gradient checkpointing: the kernels keep the tensors their backward reads for the
@@ -124,6 +124,31 @@ pub fn prefix_and_self_attention(
     ))
 }
 
+/// Each row's cross-entropy: `logits [B, T, V]`, `targets [B, T]` → `[B, T]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    ))
+}
+
+/// Each row's loss, largest probability, correctness and entropy (no autodiff), `[B, T]` each.
+pub fn token_statistics(logits: Tensor<3>, targets: Tensor<2, Int>) -> [Tensor<2>; 4] {
+    let (loss, max_prob, correct, entropy) = <Dispatch as NoGradOps>::fused_token_statistics(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    );
+    [loss, max_prob, correct, entropy].map(Tensor::from_dispatch)
+}
+
+/// One draw per row of `logits [B, T, V]` at `uniforms [B, T]` (no autodiff).
+pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+    Tensor::from_dispatch(<Dispatch as NoGradOps>::fused_sample_tokens(
+        logits.into_dispatch(),
+        uniforms.into_dispatch(),
+    ))
+}
+
 /// Operations that never take gradients: the optimizer's update, and the attention of a pass
 /// that builds no graph.
 #[backend_extension(Flex)]
@@ -146,6 +171,23 @@ pub trait NoGradOps: Backend {
         past_key: FloatTensor<Self>,
         past_value: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// Loss, largest probability, correctness, entropy.
+    #[allow(clippy::type_complexity)]
+    fn fused_token_statistics(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
+    fn fused_sample_tokens(
+        logits: FloatTensor<Self>,
+        uniforms: FloatTensor<Self>,
+    ) -> IntTensor<Self>;
 }
 
 impl NoGradOps for Flex {
@@ -178,6 +220,17 @@ impl NoGradOps for Flex {
     ) -> FlexTensor {
         on_flex::prefix_and_self_attention(&q, &own_key, &own_value, &past_key, &past_value)
     }
+
+    fn fused_token_statistics(
+        logits: FlexTensor,
+        targets: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        on_flex::token_statistics(&logits, &targets)
+    }
+
+    fn fused_sample_tokens(logits: FlexTensor, uniforms: FlexTensor) -> FlexTensor {
+        on_flex::sample_tokens(&logits, &uniforms)
+    }
 }
 
 #[backend_extension(Flex, Autodiff)]
@@ -198,6 +251,10 @@ pub trait FusedOps: Backend {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         causal: bool,
+    ) -> FloatTensor<Self>;
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -230,6 +287,10 @@ impl FusedOps for Flex {
 
     fn fused_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, causal: bool) -> FlexTensor {
         on_flex::attention(&q, &k, &v, causal, false).0
+    }
+
+    fn fused_cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        on_flex::cross_entropy(&logits, &targets).0
     }
 }
 
@@ -390,6 +451,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(on_flex::attention(&q, &k, &v, causal, false).0)
             }
         }
+    }
+    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: FlexTensor) -> FloatTensor<Self> {
+        // Saves the logits (a shared buffer), the targets and each row's log-sum-exp.
+        one_input::<C, _>(
+            logits,
+            |logits| on_flex::cross_entropy(logits, &targets),
+            on_flex::cross_entropy_backward,
+        )
     }
 }
 
@@ -723,5 +792,86 @@ mod on_flex {
             &p,
             kernels::softmax_backward(slice(&p), slice(&grad), last_dim(&p)),
         )
+    }
+    /// `t`'s shape without its last dimension: one value per row.
+    fn per_row(t: &FlexTensor, values: Vec<f32>) -> FlexTensor {
+        let mut shape = t.shape();
+        shape.remove(shape.num_dims() - 1);
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    /// Integer class indices, each checked to be below `classes`.
+    fn indices(t: &FlexTensor, classes: usize) -> Vec<usize> {
+        let t = t.to_contiguous();
+        let values: Vec<i64> = match t.dtype() {
+            DType::I64 => t.as_slice::<i64>().expect("contiguous").to_vec(),
+            DType::I32 => (t.as_slice::<i32>().expect("contiguous").iter())
+                .map(|&i| i64::from(i))
+                .collect(),
+            other => panic!("targets of type {other:?}: expected i64 or i32"),
+        };
+        values
+            .into_iter()
+            .map(|i| match usize::try_from(i) {
+                Ok(i) if i < classes => i,
+                _ => panic!("target {i} outside the vocabulary of {classes} tokens"),
+            })
+            .collect()
+    }
+
+    /// What the cross-entropy's backward reads.
+    #[derive(Debug, Clone)]
+    pub struct CrossEntropySaved {
+        logits: FlexTensor,
+        targets: Arc<[usize]>,
+        log_sum_exp: Arc<[f32]>,
+    }
+
+    pub fn cross_entropy(
+        logits: &FlexTensor,
+        targets: &FlexTensor,
+    ) -> (FlexTensor, CrossEntropySaved) {
+        let logits = values(logits);
+        let classes = last_dim(&logits);
+        let targets = indices(targets, classes);
+        let (loss, log_sum_exp) = logit_rows::cross_entropy(slice(&logits), &targets, classes);
+        let saved = CrossEntropySaved {
+            logits: logits.clone(),
+            targets: targets.into(),
+            log_sum_exp: log_sum_exp.into(),
+        };
+        (per_row(&logits, loss), saved)
+    }
+
+    pub fn cross_entropy_backward(saved: &CrossEntropySaved, grad: &FlexTensor) -> FlexTensor {
+        let grad = values(grad);
+        let logits = &saved.logits;
+        like(
+            logits,
+            logit_rows::cross_entropy_backward(
+                slice(logits),
+                &saved.targets,
+                &saved.log_sum_exp,
+                slice(&grad),
+                last_dim(logits),
+            ),
+        )
+    }
+
+    pub fn token_statistics(
+        logits: &FlexTensor,
+        targets: &FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        let logits = values(logits);
+        let classes = last_dim(&logits);
+        let s = logit_rows::statistics(slice(&logits), &indices(targets, classes), classes);
+        let row = |v| per_row(&logits, v);
+        (row(s.loss), row(s.max_prob), row(s.correct), row(s.entropy))
+    }
+
+    pub fn sample_tokens(logits: &FlexTensor, uniforms: &FlexTensor) -> FlexTensor {
+        let (logits, uniforms) = (values(logits), values(uniforms));
+        let draws = logit_rows::sample(slice(&logits), slice(&uniforms), last_dim(&logits));
+        FlexTensor::from_data(TensorData::new(draws, uniforms.shape()))
     }
 }

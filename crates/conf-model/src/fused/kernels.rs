@@ -12,7 +12,7 @@ use super::math;
 pub(super) const TASK_ELEMENTS: usize = 16 * 1024;
 
 /// Rows per parallel task for rows of `len` elements.
-fn rows_per_task(len: usize) -> usize {
+pub(super) fn rows_per_task(len: usize) -> usize {
     (TASK_ELEMENTS / len.max(1)).max(1)
 }
 
@@ -27,7 +27,7 @@ pub(super) fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
 /// # Safety
 /// `write` must assign every element of the buffer (each kernel zips the output with inputs
 /// whose lengths it asserts equal, and the softmax writes its hidden keys' zeros).
-unsafe fn written(
+pub(super) unsafe fn written(
     mut buf: Box<[MaybeUninit<f32>]>,
     write: impl FnOnce(&mut [MaybeUninit<f32>]),
 ) -> Vec<f32> {

@@ -137,6 +137,77 @@ pub fn softmax_backward_in_place(p: &[f32], g: &mut [f32], scale: f32) {
     }
 }
 
+/// `ln Σ eˣ` of a row (its largest value subtracted first, so nothing overflows).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    let m = max(x);
+    m + sum_of(x, |v| exp(v - m)).ln()
+}
+
+/// The gradient of a cross-entropy row `lse − x[target]` times `g`:
+/// `g · (softmax(x) − onehot(target))`, from the row's [`log_sum_exp`].
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn cross_entropy_backward_row(
+    x: &[f32],
+    target: usize,
+    lse: f32,
+    g: f32,
+    out: &mut [MaybeUninit<f32>],
+) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(g * exp(v - lse));
+    }
+    out[target].write(g * (exp(x[target] - lse) - 1.0));
+}
+
+/// `(Σ e^(x − m), Σ e^(x − m) · (x − m))` of a row: the softmax's normaliser and, divided
+/// by it, the mean shifted logit the entropy needs.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn exp_moments(x: &[f32], m: f32) -> (f32, f32) {
+    let mut sums = [0.0f32; LANES];
+    let mut weighted = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for ((s, w), &v) in sums.iter_mut().zip(weighted.iter_mut()).zip(chunk) {
+            let e = exp(v - m);
+            *s += e;
+            *w = e.mul_add(v - m, *w);
+        }
+    }
+    let mut total = (sums.iter().sum::<f32>(), weighted.iter().sum::<f32>());
+    for &v in tail {
+        let e = exp(v - m);
+        total = (total.0 + e, e.mul_add(v - m, total.1));
+    }
+    total
+}
+
+/// The first index at which the running sum of `weights` (not negative) reaches `target`,
+/// the last index if it never does: the inverse of a cumulative distribution. Blocks whose
+/// sum leaves the running sum below the target are skipped whole, summed in lanes.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn first_reaching(weights: &[f32], target: f32) -> usize {
+    const BLOCK: usize = 4 * LANES;
+    assert!(!weights.is_empty(), "a distribution over no values");
+    let mut running = 0.0f32;
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let total = sum(block);
+        if running + total < target {
+            running += total;
+            continue;
+        }
+        for (i, &w) in block.iter().enumerate() {
+            running += w;
+            if running >= target {
+                return b * BLOCK + i;
+            }
+        }
+    }
+    weights.len() - 1
+}
+
 /// The largest value of a row (NaNs ignored, as `f32::max` does). The lanes are folded
 /// pairwise, in vector registers: attention rows are short (a causal query sees on average
 /// half the sequence), so a one-at-a-time fold of the lanes cost as much as the row itself.

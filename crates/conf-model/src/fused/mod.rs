@@ -16,6 +16,8 @@ mod head_attention;
 #[cfg(feature = "flex")]
 mod kernels;
 #[cfg(feature = "flex")]
+mod logit_rows;
+#[cfg(feature = "flex")]
 mod math;
 mod pool;
 #[cfg(feature = "flex")]
@@ -220,20 +222,108 @@ pub fn prefix_and_self_attention(
             "prefix-and-self attention: the {name}s' shape differs from the queries' (one cached key per query)"
         );
     }
+    #[cfg(any(feature = "flex", feature = "tch"))]
+    let tensors = [&q, &own_key, &own_value, &past_key, &past_value];
+    #[cfg(any(feature = "flex", feature = "tch"))]
+    let fusable = seq > 0 && head_dim > 0 && tensors.iter().all(|t| !t.device().is_autodiff());
     #[cfg(feature = "flex")]
-    if [&q, &own_key, &own_value, &past_key, &past_value]
-        .into_iter()
-        .all(|t| applies(t) && !t.device().is_autodiff())
-        && seq > 0
-        && head_dim > 0
-    {
+    if fusable && tensors.iter().all(|t| applies(*t)) {
         return extension::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
     }
     #[cfg(feature = "tch")]
-    if torch::prefix_and_self_applies(&q) && seq > 0 && head_dim > 0 {
+    if fusable && tensors.iter().all(|t| torch::on_libtorch_cpu(*t)) {
         return torch::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
     }
     plain::prefix_and_self_attention(q, own_key, own_value, past_key, past_value)
+}
+
+/// Per-token statistics of next-token predictions, without autodiff, `[B, T]` each.
+#[derive(Debug, Clone)]
+pub struct TokenStats {
+    /// Cross-entropy of the real next token (nats).
+    pub loss: Tensor<2>,
+    /// Largest predicted probability.
+    pub max_prob: Tensor<2>,
+    /// 1 where the arg-max is the real next token, else 0.
+    pub correct: Tensor<2>,
+    /// Entropy of the predicted distribution (nats).
+    pub entropy: Tensor<2>,
+}
+
+impl TokenStats {
+    /// The statistics of positions `0..count` only.
+    pub fn first_positions(self, count: usize) -> Self {
+        let first = |t: Tensor<2>| {
+            let batch = t.dims()[0];
+            t.slice([0..batch, 0..count])
+        };
+        Self {
+            loss: first(self.loss),
+            max_prob: first(self.max_prob),
+            correct: first(self.correct),
+            entropy: first(self.entropy),
+        }
+    }
+}
+
+/// Cross-entropy of each position: `logits [B, T, V]`, `targets [B, T]` → `[B, T]`. On flex
+/// one operation each way: the backward `g · (softmax − onehot)` is recomputed from the logits
+/// and each row's log-sum-exp, so no `[B, T, V]` tensor is kept beyond the logits.
+pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let targets = same_graph(targets, &logits);
+    #[cfg(feature = "flex")]
+    if applies(&logits) && logits.dims()[2] > 0 {
+        return extension::cross_entropy(logits, targets);
+    }
+    plain::token_cross_entropy(logits, targets)
+}
+
+/// [`TokenStats`] of `logits [B, T, V]` against `targets [B, T]`, computed without autodiff:
+/// on flex one pass over each row.
+pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
+    let logits = logits.without_autodiff();
+    let targets = targets.without_autodiff();
+    #[cfg(feature = "flex")]
+    if applies(&logits) && logits.dims()[2] > 0 {
+        let [loss, max_prob, correct, entropy] = extension::token_statistics(logits, targets);
+        return TokenStats {
+            loss,
+            max_prob,
+            correct,
+            entropy,
+        };
+    }
+    plain::token_stats(logits, targets)
+}
+
+/// One draw per (row, position) from `softmax(logits)` at temperature 1 by inverting the
+/// cumulative distribution at the given uniforms: `[B, T, V]`, `[B, T] → [B, T]`, without
+/// autodiff. On flex one pass over each row; the draws equal the plain path's except where a
+/// uniform falls within rounding of a cumulative probability.
+pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+    let logits = logits.without_autodiff();
+    let uniforms = uniforms.without_autodiff();
+    #[cfg(feature = "flex")]
+    if applies(&logits) && applies(&uniforms) && logits.dims()[2] > 0 {
+        // The kernel writes i64; the device's integers may be narrower.
+        let int_dtype = logits.device().settings().int_dtype;
+        let draws = extension::sample_tokens(logits, uniforms);
+        return if draws.dtype() == int_dtype.into() {
+            draws
+        } else {
+            draws.cast(int_dtype)
+        };
+    }
+    plain::sample_tokens(logits, uniforms)
+}
+
+/// `targets` on `logits`' device, with autodiff exactly when `logits` has it.
+fn same_graph(targets: Tensor<2, Int>, logits: &Tensor<3>) -> Tensor<2, Int> {
+    if logits.is_autodiff() {
+        targets.to_device(&logits.device())
+    } else {
+        targets.without_autodiff()
+    }
 }
 
 /// Shapes the fused attention takes: the same batch, heads and head width everywhere (no
@@ -256,6 +346,43 @@ fn fused_shapes(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, causal: bool) -> bo
 /// and the reference the fused kernels are tested against.
 pub mod plain {
     use super::*;
+
+    pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+        let log_probs = activation::log_softmax(logits, 2);
+        -log_probs
+            .gather(2, targets.unsqueeze_dim::<3>(2))
+            .squeeze_dim::<2>(2)
+    }
+
+    pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
+        let log_probs = activation::log_softmax(logits, 2);
+        let probs = log_probs.clone().exp();
+        let entropy = -(probs.clone() * log_probs.clone())
+            .sum_dim(2)
+            .squeeze_dim::<2>(2);
+        let loss = -log_probs
+            .gather(2, targets.clone().unsqueeze_dim::<3>(2))
+            .squeeze_dim::<2>(2);
+        let (max_prob, argmax) = probs.max_dim_with_indices(2);
+        let correct = argmax.squeeze_dim::<2>(2).equal(targets).float();
+        TokenStats {
+            loss,
+            max_prob: max_prob.squeeze_dim::<2>(2),
+            correct,
+            entropy,
+        }
+    }
+
+    pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+        let vocab = logits.dims()[2];
+        let cdf = activation::softmax(logits, 2).cumsum(2);
+        let below = cdf.lower(uniforms.unsqueeze_dim::<3>(2));
+        below
+            .int()
+            .sum_dim(2)
+            .clamp_max(vocab as i64 - 1)
+            .squeeze_dim::<2>(2)
+    }
 
     pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         activation::gelu(x)

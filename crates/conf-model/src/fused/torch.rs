@@ -26,13 +26,16 @@ use burn::tensor::DType;
 
 /// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU device.
 pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    [q, k, v].into_iter().all(|t| {
-        on_libtorch(t)
-            && matches!(
-                t.device().without_autodiff().as_dispatch(),
-                DispatchDevice::LibTorch(LibTorchDevice::Cpu)
-            )
-    })
+    [q, k, v].into_iter().all(on_libtorch_cpu)
+}
+
+/// Whether `x` is an f32 tensor on libtorch's CPU device, with or without autodiff.
+pub fn on_libtorch_cpu<const D: usize>(x: &Tensor<D>) -> bool {
+    on_libtorch(x)
+        && matches!(
+            x.device().without_autodiff().as_dispatch(),
+            DispatchDevice::LibTorch(LibTorchDevice::Cpu)
+        )
 }
 
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
@@ -88,12 +91,6 @@ pub fn adaptive_norm(
         bias.into_dispatch(),
         eps,
     ))
-}
-
-/// Whether dense pass 2's attention takes [`prefix_and_self_attention`]: f32 on libtorch's
-/// CPU without autodiff.
-pub fn prefix_and_self_applies(q: &Tensor<4>) -> bool {
-    applies(q, q, q) && !q.device().is_autodiff()
 }
 
 /// Dense pass 2's attention (`fused::prefix_and_self_attention`): query i over the cached
@@ -209,14 +206,9 @@ fn adaptive_norm_forward(
         x.tensor
             .native_layer_norm([width], None::<&tch::Tensor>, None, eps);
     // `1 + scale` and `shift` in one product: the 1 folded into the scale's bias.
-    let one = tch::Tensor::cat(
-        &[
-            tch::Tensor::ones([width], (tch::Kind::Float, bias.tensor.device())),
-            tch::Tensor::zeros([width], (tch::Kind::Float, bias.tensor.device())),
-        ],
-        0,
-    );
-    let modulation = (&bias.tensor + one).addmm(&c.tensor.reshape([-1, 1]), &weight.tensor);
+    let one_plus_bias = bias.tensor.copy();
+    let _ = one_plus_bias.narrow(0, 0, width).g_add_scalar_(1.0);
+    let modulation = one_plus_bias.addmm(&c.tensor.reshape([-1, 1]), &weight.tensor);
     let gain = modulation.narrow(1, 0, width).reshape(&size[..]);
     let shift = modulation.narrow(1, width, width).reshape(&size[..]);
     let output = shift.addcmul(&normalised, &gain);
