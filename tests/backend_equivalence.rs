@@ -235,6 +235,30 @@ fn prefix_and_self(device: &Device) -> Vec<f32> {
     ))
 }
 
+/// The operations on rows of logits (`[2, 3, 40]`): the cross-entropy and its gradient through
+/// a weighting, the four token statistics, and the draws at fixed uniforms.
+fn logit_rows(device: &Device) -> [Vec<f32>; 7] {
+    let autodiff = device.clone().autodiff();
+    let logits = (pattern([2, 3, 40], 6, &autodiff) * 3.0).require_grad();
+    let targets = Tensor::<2, Int>::from_ints([[0, 7, 39], [12, 3, 25]], &autodiff);
+    let losses = conf_model::fused::token_cross_entropy(logits.clone(), targets.clone());
+    let grads = (losses.clone() * pattern([2, 3], 7, &autodiff))
+        .sum()
+        .backward();
+    let stats = conf_model::fused::token_stats(logits.clone(), targets);
+    let uniforms = Tensor::<2>::from_floats([[0.05, 0.5, 0.93], [0.31, 0.77, 0.999]], device);
+    let draws = conf_model::fused::sample_tokens(logits.clone().without_autodiff(), uniforms);
+    [
+        values(losses),
+        values(logits.grad(&grads).expect("d logits")),
+        values(stats.loss),
+        values(stats.max_prob),
+        values(stats.correct),
+        values(stats.entropy),
+        values(draws.float()),
+    ]
+}
+
 /// Runs every comparison for one backend against flex.
 fn matches_flex(backend: BackendChoice) {
     let other = device(backend, None).unwrap_or_else(|e| panic!("{e}"));
@@ -285,6 +309,24 @@ fn matches_flex(backend: BackendChoice) {
         &prefix_and_self(&other),
         &prefix_and_self(&Device::flex()),
     );
+    let rows = [logit_rows(&other), logit_rows(&Device::flex())];
+    let names = [
+        "cross-entropy",
+        "cross-entropy: d logits",
+        "token loss",
+        "largest probability",
+        "correct",
+        "entropy",
+        "draws",
+    ];
+    for (i, what) in names.iter().enumerate() {
+        assert_close(
+            &format!("rows of logits: {what}"),
+            backend,
+            &rows[0][i],
+            &rows[1][i],
+        );
+    }
 
     let before = parameters(&load(&bytes, &Device::flex()));
     let want = after_one_step(&bytes, &Device::flex());

@@ -267,19 +267,24 @@ impl TokenStats {
 }
 
 /// Cross-entropy of each position: `logits [B, T, V]`, `targets [B, T]` → `[B, T]`. On flex
-/// one operation each way: the backward `g · (softmax − onehot)` is recomputed from the logits
-/// and each row's log-sum-exp, so no `[B, T, V]` tensor is kept beyond the logits.
+/// and libtorch one operation each way: the backward `g · (softmax − onehot)` is recomputed
+/// from the logits and each row's log-sum-exp, so no `[B, T, V]` tensor is kept beyond the
+/// logits.
 pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let targets = same_graph(targets, &logits);
     #[cfg(feature = "flex")]
     if applies(&logits) && logits.dims()[2] > 0 {
         return extension::cross_entropy(logits, targets);
     }
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&logits) {
+        return torch::cross_entropy(logits, targets);
+    }
     plain::token_cross_entropy(logits, targets)
 }
 
 /// [`TokenStats`] of `logits [B, T, V]` against `targets [B, T]`, computed without autodiff:
-/// on flex one pass over each row.
+/// on flex one pass over each row, on libtorch from one log-softmax.
 pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
     let logits = logits.without_autodiff();
     let targets = targets.without_autodiff();
@@ -293,28 +298,44 @@ pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
             entropy,
         };
     }
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&logits) {
+        let [loss, max_prob, correct, entropy] = torch::token_statistics(logits, targets);
+        return TokenStats {
+            loss,
+            max_prob,
+            correct,
+            entropy,
+        };
+    }
     plain::token_stats(logits, targets)
 }
 
 /// One draw per (row, position) from `softmax(logits)` at temperature 1 by inverting the
 /// cumulative distribution at the given uniforms: `[B, T, V]`, `[B, T] → [B, T]`, without
-/// autodiff. On flex one pass over each row; the draws equal the plain path's except where a
+/// autodiff. On flex one pass over each row, on libtorch its softmax, cumulative sum and
+/// comparison; the flex draws equal the plain path's except where a
 /// uniform falls within rounding of a cumulative probability.
 pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
     let logits = logits.without_autodiff();
     let uniforms = uniforms.without_autodiff();
+    let int_dtype = logits.device().settings().int_dtype;
+    #[allow(unused_mut)]
+    let mut draws: Option<Tensor<2, Int>> = None;
     #[cfg(feature = "flex")]
     if applies(&logits) && applies(&uniforms) && logits.dims()[2] > 0 {
-        // The kernel writes i64; the device's integers may be narrower.
-        let int_dtype = logits.device().settings().int_dtype;
-        let draws = extension::sample_tokens(logits, uniforms);
-        return if draws.dtype() == int_dtype.into() {
-            draws
-        } else {
-            draws.cast(int_dtype)
-        };
+        draws = Some(extension::sample_tokens(logits.clone(), uniforms.clone()));
     }
-    plain::sample_tokens(logits, uniforms)
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&logits) && torch::on_libtorch(&uniforms) {
+        draws = Some(torch::sample_tokens(logits.clone(), uniforms.clone()));
+    }
+    match draws {
+        // The kernels write i64; the device's integers may be narrower.
+        Some(draws) if draws.dtype() != int_dtype.into() => draws.cast(int_dtype),
+        Some(draws) => draws,
+        None => plain::sample_tokens(logits, uniforms),
+    }
 }
 
 /// `targets` on `logits`' device, with autodiff exactly when `logits` has it.

@@ -19,7 +19,7 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::{LibTorchDevice, TchTensor};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -113,6 +113,33 @@ pub fn prefix_and_self_attention(
     )
 }
 
+/// Each row's cross-entropy (`fused::token_cross_entropy`): libtorch's log-sum-exp and a
+/// gather forward; the backward `g · (softmax − onehot)` from the logits and that log-sum-exp.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    ))
+}
+
+/// Loss, largest probability, correctness and entropy per row (`fused::token_stats`), from one
+/// log-softmax.
+pub fn token_statistics(logits: Tensor<3>, targets: Tensor<2, Int>) -> [Tensor<2>; 4] {
+    let (loss, max_prob, correct, entropy) = <Dispatch as TorchNoGradOps>::torch_token_statistics(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    );
+    [loss, max_prob, correct, entropy].map(Tensor::from_dispatch)
+}
+
+/// One draw per row at its uniform (`fused::sample_tokens`).
+pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+    Tensor::from_dispatch(<Dispatch as TorchNoGradOps>::torch_sample_tokens(
+        logits.into_dispatch(),
+        uniforms.into_dispatch(),
+    ))
+}
+
 #[backend_extension(LibTorch)]
 pub trait TorchNoGradOps: Backend {
     fn torch_prefix_and_self_attention(
@@ -122,6 +149,22 @@ pub trait TorchNoGradOps: Backend {
         past_key: FloatTensor<Self>,
         past_value: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    #[allow(clippy::type_complexity)]
+    fn torch_token_statistics(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
+    fn torch_sample_tokens(
+        logits: FloatTensor<Self>,
+        uniforms: FloatTensor<Self>,
+    ) -> IntTensor<Self>;
 }
 
 impl TorchNoGradOps for LibTorch {
@@ -152,6 +195,63 @@ impl TorchNoGradOps for LibTorch {
         ));
         forward(&q, &keys, &values, &mask).0
     }
+
+    fn torch_token_statistics(
+        logits: TchTensor,
+        targets: TchTensor,
+    ) -> (TchTensor, TchTensor, TchTensor, TchTensor) {
+        let last = [-1i64];
+        let log_probs = logits.tensor.log_softmax(-1, tch::Kind::Float);
+        let index = target_index(&targets.tensor);
+        let loss = -log_probs.gather(-1, &index, false).squeeze_dim(-1);
+        let (max_log_prob, argmax) = log_probs.max_dim(-1, false);
+        let correct = argmax
+            .eq_tensor(&targets.tensor.to_kind(argmax.kind()))
+            .to_kind(tch::Kind::Float);
+        // −Σ p · ln p, the product written over p.
+        let mut probs = log_probs.exp();
+        let entropy = -probs
+            .g_mul_(&log_probs)
+            .sum_dim_intlist(&last[..], false, None);
+        (
+            TchTensor::new(loss),
+            TchTensor::new(max_log_prob.exp()),
+            TchTensor::new(correct),
+            TchTensor::new(entropy),
+        )
+    }
+
+    fn torch_sample_tokens(logits: TchTensor, uniforms: TchTensor) -> TchTensor {
+        let vocab = *logits
+            .tensor
+            .size()
+            .last()
+            .expect("a tensor with dimensions");
+        let last = [-1i64];
+        let mut cdf = logits.tensor.softmax(-1, tch::Kind::Float);
+        let _ = cdf.cumsum_(-1, None);
+        let below = cdf.lt_tensor(&uniforms.tensor.unsqueeze(-1));
+        let draws = below
+            .sum_dim_intlist(&last[..], false, tch::Kind::Int64)
+            .clamp_max(vocab - 1);
+        TchTensor::new(draws)
+    }
+}
+
+/// Targets `[B, T]` as the `[B, T, 1]` int64 index `gather` and `scatter_add` take.
+fn target_index(targets: &tch::Tensor) -> tch::Tensor {
+    targets.to_kind(tch::Kind::Int64).unsqueeze(-1)
+}
+
+/// Each row's cross-entropy, and its log-sum-exp and target index (for the backward).
+fn cross_entropy_forward(
+    logits: &tch::Tensor,
+    targets: &tch::Tensor,
+) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    let index = target_index(targets);
+    let log_sum_exp = logits.logsumexp(&[-1i64][..], false);
+    let picked = logits.gather(-1, &index, false).squeeze_dim(-1);
+    (&log_sum_exp - picked, log_sum_exp, index)
 }
 
 #[backend_extension(LibTorch, Autodiff)]
@@ -174,6 +274,10 @@ pub trait TorchOps: Backend {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+    ) -> FloatTensor<Self>;
+    fn torch_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 }
 
@@ -351,6 +455,39 @@ impl TorchOps for LibTorch {
                 .layer_norm([width], Some(&gamma.tensor), Some(&beta.tensor), eps, true);
         TchTensor::new(output)
     }
+    fn torch_cross_entropy(logits: TchTensor, targets: TchTensor) -> TchTensor {
+        TchTensor::new(cross_entropy_forward(&logits.tensor, &targets.tensor).0)
+    }
+}
+
+/// What the cross-entropy's backward reads: the logits (shared), each row's log-sum-exp and
+/// the target index.
+#[derive(Debug, Clone)]
+struct CrossEntropySaved {
+    logits: TchTensor,
+    log_sum_exp: TchTensor,
+    index: TchTensor,
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<LibTorch, 1> for CrossEntropyBackward {
+    type State = CrossEntropySaved;
+
+    /// `g · (e^(x − lse) − onehot(target))`: one tensor of the logits' size, written in place.
+    fn backward(self, ops: Ops<CrossEntropySaved, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node).tensor.unsqueeze(-1);
+        let s = &ops.state;
+        let [logits_node] = ops.parents;
+        if let Some(node) = logits_node {
+            let mut d = &s.logits.tensor - s.log_sum_exp.tensor.unsqueeze(-1);
+            let _ = d.exp_();
+            let _ = d.g_mul_(&grad);
+            let _ = d.scatter_add_(-1, &s.index.tensor, &(-&grad));
+            grads.register::<LibTorch>(node.id, TchTensor::new(d));
+        }
+    }
 }
 
 /// What LayerNorm's backward reads.
@@ -486,6 +623,30 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
                 gamma.into_primitive(),
                 beta.into_primitive(),
                 eps,
+            )),
+        }
+    }
+
+    fn torch_cross_entropy(logits: FloatTensor<Self>, targets: TchTensor) -> FloatTensor<Self> {
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let logits = logits.into_primitive();
+                let (loss, log_sum_exp, index) =
+                    cross_entropy_forward(&logits.tensor, &targets.tensor);
+                let saved = CrossEntropySaved {
+                    logits,
+                    log_sum_exp: TchTensor::new(log_sum_exp),
+                    index: TchTensor::new(index),
+                };
+                prep.finish(saved, TchTensor::new(loss))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(LibTorch::torch_cross_entropy(
+                logits.into_primitive(),
+                targets,
             )),
         }
     }
