@@ -54,6 +54,13 @@ pub struct ConfidenceOutput {
     pub confidence: Tensor<2>, // [B, T], predicted loss at t+2 in nats
 }
 
+/// A ConfidenceAwareGPT pass stopped before the LM head.
+#[derive(Debug, Clone)]
+pub struct StateOutput {
+    pub state: Tensor<3>, // [B, T, d], the final normalised state the LM head reads
+    pub confidence: Tensor<2>, // [B, T]
+}
+
 #[derive(Module, Debug)]
 pub struct ConfidenceAwareGpt {
     pub tok_emb: Embedding,
@@ -142,6 +149,27 @@ impl ConfidenceAwareGpt {
         self.run(ids, confidence_input, pos, &AttentionMask::Causal, None)
     }
 
+    /// [`forward_cached`](Self::forward_cached) without the LM head: the final normalised state
+    /// and the confidence. An objective that trains on a few positions (seed: the last) takes
+    /// their logits through [`lm_head`](Self::lm_head) apart, so the head's backward covers those
+    /// rows only and not `[B, T, V]` gradients that are zero but for them.
+    pub fn forward_cached_state(
+        &self,
+        ids: Tensor<2, Int>,
+        confidence_input: Tensor<2>,
+    ) -> (StateOutput, Vec<LayerKv>) {
+        let pos = positions(&ids, 0);
+        let trunk = self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None);
+        let state = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
+        let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| state.clone()));
+        (StateOutput { state, confidence }, trunk.cache)
+    }
+
+    /// The tied LM head on final normalised states `[B, T, d]`: logits `[B, T, V]`.
+    pub fn lm_head(&self, state: Tensor<3>) -> Tensor<3> {
+        tied_logits(state, &self.tok_emb, self.precision)
+    }
+
     /// New tokens `ids: [B, S]` at `positions: [B, S]` attending to the cached keys/values of
     /// an earlier pass (`P` tokens) and to each other as `mask: [S, P + S]` allows.
     pub fn extend(
@@ -185,7 +213,7 @@ impl ConfidenceAwareGpt {
         let h = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
         let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| h.clone()));
         let output = ConfidenceOutput {
-            logits: tied_logits(h, &self.tok_emb, self.precision),
+            logits: self.lm_head(h),
             confidence,
         };
         (output, trunk.cache)

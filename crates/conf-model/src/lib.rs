@@ -11,7 +11,7 @@ mod mini_gpt;
 mod precision;
 
 pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask, softmax_attention};
-pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock};
+pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock, StateOutput};
 pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, ParameterMatch};
 pub use layers::{AdaptiveLayer, Mlp};
 pub use mini_gpt::{Block, MiniGpt, positions};

@@ -205,10 +205,13 @@ impl Objective<ConfidenceAwareGpt> for SeedObjective {
         let WindowParts { x, y1, y2 } = WindowParts::new(input.tokens);
         let [batch, seq] = x.dims();
         let history = confidence_history(model, &x, self.0.conf_input);
-        let (out, cache) = model.forward_cached(x, history);
-        let vocab = out.logits.dims()[2];
+        let (out, cache) = model.forward_cached_state(x, history);
+        let width = out.state.dims()[2];
         let last = |t: Tensor<2, Int>| t.slice([0..batch, seq - 1..seq]);
-        let last_logits = out.logits.clone().slice([0..batch, seq - 1..seq, 0..vocab]);
+        // The LM loss reads the last position only: its logits apart, so that the LM head's
+        // backward covers B rows instead of B·L rows of zero gradient but for them.
+        let last_state = out.state.clone().slice([0..batch, seq - 1..seq, 0..width]);
+        let last_logits = model.lm_head(last_state); // [B, 1, V]
         let lm = lm_loss(last_logits.clone(), last(y1.clone()));
         let conf_last = out.confidence.clone().slice([0..batch, seq - 1..seq]); // [B, 1]
 
@@ -222,7 +225,8 @@ impl Objective<ConfidenceAwareGpt> for SeedObjective {
         );
         let future = token_cross_entropy(future_logits, last(y2).without_autodiff()); // [B, 1]
         let conf_loss = mse(conf_last.clone(), future.clone());
-        let tokens = token_stats(out.logits, y1);
+        // Every position's logits for the statistics, outside the loss's graph.
+        let tokens = token_stats(model.lm_head(out.state), y1);
         let entropy = tokens.entropy.clone().slice([0..batch, seq - 1..seq]);
         confidence_output(
             self.0.alpha,

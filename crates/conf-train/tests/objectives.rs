@@ -327,6 +327,48 @@ fn the_second_pass_contributes_no_gradient() {
 }
 
 #[test]
+fn seeds_last_position_logits_apart_give_the_gradient_of_the_full_logits_last_row() {
+    let device = Device::flex().autodiff();
+    let model = model(ConfHead::Final, &device);
+    let batch = windows(3, &device);
+    let out = SeedObjective(settings(0.7)).compute(&model, batch.clone());
+    let actual = out.lookahead.as_ref().unwrap().actual.clone(); // [B, 1]
+    let grads = out.total.backward();
+
+    // The seed step written over pass 1's full logits, their last row sliced.
+    let parts = WindowParts::new(batch.tokens);
+    let [rows, seq] = parts.x.dims();
+    let history = confidence_history(&model, &parts.x, ConfInput::SelfConditioned);
+    let pass1 = model.forward(parts.x, history, &AttentionMask::Causal);
+    let vocab = pass1.logits.dims()[2];
+    let last_logits = pass1.logits.slice([0..rows, seq - 1..seq, 0..vocab]);
+    let lm = lm_loss(last_logits, parts.y1.slice([0..rows, seq - 1..seq]));
+    let conf_last = pass1.confidence.slice([0..rows, seq - 1..seq]);
+    let manual = lm + (conf_last - actual).powi_scalar(2).mean() * 0.7;
+    let manual_grads = manual.backward();
+    for (a, b) in [
+        (
+            grad_vec(&model.tok_emb.weight, &grads),
+            grad_vec(&model.tok_emb.weight, &manual_grads),
+        ),
+        (
+            grad_vec(&model.blocks[1].mlp.fc.weight, &grads),
+            grad_vec(&model.blocks[1].mlp.fc.weight, &manual_grads),
+        ),
+        (
+            grad_vec(&model.confidence_predictor.weight, &grads),
+            grad_vec(&model.confidence_predictor.weight, &manual_grads),
+        ),
+    ] {
+        assert!(
+            a.iter().any(|g| g.abs() > 1e-6),
+            "a zero gradient proves nothing"
+        );
+        assert_same(&a, &b);
+    }
+}
+
+#[test]
 fn with_the_probe_the_trunk_gets_the_plain_lm_gradient_whatever_alpha() {
     let device = Device::flex().autodiff();
     let model = model(ConfHead::Probe, &device);
