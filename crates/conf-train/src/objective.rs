@@ -225,7 +225,8 @@ impl Objective<ConfidenceAwareGpt> for SeedObjective {
         );
         let future = token_cross_entropy(future_logits, last(y2).without_autodiff()); // [B, 1]
         let conf_loss = mse(conf_last.clone(), future.clone());
-        // Every position's logits for the statistics, outside the loss's graph.
+        // Every position's logits for the statistics: no loss depends on them, so the backward
+        // never reaches this product.
         let tokens = token_stats(model.lm_head(out.state), y1);
         let entropy = tokens.entropy.clone().slice([0..batch, seq - 1..seq]);
         confidence_output(
