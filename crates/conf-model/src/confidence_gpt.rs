@@ -159,10 +159,7 @@ impl ConfidenceAwareGpt {
         confidence_input: Tensor<2>,
     ) -> (StateOutput, Vec<LayerKv>) {
         let pos = positions(&ids, 0);
-        let trunk = self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None);
-        let state = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
-        let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| state.clone()));
-        (StateOutput { state, confidence }, trunk.cache)
+        self.heads_but_lm(self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None))
     }
 
     /// The tied LM head on final normalised states `[B, T, d]`: logits `[B, T, V]`.
@@ -210,13 +207,19 @@ impl ConfidenceAwareGpt {
         past: Option<&[LayerKv]>,
     ) -> (ConfidenceOutput, Vec<LayerKv>) {
         let trunk = self.trunk(ids, confidence_input, positions, mask, past);
-        let h = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
-        let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| h.clone()));
+        let (StateOutput { state, confidence }, cache) = self.heads_but_lm(trunk);
         let output = ConfidenceOutput {
-            logits: self.lm_head(h),
+            logits: self.lm_head(state),
             confidence,
         };
-        (output, trunk.cache)
+        (output, cache)
+    }
+
+    /// The final LayerNorm and the confidence head on the probe's or the final state.
+    fn heads_but_lm(&self, trunk: Trunk) -> (StateOutput, Vec<LayerKv>) {
+        let state = apply_layer_norm(&self.ln_f, trunk.state); // [B, T, d]
+        let confidence = self.confidence_head(trunk.probed.unwrap_or_else(|| state.clone()));
+        (StateOutput { state, confidence }, trunk.cache)
     }
 
     /// The blocks over the embedded tokens.

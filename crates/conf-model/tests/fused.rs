@@ -412,3 +412,21 @@ fn a_target_outside_the_vocabulary_is_refused_naming_it() {
     let targets = Tensor::<2, Int>::from_ints([[1, 7]], &device);
     let _ = fused::token_cross_entropy(logits, targets);
 }
+
+#[test]
+#[should_panic(expected = "uniforms must be [2, 3], one per row of logits [2, 3, 5]; got [3, 2]")]
+fn uniforms_of_the_right_count_but_the_wrong_shape_are_refused() {
+    let device = Device::flex();
+    let logits = normal([2, 3, 5], 0.0, 1.0, &device);
+    let uniforms = Tensor::<2>::zeros([3, 2], &device);
+    let _ = fused::sample_tokens(logits, uniforms);
+}
+
+#[test]
+#[should_panic(expected = "targets must be [2, 3], one per row of logits [2, 3, 5]; got [6, 1]")]
+fn targets_of_the_right_count_but_the_wrong_shape_are_refused() {
+    let device = Device::flex();
+    let logits = normal([2, 3, 5], 0.0, 1.0, &device);
+    let targets = Tensor::<2, Int>::zeros([6, 1], &device);
+    let _ = fused::token_stats(logits, targets);
+}

@@ -217,17 +217,17 @@ impl Objective<ConfidenceAwareGpt> for SeedObjective {
 
         let sample = sample_tokens(last_logits, input.uniforms.slice([0..batch, seq - 1..seq]));
         let cache: Vec<_> = cache.into_iter().map(|kv| kv.without_autodiff()).collect();
+        let inference = model.valid();
         let future_logits = seed_pass2(
-            &model.valid(),
+            &inference,
             &cache,
             sample,
             conf_last.clone().without_autodiff(),
         );
         let future = token_cross_entropy(future_logits, last(y2).without_autodiff()); // [B, 1]
         let conf_loss = mse(conf_last.clone(), future.clone());
-        // Every position's logits for the statistics: no loss depends on them, so the backward
-        // never reaches this product.
-        let tokens = token_stats(model.lm_head(out.state), y1);
+        // Every position's logits for the statistics, outside the graph: no loss reads them.
+        let tokens = token_stats(inference.lm_head(out.state.without_autodiff()), y1);
         let entropy = tokens.entropy.clone().slice([0..batch, seq - 1..seq]);
         confidence_output(
             self.0.alpha,

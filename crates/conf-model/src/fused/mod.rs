@@ -250,6 +250,18 @@ pub struct TokenStats {
     pub entropy: Tensor<2>,
 }
 
+/// From `[loss, max_prob, correct, entropy]`, the order the fused kernels write them in.
+impl From<[Tensor<2>; 4]> for TokenStats {
+    fn from([loss, max_prob, correct, entropy]: [Tensor<2>; 4]) -> Self {
+        Self {
+            loss,
+            max_prob,
+            correct,
+            entropy,
+        }
+    }
+}
+
 impl TokenStats {
     /// The statistics of positions `0..count` only.
     pub fn first_positions(self, count: usize) -> Self {
@@ -271,6 +283,7 @@ impl TokenStats {
 /// from the logits and each row's log-sum-exp, so no `[B, T, V]` tensor is kept beyond the
 /// logits.
 pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    check_rows("targets", &logits, &targets.dims());
     let targets = same_graph(targets, &logits);
     #[cfg(feature = "flex")]
     if applies(&logits) && logits.dims()[2] > 0 {
@@ -286,27 +299,16 @@ pub fn token_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor
 /// [`TokenStats`] of `logits [B, T, V]` against `targets [B, T]`, computed without autodiff:
 /// on flex one pass over each row, on libtorch from one log-softmax.
 pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
+    check_rows("targets", &logits, &targets.dims());
     let logits = logits.without_autodiff();
     let targets = targets.without_autodiff();
     #[cfg(feature = "flex")]
     if applies(&logits) && logits.dims()[2] > 0 {
-        let [loss, max_prob, correct, entropy] = extension::token_statistics(logits, targets);
-        return TokenStats {
-            loss,
-            max_prob,
-            correct,
-            entropy,
-        };
+        return extension::token_statistics(logits, targets).into();
     }
     #[cfg(feature = "tch")]
     if torch::on_libtorch(&logits) {
-        let [loss, max_prob, correct, entropy] = torch::token_statistics(logits, targets);
-        return TokenStats {
-            loss,
-            max_prob,
-            correct,
-            entropy,
-        };
+        return torch::token_statistics(logits, targets).into();
     }
     plain::token_stats(logits, targets)
 }
@@ -317,6 +319,7 @@ pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
 /// comparison; the flex draws equal the plain path's except where a
 /// uniform falls within rounding of a cumulative probability.
 pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
+    check_rows("uniforms", &logits, &uniforms.dims());
     let logits = logits.without_autodiff();
     let uniforms = uniforms.without_autodiff();
     let int_dtype = logits.device().settings().int_dtype;
@@ -336,6 +339,16 @@ pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
         Some(draws) => draws,
         None => plain::sample_tokens(logits, uniforms),
     }
+}
+
+/// One value per row of logits `[B, T, V]`: `per_row` must be `[B, T]`, not merely as many.
+fn check_rows(name: &str, logits: &Tensor<3>, per_row: &[usize; 2]) {
+    let [b, t, _] = logits.dims();
+    assert!(
+        *per_row == [b, t],
+        "{name} must be [{b}, {t}], one per row of logits {:?}; got {per_row:?}",
+        logits.dims()
+    );
 }
 
 /// `targets` on `logits`' device, with autodiff exactly when `logits` has it.
