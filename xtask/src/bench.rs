@@ -11,12 +11,14 @@ use serde_json::{Value, json};
 
 use crate::backend::{self, Backend, BuildEnv};
 
-/// A benchmark shape: a preset, with the batch size overridden where it says so.
+/// A benchmark shape: a preset, with the batch size overridden where it says so, and any
+/// further `lookahead bench` arguments (the data and tokenizer).
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
     pub name: &'static str,
     preset: &'static str,
     batch_size: Option<usize>,
+    args: &'static [&'static str],
 }
 
 /// DESIGN §9's shape: the plan preset (d 128, 4 layers, L 128) at batch 16.
@@ -24,17 +26,42 @@ pub const PLAN_B16: Shape = Shape {
     name: "plan-b16",
     preset: "plan",
     batch_size: Some(16),
+    args: &[],
 };
 pub const QUICK: Shape = Shape {
     name: "quick",
     preset: "quick",
     batch_size: None,
+    args: &[],
+};
+/// The quick shape with GPT-2's 50,257-token vocabulary, where the rows of logits dominate the
+/// step. Its text is tinyshakespeare: from `LOOKAHEAD_DATA`, lookahead's cache, or downloaded.
+pub const QUICK_GPT2: Shape = Shape {
+    name: "quick-gpt2",
+    preset: "quick",
+    batch_size: None,
+    args: &["--tokenizer", "gpt2", "--dataset", "tinyshakespeare"],
 };
 pub const GPU: Shape = Shape {
     name: "gpu",
     preset: "gpu",
     batch_size: None,
+    args: &[],
 };
+
+/// Every shape `cargo xtask bench --shape` accepts, by name.
+pub const SHAPES: [Shape; 4] = [PLAN_B16, QUICK, QUICK_GPT2, GPU];
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        SHAPES.into_iter().find(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
+            format!("unknown shape '{name}' (one of: {})", names.join(", "))
+        })
+    }
+}
 
 pub struct BenchPlan {
     pub backends: Vec<Backend>,
@@ -200,6 +227,7 @@ fn lookahead_bench(
     if let Some(batch) = shape.batch_size {
         command.args(["--batch-size", &batch.to_string()]);
     }
+    command.args(shape.args);
     if workers > 1 {
         let devices: Vec<String> = (0..workers).map(|i| i.to_string()).collect();
         command.args(["--devices", &devices.join(",")]);

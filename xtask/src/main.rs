@@ -40,8 +40,8 @@ enum Task {
     /// reference (bench/reference.py, from the tch-cpu set-up's venv) on the same shapes and
     /// thread counts, interleaved, medians over rounds, ratios to PyTorch's standard step and
     /// to each one's own; figures in results/bench/{shape}-threads{N}.json. Shapes: plan-b16
-    /// (DESIGN §9's) and quick on CPU backends, gpu on CUDA ones. `--smoke` runs one short
-    /// round of the quick shape.
+    /// (DESIGN §9's) and quick on CPU backends, gpu on CUDA ones, unless `--shape` names them.
+    /// `--smoke` runs one short round of the quick shape.
     Bench {
         #[arg(long = "backend", value_enum, default_value = "flex")]
         backends: Vec<Backend>,
@@ -56,6 +56,10 @@ enum Task {
         /// (`lookahead bench --devices`; on the CPU, workers sharing it).
         #[arg(long, value_delimiter = ',', default_value = "1")]
         workers: Vec<usize>,
+        /// Shapes, comma-separated: plan-b16, quick, quick-gpt2 (the quick shape with GPT-2's
+        /// vocabulary on tinyshakespeare), gpu.
+        #[arg(long = "shape", value_delimiter = ',')]
+        shapes: Vec<bench::Shape>,
         /// Timed steps per objective and round (after 3 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
@@ -91,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             threads,
             workers,
+            shapes,
             steps,
         } => {
             let gpu = backends
@@ -101,10 +106,10 @@ fn main() -> anyhow::Result<()> {
             } else {
                 bench::BenchPlan {
                     workers,
-                    shapes: if gpu {
-                        vec![bench::GPU]
-                    } else {
-                        vec![bench::PLAN_B16, bench::QUICK]
+                    shapes: match (shapes.is_empty(), gpu) {
+                        (false, _) => shapes,
+                        (true, true) => vec![bench::GPU],
+                        (true, false) => vec![bench::PLAN_B16, bench::QUICK],
                     },
                     backends,
                     threads,
