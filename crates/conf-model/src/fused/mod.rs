@@ -315,9 +315,9 @@ pub fn token_stats(logits: Tensor<3>, targets: Tensor<2, Int>) -> TokenStats {
 
 /// One draw per (row, position) from `softmax(logits)` at temperature 1 by inverting the
 /// cumulative distribution at the given uniforms: `[B, T, V]`, `[B, T] → [B, T]`, without
-/// autodiff. On flex one pass over each row, on libtorch its softmax, cumulative sum and
-/// comparison; the flex draws equal the plain path's except where a
-/// uniform falls within rounding of a cumulative probability.
+/// autodiff. On flex one pass over each row, on libtorch its softmax, cumulative sum and a
+/// binary search; the draws equal the plain path's except where a uniform falls within
+/// rounding of a cumulative probability.
 pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
     check_rows("uniforms", &logits, &uniforms.dims());
     let logits = logits.without_autodiff();

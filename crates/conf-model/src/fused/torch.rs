@@ -227,12 +227,15 @@ impl TorchNoGradOps for LibTorch {
             .size()
             .last()
             .expect("a tensor with dimensions");
-        let last = [-1i64];
         let mut cdf = logits.tensor.softmax(-1, tch::Kind::Float);
         let _ = cdf.cumsum_(-1, None);
-        let below = cdf.lt_tensor(&uniforms.tensor.unsqueeze(-1));
-        let draws = below
-            .sum_dim_intlist(&last[..], false, tch::Kind::Int64)
+        // The count of `cdf < u` by binary search in each row (side "left"), rather than a
+        // comparison and a sum over all of it.
+        let draws = uniforms
+            .tensor
+            .unsqueeze(-1)
+            .searchsorted(&cdf, false, false, "left", None::<tch::Tensor>)
+            .squeeze_dim(-1)
             .clamp_max(vocab - 1);
         TchTensor::new(draws)
     }
@@ -249,9 +252,14 @@ fn cross_entropy_forward(
     targets: &tch::Tensor,
 ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
     let index = target_index(targets);
-    let log_sum_exp = logits.logsumexp(&[-1i64][..], false);
-    let picked = logits.gather(-1, &index, false).squeeze_dim(-1);
-    (&log_sum_exp - picked, log_sum_exp, index)
+    // One log_softmax kernel, where logsumexp is four operations with a logits-sized
+    // temporary; the log-sum-exp is then the target's logit plus its loss.
+    let loss = -logits
+        .log_softmax(-1, tch::Kind::Float)
+        .gather(-1, &index, false)
+        .squeeze_dim(-1);
+    let log_sum_exp = logits.gather(-1, &index, false).squeeze_dim(-1) + &loss;
+    (loss, log_sum_exp, index)
 }
 
 #[backend_extension(LibTorch, Autodiff)]
