@@ -19,6 +19,9 @@ pub struct Shape {
     preset: &'static str,
     batch_size: Option<usize>,
     args: &'static [&'static str],
+    /// Timed steps per objective and round unless the plan says otherwise: enough for a
+    /// median that is not the host's noise.
+    steps: usize,
 }
 
 /// DESIGN §9's shape: the plan preset (d 128, 4 layers, L 128) at batch 16.
@@ -27,12 +30,14 @@ pub const PLAN_B16: Shape = Shape {
     preset: "plan",
     batch_size: Some(16),
     args: &[],
+    steps: 10,
 };
 pub const QUICK: Shape = Shape {
     name: "quick",
     preset: "quick",
     batch_size: None,
     args: &[],
+    steps: 60,
 };
 /// The quick shape with GPT-2's 50,257-token vocabulary, where the rows of logits dominate the
 /// step. Its text is tinyshakespeare: from `LOOKAHEAD_DATA`, lookahead's cache, or downloaded.
@@ -41,12 +46,14 @@ pub const QUICK_GPT2: Shape = Shape {
     preset: "quick",
     batch_size: None,
     args: &["--tokenizer", "gpt2", "--dataset", "tinyshakespeare"],
+    steps: 10,
 };
 pub const GPU: Shape = Shape {
     name: "gpu",
     preset: "gpu",
     batch_size: None,
     args: &[],
+    steps: 10,
 };
 
 /// Every shape `cargo xtask bench --shape` accepts, by name.
@@ -70,11 +77,16 @@ pub struct BenchPlan {
     pub shapes: Vec<Shape>,
     pub threads: Vec<usize>,
     pub rounds: usize,
-    pub steps: usize,
+    /// Timed steps per objective and round; `None`: each shape's own.
+    pub steps: Option<usize>,
     pub warmup_steps: usize,
 }
 
 impl BenchPlan {
+    fn steps_for(&self, shape: Shape) -> usize {
+        self.steps.unwrap_or(shape.steps)
+    }
+
     /// CI's check that everything runs: one short round of the quick shape.
     pub fn smoke(backends: Vec<Backend>) -> Self {
         Self {
@@ -83,7 +95,7 @@ impl BenchPlan {
             shapes: vec![QUICK],
             threads: vec![2],
             rounds: 1,
-            steps: 2,
+            steps: Some(2),
             warmup_steps: 1,
         }
     }
@@ -154,6 +166,7 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
                             torch_bench(
                                 python.as_ref().expect("pytorch is a source"),
                                 dims,
+                                shape,
                                 threads,
                                 plan,
                             )?
@@ -190,7 +203,7 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
                 "shape": shape.name,
                 "threads": threads,
                 "rounds": plan.rounds,
-                "steps": plan.steps,
+                "steps": plan.steps_for(shape),
                 "warmup_steps": plan.warmup_steps,
                 "medians": summary,
                 "reports": reports,
@@ -215,7 +228,7 @@ fn lookahead_bench(
     let mut command = Command::new(binary);
     command
         .args(["bench", "--backend", backend, "--preset", shape.preset])
-        .args(["--steps", &plan.steps.to_string()])
+        .args(["--steps", &plan.steps_for(shape).to_string()])
         .args(["--warmup-steps", &plan.warmup_steps.to_string()])
         .arg("--output")
         .arg(&output)
@@ -245,6 +258,7 @@ fn lookahead_bench(
 fn torch_bench(
     python: &Path,
     dims: &Value,
+    shape: Shape,
     threads: usize,
     plan: &BenchPlan,
 ) -> anyhow::Result<Value> {
@@ -259,7 +273,7 @@ fn torch_bench(
         .args(["--batch-size", &arg("batch_size")])
         .args(["--vocab", &arg("vocab_size")])
         .args(["--threads", &threads.to_string()])
-        .args(["--steps", &plan.steps.to_string()])
+        .args(["--steps", &plan.steps_for(shape).to_string()])
         .args(["--warmup-steps", &plan.warmup_steps.to_string()])
         .output()
         .context("running bench/reference.py")?;

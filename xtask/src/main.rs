@@ -60,9 +60,10 @@ enum Task {
         /// vocabulary on tinyshakespeare), gpu.
         #[arg(long = "shape", value_delimiter = ',')]
         shapes: Vec<bench::Shape>,
-        /// Timed steps per objective and round (after 3 warm-up steps).
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
+        /// Timed steps per objective and round (after 3 warm-up steps); default: each shape's
+        /// own (10 at plan-b16 and gpu, 60 at the quick shapes, whose steps take milliseconds).
+        #[arg(long)]
+        steps: Option<usize>,
     },
     /// Build `lookahead` in release mode with these backends compiled in (and the environment
     /// they need), without running anything.
@@ -114,7 +115,7 @@ fn main() -> anyhow::Result<()> {
                     backends,
                     threads,
                     rounds: rounds.max(1),
-                    steps: steps.max(1),
+                    steps: steps.map(|n| n.max(1)),
                     warmup_steps: 3,
                 }
             };
