@@ -61,7 +61,7 @@ enum Task {
         #[arg(long = "shape", value_delimiter = ',')]
         shapes: Vec<bench::Shape>,
         /// Timed steps per objective and round (after 3 warm-up steps); default: each shape's
-        /// own (10 at plan-b16 and gpu, 60 at the quick shapes, whose steps take milliseconds).
+        /// own (60 at quick, whose steps take milliseconds; 10 at the others).
         #[arg(long)]
         steps: Option<usize>,
     },
