@@ -43,12 +43,17 @@ pub fn confidence_history(
     let zeros = Tensor::<2>::zeros([batch, seq], &x.device());
     match mode {
         ConfInput::Zeros => zeros,
-        ConfInput::SelfConditioned => {
-            let predictions = model.valid().predict_confidence(x, zeros.clone());
-            // Shift right by one: position i reads the prediction made at i − 1.
-            let first = zeros.slice([0..batch, 0..1]);
-            Tensor::cat(vec![first, predictions.slice([0..batch, 0..seq - 1])], 1)
+        ConfInput::SelfConditioned if seq > 1 => {
+            // Shift right by one: position i reads the prediction made at i − 1. The last
+            // position's prediction is never read, so the pass stops before it (causal: the
+            // others are the same).
+            let head = zeros.clone().slice([0..batch, 0..seq - 1]);
+            let predictions = model
+                .valid()
+                .predict_confidence(x.slice([0..batch, 0..seq - 1]), head);
+            Tensor::cat(vec![zeros.slice([0..batch, 0..1]), predictions], 1)
         }
+        ConfInput::SelfConditioned => zeros,
     }
 }
 
