@@ -113,8 +113,8 @@ pub fn prefix_and_self_attention(
     )
 }
 
-/// Each row's cross-entropy (`fused::token_cross_entropy`): libtorch's log-sum-exp and a
-/// gather forward; the backward `g · (softmax − onehot)` from the logits and that log-sum-exp.
+/// Each row's cross-entropy (`fused::token_cross_entropy`): one log-softmax and a gather
+/// forward; the backward `g · (softmax − onehot)` from the logits and each row's log-sum-exp.
 pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as TorchOps>::torch_cross_entropy(
         logits.into_dispatch(),
