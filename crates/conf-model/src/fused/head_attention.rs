@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernels::{seen, softmax_row, uninit};
+use super::kernels::{seen, uninit};
 use super::math;
 use super::products::{Matrices, Matrix, product_into};
 
@@ -92,7 +92,7 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
     });
     // Head h of batch element b: its probabilities into `p`, its output block into `out`.
     let head = |(b, h): (usize, usize),
-                (scores, exps): &mut (Vec<f32>, Vec<f32>),
+                scores: &mut Vec<f32>,
                 out: &mut [MaybeUninit<f32>],
                 p: &mut [MaybeUninit<f32>]| {
         let i = b * n_heads + h;
@@ -100,15 +100,13 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
         // SAFETY: gemm writes only floats into the scores.
         let scores_out = unsafe { as_uninit(scores) };
         product_into(scores_out, keys, q, k.t(), heads.scale, Parallelism::None);
-        for (row, (x, p)) in scores.chunks(keys).zip(p.chunks_mut(keys)).enumerate() {
-            softmax_row(x, seen(row, queries, keys, heads.causal), exps, p);
-        }
-        // SAFETY: `softmax_row` wrote every element of every row of `p`.
+        math::softmax_rows(scores, keys, seen(0, queries, keys, heads.causal), p);
+        // SAFETY: `softmax_rows` wrote every element of every row of `p`.
         let p = Matrix::dense(unsafe { assume_written(p) }, queries, keys);
         let dst = head_block(out, h, dh);
         product_into(dst, n_heads * dh, p, heads.v.get(i), 1.0, Parallelism::None);
     };
-    let scratch = || (vec![0.0f32; per_head], Vec::new());
+    let scratch = || vec![0.0f32; per_head];
     let out_chunks = out.par_chunks_mut(queries * n_heads * dh).enumerate();
     if keep_probs {
         out_chunks
@@ -158,11 +156,11 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
     let scratch = || {
         let scores = vec![0.0f32; size(&[queries, width])];
         let probs = uninit(scores.len());
-        (scores, Vec::new(), probs, vec![0.0f32; queries * dh])
+        (scores, probs, vec![0.0f32; queries * dh])
     };
     out.par_chunks_mut(queries * n_heads * dh)
         .enumerate()
-        .for_each_init(scratch, |(scores, exps, probs, prefix), (b, out)| {
+        .for_each_init(scratch, |(scores, probs, prefix), (b, out)| {
             for h in 0..n_heads {
                 let i = b * n_heads + h;
                 let (q, own_k, own_v) = (heads.q.get(i), own_k.get(i), own_v.get(i));
@@ -181,14 +179,8 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
                     let dot = (0..dh).fold(0.0, |s, j| s + q.at(row, j) * own_k.at(row, j));
                     x[0] = heads.scale * dot;
                 }
-                for (row, (x, p)) in scores
-                    .chunks(width)
-                    .zip(probs.chunks_mut(width))
-                    .enumerate()
-                {
-                    softmax_row(x, row + 2, exps, p);
-                }
-                // SAFETY: `softmax_row` wrote every element of every row of `probs`.
+                math::softmax_rows(scores, width, 2, probs);
+                // SAFETY: `softmax_rows` wrote every element of every row of `probs`.
                 let p = unsafe { assume_written(probs) };
                 let cached = Matrix {
                     offset: 1,

@@ -236,10 +236,10 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
         out.par_chunks_mut(rows * keys)
             .zip(x.par_chunks(rows * keys))
             .enumerate()
-            .for_each_init(Vec::new, |exps, (task, (out, x))| {
+            .for_each(|(task, (out, x))| {
                 for (r, (out, x)) in out.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
                     let query = (task * rows + r) % queries;
-                    softmax_row(x, seen(query, queries, keys, causal), exps, out);
+                    math::softmax_rows(x, keys, seen(query, queries, keys, causal), out);
                 }
             })
     };
@@ -252,22 +252,6 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
 /// first `keys − queries`) and its own and earlier ones; all of them otherwise.
 pub fn seen(i: usize, queries: usize, keys: usize, causal: bool) -> usize {
     if causal { i + keys - queries + 1 } else { keys }
-}
-
-/// The softmax of `x[..seen]` into `out[..seen]` and zeros into the rest of `out` (hidden
-/// keys); `exps` is scratch.
-pub fn softmax_row(x: &[f32], seen: usize, exps: &mut Vec<f32>, out: &mut [MaybeUninit<f32>]) {
-    let (out, hidden) = out.split_at_mut(seen);
-    let x = &x[..seen];
-    let max = math::max(x);
-    exps.resize(seen, 0.0);
-    let inv = 1.0 / math::exp_shifted(x, max, exps);
-    for (o, e) in out.iter_mut().zip(exps.iter()) {
-        o.write(e * inv);
-    }
-    for o in hidden {
-        o.write(0.0);
-    }
 }
 
 /// Gradient of a softmax row from its output `p` and the output's gradient:

@@ -37,6 +37,143 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
     sum(out)
 }
 
+/// The softmax of each `width`-long row of `x` into `out`: row r over its first
+/// `min(first_seen + r, width)` values (causal attention's visible keys), zeros after them.
+/// One call for a whole block of rows, in whole vectors of lanes, and a few rows at a time
+/// through each phase (maxima, exponentials, scaling) so that the rows' dependency chains
+/// overlap: attention rows are short and of every length, and a call per row with
+/// one-at-a-time tails cost several times the arithmetic (docs/performance.md).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
+    const GROUP: usize = 8;
+    assert!(width > 0, "softmax over rows of no values");
+    assert_eq!(x.len(), out.len());
+    assert_eq!(
+        x.len() % width,
+        0,
+        "{} values are not rows of {width}",
+        x.len()
+    );
+    let groups = x.chunks(GROUP * width).zip(out.chunks_mut(GROUP * width));
+    for (g, (x, out)) in groups.enumerate() {
+        let seen = |i: usize| first_seen.saturating_add(g * GROUP + i).min(width);
+        let mut maxima = [0.0f32; GROUP];
+        for (i, x) in x.chunks_exact(width).enumerate() {
+            maxima[i] = row_max(x, seen(i));
+        }
+        let mut inverses = [0.0f32; GROUP];
+        for (i, (x, out)) in x
+            .chunks_exact(width)
+            .zip(out.chunks_exact_mut(width))
+            .enumerate()
+        {
+            inverses[i] = 1.0 / row_exps(x, seen(i), maxima[i], out);
+        }
+        for (i, out) in out.chunks_exact_mut(width).enumerate() {
+            scale_row(out, seen(i), inverses[i]);
+        }
+    }
+}
+
+/// How a row of [`softmax_rows`] splits: whole blocks of lanes up to the one holding the last
+/// seen value (lanes past `seen` masked: their scores are read but not used), then the seen
+/// values of a block the row's end cuts (`width` not a multiple of the lanes), one at a time.
+#[inline(always)]
+fn row_parts(width: usize, seen: usize) -> (usize, usize) {
+    let whole = (seen.div_ceil(LANES) * LANES).min(width / LANES * LANES);
+    (whole, seen.saturating_sub(whole))
+}
+
+/// The largest of a row's first `seen` values.
+#[inline(always)]
+fn row_max(x: &[f32], seen: usize) -> f32 {
+    let larger = |m: f32, v: f32| if v > m { v } else { m };
+    let (whole, cut) = row_parts(x.len(), seen);
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut masked = [f32::NEG_INFINITY; LANES];
+    for (b, chunk) in x[..whole].chunks_exact(LANES).enumerate() {
+        let chunk = as_lanes(chunk);
+        for i in 0..LANES {
+            // Lane i of block b holds a seen value when b·LANES + i < seen.
+            masked[i] = if b * LANES + i < seen {
+                chunk[i]
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        for i in 0..LANES {
+            lanes[i] = larger(lanes[i], masked[i]);
+        }
+    }
+    for (m, &v) in lanes.iter_mut().zip(&x[whole..whole + cut]) {
+        *m = larger(*m, v);
+    }
+    fold(lanes, larger)
+}
+
+/// `e^(x − max)` of a row's first `seen` values into `out`, zeros after them; returns their
+/// sum.
+#[inline(always)]
+fn row_exps(x: &[f32], seen: usize, max: f32, out: &mut [MaybeUninit<f32>]) -> f32 {
+    let (whole, cut) = row_parts(x.len(), seen);
+    let (out_whole, rest) = out.split_at_mut(whole);
+    let (out_cut, out_hidden) = rest.split_at_mut(cut);
+    let mut sums = [0.0f32; LANES];
+    let mut exps = [0.0f32; LANES];
+    let blocks = out_whole
+        .chunks_exact_mut(LANES)
+        .zip(x[..whole].chunks_exact(LANES));
+    for (b, (o, chunk)) in blocks.enumerate() {
+        let chunk = as_lanes(chunk);
+        for i in 0..LANES {
+            exps[i] = if b * LANES + i < seen {
+                exp(chunk[i] - max)
+            } else {
+                0.0
+            };
+            sums[i] += exps[i];
+        }
+        for (o, &e) in o.iter_mut().zip(&exps) {
+            o.write(e);
+        }
+    }
+    let mut cut_sum = 0.0;
+    for (o, &v) in out_cut.iter_mut().zip(&x[whole..whole + cut]) {
+        let e = exp(v - max);
+        o.write(e);
+        cut_sum += e;
+    }
+    for o in out_hidden {
+        o.write(0.0);
+    }
+    fold_sum(sums) + cut_sum
+}
+
+/// A row [`row_exps`] wrote, its exponentials times `inv`.
+#[inline(always)]
+fn scale_row(out: &mut [MaybeUninit<f32>], seen: usize, inv: f32) {
+    let (whole, cut) = row_parts(out.len(), seen);
+    let (out_whole, rest) = out.split_at_mut(whole);
+    for o in out_whole.chunks_exact_mut(LANES) {
+        for o in o {
+            // SAFETY: `row_exps` wrote every element of the row.
+            let e = unsafe { o.assume_init_read() };
+            o.write(e * inv);
+        }
+    }
+    for o in &mut rest[..cut] {
+        // SAFETY: as above.
+        let e = unsafe { o.assume_init_read() };
+        o.write(e * inv);
+    }
+}
+
+/// A block of `LANES` values as an array, so that its loops compile to whole vectors.
+#[inline(always)]
+fn as_lanes(chunk: &[f32]) -> &[f32; LANES] {
+    chunk.try_into().expect("a whole block of lanes")
+}
+
 /// Row `x` normalised to mean 0 and (biased) variance 1 into `out`; returns `1 / std`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn normalise_row(x: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) -> f32 {
@@ -226,14 +363,7 @@ pub fn max(x: &[f32]) -> f32 {
     for (m, &v) in lanes.iter_mut().zip(tail) {
         *m = larger(*m, v);
     }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            lanes[i] = larger(lanes[i], lanes[i + width]);
-        }
-        width /= 2;
-    }
-    lanes[0]
+    fold(lanes, larger)
 }
 
 /// Partial sums per lane: a sum the compiler may vectorise (a plain left-to-right sum of
@@ -276,6 +406,25 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// The lanes folded pairwise (halves combined, in vector registers): four steps for sixteen.
+#[inline(always)]
+fn fold(lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut eight = [0.0f32; 8];
+    for i in 0..8 {
+        eight[i] = op(lanes[i], lanes[i + 8]);
+    }
+    let mut four = [0.0f32; 4];
+    for i in 0..4 {
+        four[i] = op(eight[i], eight[i + 4]);
+    }
+    op(op(four[0], four[2]), op(four[1], four[3]))
+}
+
+#[inline(always)]
+fn fold_sum(lanes: [f32; LANES]) -> f32 {
+    fold(lanes, |a, b| a + b)
 }
 
 /// `eˣ` within 2 ulp for x in [−87, 88] (results outside are those of the ends: e^−87 is
@@ -357,6 +506,40 @@ mod tests {
                 row[(at + 1) % len] = f32::NAN;
                 if len > 1 {
                     assert_eq!(max(&row), 3.5, "length {len}, a NaN beside the largest");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_rows_match_the_f64_softmax_of_each_rows_seen_values_and_zero_the_rest() {
+        for width in [1, 7, 16, 33, 64, 65] {
+            for first_seen in [1, 2, width / 2 + 1, width] {
+                let rows = width + 3;
+                let x: Vec<f32> = (0..rows * width)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.21)
+                    .collect();
+                let mut out = vec![MaybeUninit::uninit(); x.len()];
+                softmax_rows(&x, width, first_seen, &mut out);
+                for (r, (x, out)) in x.chunks(width).zip(out.chunks(width)).enumerate() {
+                    let seen = (first_seen + r).min(width);
+                    let max = x[..seen]
+                        .iter()
+                        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                    let total: f64 = x[..seen].iter().map(|&v| (v as f64 - max).exp()).sum();
+                    for (j, o) in out.iter().enumerate() {
+                        // SAFETY: `softmax_rows` writes every element.
+                        let p = unsafe { o.assume_init() };
+                        if j < seen {
+                            let exact = (x[j] as f64 - max).exp() / total;
+                            assert!(
+                                (p as f64 - exact).abs() <= 1e-6 * exact.max(1e-3),
+                                "width {width}, row {r}, key {j}: {p} against {exact}"
+                            );
+                        } else {
+                            assert_eq!(p, 0.0, "width {width}, row {r}: hidden key {j}");
+                        }
+                    }
                 }
             }
         }
