@@ -176,7 +176,8 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
                     Parallelism::None,
                 );
                 for (row, x) in scores.chunks_mut(width).enumerate() {
-                    let dot = (0..dh).fold(0.0, |s, j| s + q.at(row, j) * own_k.at(row, j));
+                    let (q, k) = (q.row(row), own_k.row(row));
+                    let dot: f32 = q.iter().zip(k.iter()).map(|(q, k)| q * k).sum();
                     x[0] = heads.scale * dot;
                 }
                 math::softmax_rows(scores, width, 2, probs);
@@ -201,8 +202,8 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
                 for (row, context) in prefix.chunks(dh).enumerate() {
                     let own_p = p[row * width];
                     let dst = &mut dst[row * n_heads * dh..][..dh];
-                    for (j, (o, c)) in dst.iter_mut().zip(context).enumerate() {
-                        o.write(own_p * own_v.at(row, j) + c);
+                    for ((o, c), v) in dst.iter_mut().zip(context).zip(own_v.row(row).iter()) {
+                        o.write(own_p * v + c);
                     }
                 }
             }

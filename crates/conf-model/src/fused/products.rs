@@ -2,6 +2,7 @@
 //! written into a fresh buffer without the zeroing and re-aligning copy flex's own matmul makes
 //! of every output (docs/performance.md).
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use gemm::Parallelism;
@@ -71,6 +72,18 @@ impl<'a> Matrix<'a> {
         );
         let index = self.offset + i as isize * self.row_stride + j as isize * self.col_stride;
         self.data[usize::try_from(index).expect("an element before the buffer")]
+    }
+
+    /// Row i: borrowed where its elements are adjacent (`col_stride` 1, as every head's rows
+    /// of queries, keys and values are), gathered otherwise.
+    pub fn row(&self, i: usize) -> Cow<'a, [f32]> {
+        if self.col_stride != 1 || self.cols == 0 {
+            return (0..self.cols).map(|j| self.at(i, j)).collect();
+        }
+        assert!(i < self.rows, "row {i} outside the matrix of {}", self.rows);
+        let start = self.offset + i as isize * self.row_stride;
+        let start = usize::try_from(start).expect("a row before the buffer");
+        Cow::Borrowed(&self.data[start..start + self.cols])
     }
 
     /// Pointer to element (0, 0); panics unless every element lies in `data`, which is what
