@@ -393,6 +393,29 @@ mod tests {
     }
 
     #[test]
+    fn a_row_is_its_elements_whether_adjacent_or_strided() {
+        let data: Vec<f32> = (0..200).map(|i| i as f32).collect();
+        // 5 × 7 at offset 7 with rows 9 apart, and its transpose (columns 9 apart).
+        let dense = Matrix {
+            data: &data,
+            offset: 7,
+            rows: 5,
+            cols: 7,
+            row_stride: 9,
+            col_stride: 1,
+        };
+        let transposed = dense.t();
+        for (m, borrowed) in [(dense, true), (transposed, false)] {
+            for i in 0..m.rows {
+                let row = m.row(i);
+                assert_eq!(matches!(row, Cow::Borrowed(_)), borrowed);
+                let expected: Vec<f32> = (0..m.cols).map(|j| m.at(i, j)).collect();
+                assert_eq!(row.as_ref(), expected.as_slice(), "row {i}");
+            }
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "reaches outside")]
     fn a_matrix_past_the_end_of_its_buffer_is_refused() {
         let data = [1.0f32; 10];
