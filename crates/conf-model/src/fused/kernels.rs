@@ -231,16 +231,13 @@ pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -
         0,
         "scores are not [.., {queries}, {keys}]"
     );
-    let rows = rows_per_task(keys);
+    // One head's block of rows per call: its first query sees `seen(0, ..)` keys.
+    let head = queries * keys;
     let fill = |out: &mut [MaybeUninit<f32>]| {
-        out.par_chunks_mut(rows * keys)
-            .zip(x.par_chunks(rows * keys))
-            .enumerate()
-            .for_each(|(task, (out, x))| {
-                for (r, (out, x)) in out.chunks_mut(keys).zip(x.chunks(keys)).enumerate() {
-                    let query = (task * rows + r) % queries;
-                    math::softmax_rows(x, keys, seen(query, queries, keys, causal), out);
-                }
+        out.par_chunks_mut(head)
+            .zip(x.par_chunks(head))
+            .for_each(|(out, x)| {
+                math::softmax_rows(x, keys, seen(0, queries, keys, causal), out);
             })
     };
     // SAFETY: `fill` writes every element: each row's seen keys from the exponentials and its

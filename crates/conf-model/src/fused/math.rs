@@ -87,7 +87,6 @@ fn row_parts(width: usize, seen: usize) -> (usize, usize) {
 /// The largest of a row's first `seen` values.
 #[inline(always)]
 fn row_max(x: &[f32], seen: usize) -> f32 {
-    let larger = |m: f32, v: f32| if v > m { v } else { m };
     let (whole, cut) = row_parts(x.len(), seen);
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut masked = [f32::NEG_INFINITY; LANES];
@@ -350,8 +349,6 @@ pub fn first_reaching(weights: &[f32], target: f32) -> usize {
 /// half the sequence), so a one-at-a-time fold of the lanes cost as much as the row itself.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn max(x: &[f32]) -> f32 {
-    // `if v > m` rather than `f32::max`, whose NaN handling adds work to every step.
-    let larger = |m: f32, v: f32| if v > m { v } else { m };
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -406,6 +403,13 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// The larger of a running maximum `m` and `v`, a NaN `v` ignored: `if v > m` rather than
+/// `f32::max`, whose NaN handling adds work to every step.
+#[inline(always)]
+fn larger(m: f32, v: f32) -> f32 {
+    if v > m { v } else { m }
 }
 
 /// The lanes folded pairwise (halves combined, in vector registers): four steps for sixteen.
