@@ -39,12 +39,25 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
 
 /// The softmax of each `width`-long row of `x` into `out`: row r over its first
 /// `min(first_seen + r, width)` values (causal attention's visible keys), zeros after them.
-/// One call for a whole block of rows, in whole vectors of lanes, and a few rows at a time
-/// through each phase (maxima, exponentials, scaling) so that the rows' dependency chains
-/// overlap: attention rows are short and of every length, and a call per row with
-/// one-at-a-time tails cost several times the arithmetic (docs/performance.md).
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+/// One call for a whole block of rows: attention rows are short and of every length, and a
+/// call per row with one-at-a-time tails cost several times the arithmetic
+/// (docs/performance.md). In AVX-512 intrinsics where the processor has them, else in
+/// portable code.
 pub fn softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        // SAFETY: the processor has AVX-512F.
+        return unsafe { super::avx512::softmax_rows(x, width, first_seen, out) };
+    }
+    portable_softmax_rows(x, width, first_seen, out)
+}
+
+/// [`softmax_rows`] in portable code, in whole vectors of lanes, a few rows at a time through
+/// each phase (maxima, exponentials, scaling) so that the rows' dependency chains overlap.
+/// The compiler vectorises all but the masked row maxima, which it keeps scalar. The
+/// reference the AVX-512 path is tested against.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn portable_softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
     const GROUP: usize = 8;
     assert!(width > 0, "softmax over rows of no values");
     assert_eq!(x.len(), out.len());
@@ -542,6 +555,44 @@ mod tests {
                             );
                         } else {
                             assert_eq!(p, 0.0, "width {width}, row {r}: hidden key {j}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx512_softmax_equals_the_portable_one_exactly_for_whole_blocks_and_within_rounding_otherwise()
+     {
+        #[cfg(target_arch = "x86_64")]
+        if super::super::avx512::available() {
+            for width in [1, 7, 16, 33, 64, 65, 80] {
+                for first_seen in [0, 1, 2, width / 2 + 1, width] {
+                    let rows = width + 3;
+                    let mut x: Vec<f32> = (0..rows * width)
+                        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37)
+                        .collect();
+                    x[width + 1] = f32::NAN;
+                    let mut fast = vec![MaybeUninit::uninit(); x.len()];
+                    let mut portable = vec![MaybeUninit::uninit(); x.len()];
+                    // SAFETY: AVX-512F is available.
+                    unsafe { super::super::avx512::softmax_rows(&x, width, first_seen, &mut fast) };
+                    portable_softmax_rows(&x, width, first_seen, &mut portable);
+                    for (j, (f, p)) in fast.iter().zip(&portable).enumerate() {
+                        // SAFETY: both write every element.
+                        let (f, p) = unsafe { (f.assume_init(), p.assume_init()) };
+                        let at = format!("width {width}, first seen {first_seen}, element {j}");
+                        let seen = first_seen.saturating_add(j / width).min(width);
+                        if j % width >= seen {
+                            // Hidden: zero (the portable path scales a NaN row's block whole).
+                            assert_eq!(f.to_bits(), 0, "{at}: a hidden key's {f}");
+                        } else if p.is_nan() {
+                            assert!(f.is_nan(), "{at}: {f} in a row with a NaN score");
+                        } else if width % 16 == 0 {
+                            assert_eq!(f.to_bits(), p.to_bits(), "{at}: {f} against {p}");
+                        } else {
+                            assert!((f - p).abs() <= 1e-6 * p.max(1e-3), "{at}: {f} against {p}");
                         }
                     }
                 }

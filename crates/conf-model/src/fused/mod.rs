@@ -9,6 +9,8 @@
 //! here compute the same thing with Burn's own operations (`plain`), which the tests also use
 //! as the reference.
 
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+mod avx512;
 #[cfg(feature = "flex")]
 mod extension;
 #[cfg(feature = "flex")]
