@@ -6,9 +6,9 @@
 //!   every masked (−∞) score;
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
 //!   `native_layer_norm`, with a backward of a few libtorch operations;
-//! - the AdaptiveLayer: that normalisation, its `Linear(1 → 2d)` modulation as one `addmm` and
-//!   the modulation as one `addcmul`, where Burn records a product, a bias, two slices and
-//!   three element-wise operations (and their backward zero-fills and copies the slices);
+//! - the AdaptiveLayer: that normalisation, its `Linear(1 → 2d)` modulation as one `addcmul`
+//!   per half and the modulation as one more, where Burn records a product, a bias, two slices
+//!   and three element-wise operations (and their backward zero-fills and copies the slices);
 //! - dense pass 2's attention (no gradient) as one fused attention over the cached keys and
 //!   the queries' own under an additive `[S, 2S]` mask.
 
@@ -314,16 +314,24 @@ fn adaptive_norm_forward(
 ) -> (TchTensor, AdaptiveSaved) {
     let size = x.tensor.size();
     let width = *size.last().expect("a tensor with dimensions");
-    let (normalised, _, rstd) =
-        x.tensor
-            .native_layer_norm([width], None::<&tch::Tensor>, None, eps);
-    // `1 + scale` and `shift` in one product: the 1 folded into the scale's bias.
-    let one_plus_bias = bias.tensor.copy();
-    let _ = one_plus_bias.narrow(0, 0, width).g_add_scalar_(1.0);
-    let modulation = one_plus_bias.addmm(&c.tensor.reshape([-1, 1]), &weight.tensor);
-    let gain = modulation.narrow(1, 0, width).reshape(&size[..]);
-    let shift = modulation.narrow(1, width, width).reshape(&size[..]);
-    let output = shift.addcmul(&normalised, &gain);
+    // Unit gain and zero bias given explicitly: libtorch's LayerNorm kernel vectorises its
+    // output only when it has both (without them, one value at a time: 1.8× the time).
+    let options = (x.tensor.kind(), x.tensor.device());
+    let (normalised, _, rstd) = x.tensor.native_layer_norm(
+        [width],
+        Some(&tch::Tensor::ones([width], options)),
+        Some(&tch::Tensor::zeros([width], options)),
+        eps,
+    );
+    // `1 + c·w_scale + b_scale` and `c·w_shift + b_shift`, each one `addcmul` over c's rows:
+    // contiguous, where a K = 1 `addmm` went through MKL's rank-1 update and left the
+    // halves strided.
+    let c_rows = c.tensor.reshape([-1, 1]);
+    let half = |t: &tch::Tensor, i: i64| t.narrow(-1, i * width, width);
+    let gain = (half(&bias.tensor, 0) + 1.0).addcmul(&c_rows, &half(&weight.tensor, 0));
+    let shift = half(&bias.tensor, 1).addcmul(&c_rows, &half(&weight.tensor, 1));
+    let (gain, mut output) = (gain.reshape(&size[..]), shift.reshape(&size[..]));
+    let _ = output.addcmul_(&normalised, &gain);
     let saved = AdaptiveSaved {
         normalised: TchTensor::new(normalised),
         rstd: TchTensor::new(rstd),
@@ -336,11 +344,22 @@ fn adaptive_norm_forward(
 
 /// `rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))`: the gradient of the normalisation's input from
 /// `ĝ`, the gradient of its output `x̂`.
-fn normalise_backward(scaled: tch::Tensor, xhat: &tch::Tensor, rstd: &tch::Tensor) -> tch::Tensor {
+fn normalise_backward(
+    mut scaled: tch::Tensor,
+    xhat: &tch::Tensor,
+    rstd: &tch::Tensor,
+) -> tch::Tensor {
     let last = [-1i64];
     let mean = scaled.mean_dim(&last[..], true, None);
-    let projection = (&scaled * xhat).mean_dim(&last[..], true, None);
-    (scaled - mean - xhat * projection) * rstd
+    let mut projection = (&scaled * xhat).mean_dim(&last[..], true, None);
+    // In place on `ĝ`, which the caller made for this: three passes without new buffers
+    // where four operations each wrote one (−22% at [1024, 64], 1 thread).
+    let _ = projection.neg_();
+    let _ = scaled
+        .g_sub_(&mean)
+        .addcmul_(xhat, &projection)
+        .g_mul_(rstd);
+    scaled
 }
 
 /// What the AdaptiveLayer's backward reads.
