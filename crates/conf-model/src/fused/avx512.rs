@@ -1,11 +1,13 @@
 //! The attention's row softmax in AVX-512 intrinsics, for the processors that have them.
 //!
-//! The portable [`math::softmax_rows`](super::math) leaves its masked row maxima to the
-//! compiler, which keeps them scalar, one branch per lane (no vectorisation seeds a loop whose
-//! only state is its accumulators); here every phase is whole 16-lane vectors, a row's last
-//! block and the keys it may not see handled by masks. The arithmetic is the portable one,
-//! operation for operation: the same values for rows of whole blocks, and within rounding
-//! otherwise (the portable path adds the values of a row's cut block apart).
+//! The portable `math::portable_softmax_rows` leaves its masked row maxima to the compiler,
+//! which keeps them scalar, one branch per lane (no vectorisation seeds a loop whose only state
+//! is its accumulators); here every phase is whole 16-lane vectors, a row's last block and the
+//! keys it may not see handled by masks. The arithmetic is the portable one, operation for
+//! operation: the same values for rows of whole blocks, and within rounding otherwise (the
+//! portable path adds the values of a row's cut block apart). One exception: in a row with a
+//! NaN score the portable path scales its last block whole, NaN into the hidden keys too; here
+//! they stay 0.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
