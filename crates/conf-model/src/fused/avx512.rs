@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-const LANES: usize = 16;
+use super::math::{EXP_BIAS, EXP_HIGHEST, EXP_LOWEST, EXP_POLY, LANES, LN2_HI, LN2_LO};
 
 /// Whether this processor runs [`softmax_rows`] (checked once and cached by `std`).
 pub fn available() -> bool {
@@ -88,47 +88,34 @@ pub unsafe fn softmax_rows(
     }
 }
 
-/// The lanes' sum, halves added pairwise as the portable `fold_sum` does.
+/// The lanes' sum, halves added pairwise as the portable path adds them.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn fold_sum(v: __m512) -> f32 {
     let mut lanes = [0.0f32; LANES];
     // SAFETY: 16 floats into a 16-float array.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
-    let mut eight = [0.0f32; 8];
-    for i in 0..8 {
-        eight[i] = lanes[i] + lanes[i + 8];
-    }
-    let four: [f32; 4] = std::array::from_fn(|i| eight[i] + eight[i + 4]);
-    (four[0] + four[2]) + (four[1] + four[3])
+    super::math::fold_sum(lanes)
 }
 
 /// [`math::exp`](super::math::exp) on 16 lanes, the same operations in the same order.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp(x: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.0 / 2.0,
-        1.0 / 6.0,
-        1.0 / 24.0,
-        1.0 / 120.0,
-        1.0 / 720.0,
-        1.0 / 5040.0,
-    ];
     let splat = _mm512_set1_ps;
     // `lo > x ? lo : x`, then `hi < t ? hi : t`: a NaN stays NaN, as in `f32::clamp`.
-    let x = _mm512_min_ps(splat(88.0), _mm512_max_ps(splat(-87.0), x));
+    let x = _mm512_min_ps(splat(EXP_HIGHEST), _mm512_max_ps(splat(EXP_LOWEST), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, splat(std::f32::consts::LOG2_E)),
     );
     let r = _mm512_fmadd_ps(n, splat(-LN2_LO), _mm512_fmadd_ps(n, splat(-LN2_HI), x));
-    let mut poly = splat(P[5]);
-    for &p in P[..5].iter().rev() {
+    // The portable fold starts from 0: its first step, 0·r + c₅, is c₅ for any finite r.
+    let (last, rest) = EXP_POLY.split_last().expect("coefficients");
+    let mut poly = splat(*last);
+    for &p in rest.iter().rev() {
         poly = _mm512_fmadd_ps(poly, r, splat(p));
     }
     let e_r = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), splat(1.0));
-    let biased = _mm512_castps_si512(_mm512_add_ps(n, splat(127.0 + 8_388_608.0)));
+    let biased = _mm512_castps_si512(_mm512_add_ps(n, splat(EXP_BIAS)));
     _mm512_mul_ps(e_r, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased)))
 }

@@ -378,7 +378,7 @@ pub fn max(x: &[f32]) -> f32 {
 
 /// Partial sums per lane: a sum the compiler may vectorise (a plain left-to-right sum of
 /// floats it may not reorder). The order is fixed, so the result is too.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
@@ -440,7 +440,7 @@ fn fold(lanes: [f32; LANES], op: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-fn fold_sum(lanes: [f32; LANES]) -> f32 {
+pub(super) fn fold_sum(lanes: [f32; LANES]) -> f32 {
     fold(lanes, |a, b| a + b)
 }
 
@@ -449,26 +449,36 @@ fn fold_sum(lanes: [f32; LANES]) -> f32 {
 /// degree-7 polynomial for `e^r` on |r| ≤ ln 2 / 2, and `2ⁿ` built in the exponent bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.0 / 2.0,
-        1.0 / 6.0,
-        1.0 / 24.0,
-        1.0 / 120.0,
-        1.0 / 720.0,
-        1.0 / 5040.0,
-    ];
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.clamp(EXP_LOWEST, EXP_HIGHEST);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let poly = P.iter().rev().fold(0.0, |acc: f32, &p| acc.mul_add(r, p));
+    let poly = EXP_POLY
+        .iter()
+        .rev()
+        .fold(0.0, |acc: f32, &p| acc.mul_add(r, p));
     let e_r = poly.mul_add(r * r, r) + 1.0;
     // 2ⁿ without a float-to-int cast (whose saturation does not vectorise): 2²³ + 127 + n is
     // exact, and its low mantissa bits are the biased exponent 127 + n.
-    let biased = (n + (127.0 + 8_388_608.0)).to_bits() & 0x7f_ffff;
+    let biased = (n + EXP_BIAS).to_bits() & 0x7f_ffff;
     e_r * f32::from_bits(biased << 23)
 }
+
+// [`exp`]'s constants, which the AVX-512 softmax shares: its clamp, ln 2 in a high part exact
+// in few bits and a low remainder (so that `x − n·ln 2` is exact), the coefficients 1/2! …
+// 1/7! of `e^r`'s polynomial after `1 + r`, and 2²³ + 127, which puts `n` in the exponent bits.
+pub(super) const EXP_LOWEST: f32 = -87.0;
+pub(super) const EXP_HIGHEST: f32 = 88.0;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+];
+pub(super) const EXP_BIAS: f32 = 127.0 + 8_388_608.0;
 
 /// The standard normal CDF Φ(x) and density φ(x), sharing one exponential:
 /// `Φ(x) = (1 + erf(x/√2)) / 2` with Abramowitz & Stegun 7.1.26 for erf (absolute error
