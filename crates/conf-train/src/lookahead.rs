@@ -44,17 +44,31 @@ pub fn confidence_history(
     match mode {
         ConfInput::Zeros => zeros,
         ConfInput::SelfConditioned if seq > 1 => {
-            // Shift right by one: position i reads the prediction made at i − 1. The last
-            // position's prediction is never read, so the pass stops before it (causal: the
-            // others are the same).
-            let head = zeros.clone().slice([0..batch, 0..seq - 1]);
-            let predictions = model
-                .valid()
-                .predict_confidence(x.slice([0..batch, 0..seq - 1]), head);
-            Tensor::cat(vec![zeros.slice([0..batch, 0..1]), predictions], 1)
+            // Shift right by one: position i reads the prediction made at i − 1, so the pass
+            // needs the first seq − 1 positions (causal: the others change nothing).
+            let run = history_tokens(seq);
+            let predictions = model.valid().predict_confidence(
+                x.slice([0..batch, 0..run]),
+                zeros.clone().slice([0..batch, 0..run]),
+            );
+            Tensor::cat(
+                vec![
+                    zeros.slice([0..batch, 0..1]),
+                    predictions.slice([0..batch, 0..seq - 1]),
+                ],
+                1,
+            )
         }
         ConfInput::SelfConditioned => zeros,
     }
+}
+
+/// Tokens the history pass runs over for a window of `seq` tokens: the `seq − 1` it needs,
+/// rounded up to a multiple of 16 where the window is that long. libtorch's CPU attention
+/// takes 1.5–1.7× as long over 63 or 127 tokens as over 64 or 128
+/// (docs/performance.md); one more token costs ~1/seq of the pass.
+pub fn history_tokens(seq: usize) -> usize {
+    (seq - 1).next_multiple_of(16).min(seq)
 }
 
 /// Pass 2 of `dense`, fast path: sample `s_k` at position k + 1 with confidence `conf[:, k]`
