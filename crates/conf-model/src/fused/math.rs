@@ -41,13 +41,19 @@ pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
 /// `min(first_seen + r, width)` values (causal attention's visible keys), zeros after them.
 /// One call for a whole block of rows: attention rows are short and of every length, and a
 /// call per row with one-at-a-time tails cost several times the arithmetic
-/// (docs/performance.md). In AVX-512 intrinsics where the processor has them, else in
-/// portable code.
+/// (docs/performance.md). In AVX-512 or else AVX2 intrinsics where the processor has them,
+/// else in portable code.
 pub fn softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
-    if super::avx512::available() {
-        // SAFETY: the processor has AVX-512F.
-        return unsafe { super::avx512::softmax_rows(x, width, first_seen, out) };
+    {
+        if super::avx512::available() {
+            // SAFETY: the processor has AVX-512F.
+            return unsafe { super::avx512::softmax_rows(x, width, first_seen, out) };
+        }
+        if super::avx2::available() {
+            // SAFETY: the processor has AVX2 and FMA.
+            return unsafe { super::avx2::softmax_rows(x, width, first_seen, out) };
+        }
     }
     portable_softmax_rows(x, width, first_seen, out)
 }
@@ -55,7 +61,7 @@ pub fn softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [Maybe
 /// [`softmax_rows`] in portable code, in whole vectors of lanes, a few rows at a time through
 /// each phase (maxima, exponentials, scaling) so that the rows' dependency chains overlap.
 /// The compiler vectorises all but the masked row maxima, which it keeps scalar. The
-/// reference the AVX-512 path is tested against.
+/// reference the AVX-512 and AVX2 paths are tested against.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn portable_softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
     const GROUP: usize = 8;
@@ -572,17 +578,36 @@ mod tests {
         }
     }
 
+    /// A softmax in intrinsics, named, with whether this processor runs it.
+    #[cfg(target_arch = "x86_64")]
+    type Intrinsics = (
+        &'static str,
+        bool,
+        unsafe fn(&[f32], usize, usize, &mut [MaybeUninit<f32>]),
+    );
+
     #[test]
-    fn the_avx512_softmax_equals_the_portable_one_exactly_for_whole_blocks_and_within_rounding_otherwise()
+    #[cfg(target_arch = "x86_64")]
+    fn the_intrinsics_softmaxes_equal_the_portable_one_exactly_for_whole_blocks_and_within_rounding_otherwise()
      {
-        #[cfg(target_arch = "x86_64")]
-        if !super::super::avx512::available() {
-            eprintln!("no AVX-512F on this processor: only the portable softmax runs here");
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            for width in [1, 7, 16, 33, 64, 65, 80] {
+        let paths: [Intrinsics; 2] = [
+            (
+                "AVX-512",
+                super::super::avx512::available(),
+                super::super::avx512::softmax_rows,
+            ),
+            (
+                "AVX2",
+                super::super::avx2::available(),
+                super::super::avx2::softmax_rows,
+            ),
+        ];
+        for (name, available, softmax) in paths {
+            if !available {
+                eprintln!("no {name} on this processor: its softmax is not tested here");
+                continue;
+            }
+            for width in [1, 7, 8, 9, 16, 33, 64, 65, 80] {
                 for first_seen in [0, 1, 2, width / 2 + 1, width] {
                     let rows = width + 3;
                     // Scores 150 apart at most: exponentials down to the clamp at −87.
@@ -594,13 +619,14 @@ mod tests {
                     x[(2 * width + 3).min(last)] = f32::NEG_INFINITY;
                     let mut fast = vec![MaybeUninit::uninit(); x.len()];
                     let mut portable = vec![MaybeUninit::uninit(); x.len()];
-                    // SAFETY: AVX-512F is available.
-                    unsafe { super::super::avx512::softmax_rows(&x, width, first_seen, &mut fast) };
+                    // SAFETY: the processor has what this path needs.
+                    unsafe { softmax(&x, width, first_seen, &mut fast) };
                     portable_softmax_rows(&x, width, first_seen, &mut portable);
                     for (j, (f, p)) in fast.iter().zip(&portable).enumerate() {
                         // SAFETY: both write every element.
                         let (f, p) = unsafe { (f.assume_init(), p.assume_init()) };
-                        let at = format!("width {width}, first seen {first_seen}, element {j}");
+                        let at =
+                            format!("{name}: width {width}, first seen {first_seen}, element {j}");
                         let seen = first_seen.saturating_add(j / width).min(width);
                         if j % width >= seen {
                             // Hidden: zero (the portable path scales a NaN row's block whole).

@@ -10,6 +10,8 @@
 //! as the reference.
 
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
+mod avx2;
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod avx512;
 #[cfg(feature = "flex")]
 mod extension;

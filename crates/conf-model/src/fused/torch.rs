@@ -230,9 +230,11 @@ impl TorchNoGradOps for LibTorch {
         let mut cdf = logits.tensor.softmax(-1, tch::Kind::Float);
         let _ = cdf.cumsum_(-1, None);
         // The count of `cdf < u` by binary search in each row (side "left"), rather than a
-        // comparison and a sum over all of it.
+        // comparison and a sum over all of it. Contiguous values: libtorch would copy them
+        // anyway, with a warning on stderr (seed samples from a column of the uniforms).
         let draws = uniforms
             .tensor
+            .contiguous()
             .unsqueeze(-1)
             .searchsorted(&cdf, false, false, "left", None::<tch::Tensor>)
             .squeeze_dim(-1)
