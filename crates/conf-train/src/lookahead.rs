@@ -68,7 +68,7 @@ pub fn confidence_history(
 /// takes 1.5–1.7× as long over 63 or 127 tokens as over 64 or 128
 /// (docs/performance.md); one more token costs ~1/seq of the pass.
 pub fn history_tokens(seq: usize) -> usize {
-    (seq - 1).next_multiple_of(16).min(seq)
+    seq.saturating_sub(1).next_multiple_of(16).min(seq)
 }
 
 /// Pass 2 of `dense`, fast path: sample `s_k` at position k + 1 with confidence `conf[:, k]`

@@ -1,5 +1,6 @@
 //! The attention's row softmax in AVX2 + FMA intrinsics, for processors without AVX-512 (Zen 3,
-//! older Intel cores): the twin of [`super::avx512`], each 16-lane block as two 8-lane halves.
+//! older Intel cores): the twin of [`super::avx512`], each 16-lane block as two 8-lane halves,
+//! masks applied in registers rather than by masked loads and stores.
 //!
 //! Same reason as there: the portable path's masked row maxima compile scalar. Same
 //! arithmetic, operation for operation, so the same values: bit-identical to the portable path
@@ -20,15 +21,66 @@ pub fn available() -> bool {
 }
 
 /// The lanes of half `h` (of 8 lanes) that hold one of a row's first `n` values: all bits set
-/// in a lane that does, as `maskload` / `maskstore` read them.
+/// in a lane that does.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn lanes_below(n: usize, h: usize) -> __m256i {
+fn lanes_below(n: usize, h: usize) -> __m256 {
     let k = n.saturating_sub(h * HALF).min(HALF) as i32;
-    _mm256_cmpgt_epi32(
+    let below = _mm256_cmpgt_epi32(
         _mm256_set1_epi32(k),
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    )
+    );
+    _mm256_castsi256_ps(below)
+}
+
+/// Half `h` of `row`; lanes past the row's end hold other values of the row (callers mask
+/// them). A half that ends past the row is read as the row's last eight values, rotated:
+/// AMD leaves masked-off lanes of `maskload` free to fault, and a row may end at the end of
+/// its allocation (a copy through the stack would stall on store forwarding).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load_half(row: &[f32], h: usize) -> __m256 {
+    let from = h * HALF;
+    if let Some(half) = row.get(from..from + HALF) {
+        // SAFETY: eight floats in the row.
+        return unsafe { _mm256_loadu_ps(half.as_ptr()) };
+    }
+    let width = row.len();
+    if width >= HALF {
+        // Lane i takes the row's value from + i = (width − 8) + (i + 8 − k), k = width − from.
+        let shift = (HALF - (width - from)) as i32;
+        let lanes = _mm256_add_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(shift),
+        );
+        // SAFETY: the row's last eight floats.
+        let last = unsafe { _mm256_loadu_ps(row[width - HALF..].as_ptr()) };
+        return _mm256_permutevar8x32_ps(last, lanes);
+    }
+    // A row shorter than a half.
+    let mut buf = [0.0f32; HALF];
+    buf[..width - from].copy_from_slice(&row[from..]);
+    // SAFETY: eight floats on the stack.
+    unsafe { _mm256_loadu_ps(buf.as_ptr()) }
+}
+
+/// `v` into half `h` of `row`, its lanes past the row's end dropped.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_half(row: &mut [MaybeUninit<f32>], h: usize, v: __m256) {
+    let from = h * HALF;
+    match row.get_mut(from..from + HALF) {
+        // SAFETY: eight floats in the row.
+        Some(half) => unsafe { _mm256_storeu_ps(half.as_mut_ptr().cast(), v) },
+        None => {
+            let mut buf = [0.0f32; HALF];
+            // SAFETY: eight floats on the stack.
+            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), v) };
+            for (o, &b) in row[from..].iter_mut().zip(&buf) {
+                o.write(b);
+            }
+        }
+    }
 }
 
 /// [`math::softmax_rows`](super::math::softmax_rows): the softmax of each `width`-long row of
@@ -56,17 +108,12 @@ pub unsafe fn softmax_rows(
     for (r, (x, out)) in rows.enumerate() {
         let seen = first_seen.saturating_add(r).min(width);
         let seen_halves = seen.div_ceil(HALF);
-        let x = |h: usize| x.as_ptr().wrapping_add(h * HALF);
-        let out = out.as_mut_ptr().cast::<f32>();
-        let out = |h: usize| out.wrapping_add(h * HALF);
-        // SAFETY (every access below): half h's lanes past `width` are masked off, so loads and
-        // stores stay inside the row; masked-off lanes are neither read nor written.
+        // Whole halves are plain loads and stores, a row's cut last half is read rotated and
+        // written lane by lane; lanes past `seen` are masked in registers.
         let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
         let mut maxima = neg_inf;
         for h in 0..seen_halves {
-            let lanes = lanes_below(seen, h);
-            let v = unsafe { _mm256_maskload_ps(x(h), lanes) };
-            let v = _mm256_blendv_ps(neg_inf, v, _mm256_castsi256_ps(lanes));
+            let v = _mm256_blendv_ps(neg_inf, load_half(x, h), lanes_below(seen, h));
             // `max_ps(v, m)` is `v > m ? v : m`: a NaN score is passed over, as in the
             // portable path.
             maxima = _mm256_max_ps(v, maxima);
@@ -75,21 +122,30 @@ pub unsafe fn softmax_rows(
         // The block's two halves summed apart, as the portable path's 16 lanes.
         let mut sums = [_mm256_setzero_ps(); 2];
         for h in 0..seen_halves {
-            let lanes = lanes_below(seen, h);
-            let v = unsafe { _mm256_maskload_ps(x(h), lanes) };
-            let e = _mm256_and_ps(exp(_mm256_sub_ps(v, max)), _mm256_castsi256_ps(lanes));
+            let e = _mm256_and_ps(
+                exp(_mm256_sub_ps(load_half(x, h), max)),
+                lanes_below(seen, h),
+            );
             sums[h % 2] = _mm256_add_ps(sums[h % 2], e);
-            unsafe { _mm256_maskstore_ps(out(h), lanes_below(width, h), e) };
+            store_half(out, h, e);
         }
         for h in seen_halves..halves {
-            let zeros = _mm256_setzero_ps();
-            unsafe { _mm256_maskstore_ps(out(h), lanes_below(width, h), zeros) };
+            store_half(out, h, _mm256_setzero_ps());
         }
-        let inverse = _mm256_set1_ps(1.0 / fold_sum(sums));
-        for h in 0..seen_halves {
-            let lanes = lanes_below(seen, h);
-            let e = unsafe { _mm256_maskload_ps(out(h), lanes) };
-            unsafe { _mm256_maskstore_ps(out(h), lanes, _mm256_mul_ps(e, inverse)) };
+        let inverse = 1.0 / fold_sum(sums);
+        let whole = seen_halves.min(width / HALF);
+        for h in 0..whole {
+            // SAFETY: eight floats of the row, written by the exponentials' loop above.
+            let e = unsafe { _mm256_loadu_ps(out[h * HALF..].as_ptr().cast()) };
+            // Masked again: a row whose sum is NaN keeps its hidden keys at 0.
+            let scaled = _mm256_mul_ps(e, _mm256_set1_ps(inverse));
+            store_half(out, h, _mm256_and_ps(scaled, lanes_below(seen, h)));
+        }
+        // The row's cut last half, one value at a time: reading back what the exponentials'
+        // loop wrote through the stack would stall on store forwarding.
+        for o in out.iter_mut().take(seen).skip(whole * HALF) {
+            // SAFETY: written by the exponentials' loop above.
+            o.write(unsafe { o.assume_init() } * inverse);
         }
     }
 }
