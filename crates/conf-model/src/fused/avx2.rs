@@ -95,14 +95,7 @@ pub unsafe fn softmax_rows(
     first_seen: usize,
     out: &mut [MaybeUninit<f32>],
 ) {
-    assert!(width > 0, "softmax over rows of no values");
-    assert_eq!(x.len(), out.len());
-    assert_eq!(
-        x.len() % width,
-        0,
-        "{} values are not rows of {width}",
-        x.len()
-    );
+    super::math::check_rows(x, width, out);
     let halves = width.div_ceil(HALF);
     let rows = x.chunks_exact(width).zip(out.chunks_exact_mut(width));
     for (r, (x, out)) in rows.enumerate() {

@@ -38,14 +38,7 @@ pub unsafe fn softmax_rows(
     first_seen: usize,
     out: &mut [MaybeUninit<f32>],
 ) {
-    assert!(width > 0, "softmax over rows of no values");
-    assert_eq!(x.len(), out.len());
-    assert_eq!(
-        x.len() % width,
-        0,
-        "{} values are not rows of {width}",
-        x.len()
-    );
+    super::math::check_rows(x, width, out);
     // A row at a time: taking a few rows through each phase in turn, as the portable path
     // does, measured the same here.
     let blocks = width.div_ceil(LANES);

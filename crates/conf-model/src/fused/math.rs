@@ -58,13 +58,9 @@ pub fn softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [Maybe
     portable_softmax_rows(x, width, first_seen, out)
 }
 
-/// [`softmax_rows`] in portable code, in whole vectors of lanes, a few rows at a time through
-/// each phase (maxima, exponentials, scaling) so that the rows' dependency chains overlap.
-/// The compiler vectorises all but the masked row maxima, which it keeps scalar. The
-/// reference the AVX-512 and AVX2 paths are tested against.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn portable_softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
-    const GROUP: usize = 8;
+/// What every [`softmax_rows`] path requires: `x` and `out` of the same length, whole rows of
+/// `width > 0` values.
+pub(super) fn check_rows(x: &[f32], width: usize, out: &[MaybeUninit<f32>]) {
     assert!(width > 0, "softmax over rows of no values");
     assert_eq!(x.len(), out.len());
     assert_eq!(
@@ -73,6 +69,16 @@ fn portable_softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [
         "{} values are not rows of {width}",
         x.len()
     );
+}
+
+/// [`softmax_rows`] in portable code, in whole vectors of lanes, a few rows at a time through
+/// each phase (maxima, exponentials, scaling) so that the rows' dependency chains overlap.
+/// The compiler vectorises all but the masked row maxima, which it keeps scalar. The
+/// reference the AVX-512 and AVX2 paths are tested against.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn portable_softmax_rows(x: &[f32], width: usize, first_seen: usize, out: &mut [MaybeUninit<f32>]) {
+    const GROUP: usize = 8;
+    check_rows(x, width, out);
     let groups = x.chunks(GROUP * width).zip(out.chunks_mut(GROUP * width));
     for (g, (x, out)) in groups.enumerate() {
         let seen = |i: usize| first_seen.saturating_add(g * GROUP + i).min(width);
