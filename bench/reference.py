@@ -324,6 +324,9 @@ def matched_hidden(vocab, context, d, layers, probe_blocks):
 
 def bench(a):
     torch.set_num_threads(a.threads)
+    # f32 on the CPU runs no oneDNN kernel, but with oneDNN on every small product (those inside
+    # SDPA's CPU kernel too) first looks up whether to run it in bf16; tch-cpu switches it off too.
+    torch.backends.mkldnn.enabled = False
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     rows = []

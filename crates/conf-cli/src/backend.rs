@@ -199,7 +199,11 @@ fn compiled_device(choice: BackendChoice, index: Option<usize>) -> Device {
         // burn-tch is deprecated upstream but is still Burn's libtorch backend.
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        BackendChoice::TchCpu => Device::libtorch(),
+        BackendChoice::TchCpu => {
+            // f32 on the CPU uses no oneDNN kernel; its checks slow every small product.
+            conf_model::fused::disable_onednn();
+            Device::libtorch()
+        }
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
         BackendChoice::TchCuda => Device::libtorch_cuda(index.unwrap_or(0)),
@@ -278,6 +282,17 @@ mod tests {
         assert!(
             ok(Flex, Precision::F32, Some("1")),
             "the switch is libtorch's alone"
+        );
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_cpu_computes_with_libtorchs_onednn_switched_off() {
+        assert!(device(BackendChoice::TchCpu, None).is_ok());
+        // Reads libtorch's own flag back through the same calls (their names and ABI).
+        assert_eq!(
+            conf_model::fused::disable_onednn(),
+            cfg!(all(target_os = "linux", target_arch = "x86_64"))
         );
     }
 

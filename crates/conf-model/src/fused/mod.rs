@@ -35,6 +35,8 @@ use burn::prelude::*;
 use burn::tensor::activation;
 
 pub use pool::on_cpu_pool;
+#[cfg(feature = "tch")]
+pub use torch::disable_onednn;
 
 /// Whether `x` takes the fused path (an f32 tensor on flex without gradient checkpointing, in
 /// a build with the `flex` feature); elsewhere the functions here run Burn's own operations.

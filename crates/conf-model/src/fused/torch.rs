@@ -24,6 +24,39 @@ use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backe
 use burn::prelude::*;
 use burn::tensor::DType;
 
+/// Turns libtorch's oneDNN (MKLDNN) paths off for the whole process, as PyTorch's
+/// `torch.backends.mkldnn.enabled = False` does; returns whether they are off now. f32 training
+/// runs none of them, but while they are on, every matrix product libtorch hands to its BLAS
+/// (the many small ones inside its CPU attention kernel too) first asks whether oneDNN should
+/// take it in bf16, and on processors with AVX-512 BF16 that asks the precision settings through
+/// string-keyed maps: a fifth of the attention's time at `[16, 4, 64, 16]` with 1 thread.
+/// tch has no setter, so this calls libtorch's C++ one; off Linux x86-64 it does nothing.
+pub fn disable_onednn() -> bool {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        use std::ffi::c_void;
+        // `at::globalContext()`, `at::Context::setUserEnabledMkldnn(bool)` and
+        // `at::Context::userEnabledMkldnn() const`, as the Itanium C++ ABI names them.
+        unsafe extern "C" {
+            #[link_name = "_ZN2at13globalContextEv"]
+            fn global_context() -> *mut c_void;
+            #[link_name = "_ZN2at7Context20setUserEnabledMkldnnEb"]
+            fn set_user_enabled_mkldnn(context: *mut c_void, enabled: bool);
+            #[link_name = "_ZNK2at7Context17userEnabledMkldnnEv"]
+            fn user_enabled_mkldnn(context: *const c_void) -> bool;
+        }
+        // SAFETY: the global context lives as long as the process; the setter and getter read
+        // and write one flag of it.
+        unsafe {
+            let context = global_context();
+            set_user_enabled_mkldnn(context, false);
+            !user_enabled_mkldnn(context)
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    false
+}
+
 /// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU device.
 pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
     [q, k, v].into_iter().all(on_libtorch_cpu)
