@@ -402,3 +402,81 @@ fn wgpu_matches_flex() {
 fn tch_cpu_matches_flex() {
     matches_flex(BackendChoice::TchCpu);
 }
+
+/// tch-cpu's AdamW update (`conf_model::fused::adamw`: in place, nine libtorch operations)
+/// against Burn's AdamW on the same device over three steps (moments and bias corrections in
+/// play, matrices decayed and vectors not), to rounding; a tensor that shares a parameter's
+/// storage keeps its values (that parameter is updated on a copy).
+#[cfg(feature = "tch")]
+#[test]
+fn tch_cpu_adamw_steps_as_burns_adamw() {
+    use burn::module::ParamGroup;
+    use burn::optim::AdamWConfig;
+    use conf_train::optim::vector_param_paths;
+
+    let device = device(BackendChoice::TchCpu, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .autodiff();
+    let settings = OptimizerSettings {
+        learning_rate: LR,
+        min_learning_rate: LR / 10.0,
+        warmup_steps: 0,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+    };
+    let start = GptConfig::new(VOCAB, SEQ, 16, 2, 2, 32).init_minigpt(&device);
+    let burns = |decay: f32| {
+        AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.95)
+            .with_epsilon(1e-8)
+            .with_weight_decay(decay)
+    };
+    let mut reference_optim = burns(0.1).init().with_group(
+        ParamGroup::from_paths(vector_param_paths(&start)),
+        burns(0.0).build(),
+        None,
+    );
+    let mut optim = adamw(&start, &settings);
+    let shared = named_params(&start)[0].values.clone();
+    let shared_before = values(shared.clone());
+    let inner = shared.clone().inner();
+    assert!(
+        conf_model::fused::adamw_applies(&inner),
+        "the fused update runs"
+    );
+    let ids = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5, 6, 0, 1]], &device);
+    let grads_of = |model: &conf_model::MiniGpt| {
+        let loss = model
+            .forward(ids.clone(), &AttentionMask::Causal)
+            .powi_scalar(2)
+            .mean();
+        GradientsParams::from_grads(loss.backward(), model)
+    };
+    let (mut ours, mut theirs) = (start.clone(), start);
+    for (step, lr) in [1e-2, 5e-3, 2e-3].into_iter().enumerate() {
+        let (our_grads, their_grads) = (grads_of(&ours), grads_of(&theirs));
+        ours = optim.step(lr, ours, our_grads);
+        theirs = reference_optim.step(lr, theirs, their_grads);
+        for (a, b) in named_params(&ours).into_iter().zip(named_params(&theirs)) {
+            let (a, b) = (values(a.values), values(b.values));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= 1e-6, "step {step}: a parameter differs by {worst}");
+        }
+    }
+    assert_eq!(
+        values(shared),
+        shared_before,
+        "a tensor sharing a parameter's storage"
+    );
+    let moved = values(named_params(&ours)[0].values.clone())
+        .iter()
+        .zip(&shared_before)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(moved > 1e-3, "the parameters moved by {moved} only");
+}

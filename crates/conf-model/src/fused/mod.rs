@@ -64,14 +64,19 @@ pub struct AdamWScalars {
     pub correction_2: f32,
 }
 
-/// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex without autodiff (optimizers
-/// step on the inner tensors). Other devices use Burn's AdamW itself.
+/// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex or libtorch's CPU, without
+/// autodiff (optimizers step on the inner tensors). Other devices use Burn's AdamW itself.
 pub fn adamw_applies<const D: usize>(param: &Tensor<D>) -> bool {
-    applies(param) && !param.device().is_autodiff()
+    #[cfg(feature = "tch")]
+    let on_libtorch_cpu = torch::on_libtorch_cpu(param);
+    #[cfg(not(feature = "tch"))]
+    let on_libtorch_cpu = false;
+    (applies(param) || on_libtorch_cpu) && !param.device().is_autodiff()
 }
 
 /// AdamW's update of one parameter where [`adamw_applies`]: the new parameter and first and
-/// second moments, as Burn's AdamW computes them, in one pass.
+/// second moments as Burn's AdamW computes them, in one pass on flex (the same arithmetic) and
+/// nine libtorch operations on libtorch (equal within rounding).
 pub fn adamw<const D: usize>(
     param: Tensor<D>,
     grad: Tensor<D>,
@@ -83,14 +88,19 @@ pub fn adamw<const D: usize>(
         [&param, &grad, &moment_1, &moment_2]
             .iter()
             .all(|t| adamw_applies(t)),
-        "fused AdamW: the parameter, gradient and moments must be f32 on flex without autodiff"
+        "fused AdamW: the parameter, gradient and moments must be f32 on flex or libtorch's CPU, \
+         without autodiff"
     );
     #[cfg(feature = "flex")]
-    return extension::adamw(param, grad, moment_1, moment_2, scalars);
-    #[cfg(not(feature = "flex"))]
+    if applies(&param) {
+        return extension::adamw(param, grad, moment_1, moment_2, scalars);
+    }
+    #[cfg(feature = "tch")]
+    return torch::adamw(param, grad, moment_1, moment_2, scalars);
+    #[allow(unreachable_code)]
     {
         let _ = (param, grad, moment_1, moment_2, scalars);
-        unreachable!("adamw_applies holds only with the flex feature")
+        unreachable!("adamw_applies holds only with the flex or tch feature")
     }
 }
 

@@ -173,6 +173,27 @@ pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
     ))
 }
 
+/// AdamW's update of one parameter (`fused::adamw`) in nine libtorch operations, in place on
+/// the parameter and moments where Burn holds no other reference to them: the new parameter
+/// and moments.
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    s: super::AdamWScalars,
+) -> [Tensor<D>; 3] {
+    let (param, moment_1, moment_2) = <Dispatch as TorchNoGradOps>::torch_adamw(
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        moment_1.into_dispatch(),
+        moment_2.into_dispatch(),
+        [s.learning_rate, s.beta_1, s.beta_2, s.epsilon],
+        [s.keep, s.correction_1, s.correction_2],
+    );
+    [param, moment_1, moment_2].map(Tensor::from_dispatch)
+}
+
 #[backend_extension(LibTorch)]
 pub trait TorchNoGradOps: Backend {
     fn torch_prefix_and_self_attention(
@@ -198,6 +219,17 @@ pub trait TorchNoGradOps: Backend {
         logits: FloatTensor<Self>,
         uniforms: FloatTensor<Self>,
     ) -> IntTensor<Self>;
+
+    /// `[learning_rate, beta_1, beta_2, epsilon]` and `[keep, correction_1, correction_2]`.
+    #[allow(clippy::type_complexity)]
+    fn torch_adamw(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        hyper: [f32; 4],
+        step: [f32; 3],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 impl TorchNoGradOps for LibTorch {
@@ -273,6 +305,43 @@ impl TorchNoGradOps for LibTorch {
             .squeeze_dim(-1)
             .clamp_max(vocab - 1);
         TchTensor::new(draws)
+    }
+
+    /// `m ← β₁m + (1 − β₁)g`, `v ← β₂v + (1 − β₂)g²` (each one `lerp_`, PyTorch's own form),
+    /// `p ← keep · p − lr · (m / c₁) / (√(v / c₂) + ε)`, the last as one `addcdiv_` with the
+    /// denominator scaled by `−c₁ / lr`.
+    fn torch_adamw(
+        param: TchTensor,
+        grad: TchTensor,
+        moment_1: TchTensor,
+        moment_2: TchTensor,
+        [learning_rate, beta_1, beta_2, epsilon]: [f32; 4],
+        [keep, correction_1, correction_2]: [f32; 3],
+    ) -> (TchTensor, TchTensor, TchTensor) {
+        let g = &grad.tensor;
+        let (mut p, mut m, mut v) = (owned(param), owned(moment_1), owned(moment_2));
+        let _ = m.lerp_(g, 1.0 - f64::from(beta_1));
+        let _ = v.lerp_(&(g * g), 1.0 - f64::from(beta_2));
+        let _ = p.g_mul_scalar_(f64::from(keep));
+        if learning_rate != 0.0 {
+            let mut denominator = v.sqrt();
+            let _ = denominator
+                .g_div_scalar_(f64::from(correction_2).sqrt())
+                .g_add_scalar_(f64::from(epsilon))
+                .g_mul_scalar_(-f64::from(correction_1) / f64::from(learning_rate));
+            let _ = p.addcdiv_(&m, &denominator);
+        }
+        (TchTensor::new(p), TchTensor::new(m), TchTensor::new(v))
+    }
+}
+
+/// A tensor to update in place: its own storage where nothing else reads it (as Burn's own
+/// operations decide), else a copy.
+fn owned(t: TchTensor) -> tch::Tensor {
+    if t.can_mut() {
+        t.tensor
+    } else {
+        t.tensor.copy()
     }
 }
 
