@@ -9,8 +9,10 @@
 //! - the AdaptiveLayer: that normalisation, its `Linear(1 → 2d)` modulation as one `addcmul`
 //!   per half and the modulation as one more, where Burn records a product, a bias, two slices
 //!   and three element-wise operations (and their backward zero-fills and copies the slices);
-//! - dense pass 2's attention (no gradient) as one fused attention over the cached keys and
-//!   the queries' own under an additive `[S, 2S]` mask.
+//! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
+//!   with the own key merged in by the rows' log-sum-exp.
+//!
+//! Besides: AdamW's update in place on tch-cpu, and the switch that turns libtorch's oneDNN off.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -127,7 +129,7 @@ pub fn adaptive_norm(
 }
 
 /// Dense pass 2's attention (`fused::prefix_and_self_attention`): query i over the cached
-/// keys `0..=i` and its own key, as one fused attention over `[past, own]` keys.
+/// keys `0..=i` and its own key.
 pub fn prefix_and_self_attention(
     q: Tensor<4>,
     own_key: Tensor<4>,
@@ -233,6 +235,11 @@ pub trait TorchNoGradOps: Backend {
 }
 
 impl TorchNoGradOps for LibTorch {
+    /// The causal attention over the cached keys (query i sees `0..=i`), then the own key
+    /// merged in by the rows' log-sum-exp: with `s` its score and `lse` the cached keys',
+    /// the output moves toward the own value by `σ(s − lse)`, its share of the softmax. One
+    /// flash call that skips the hidden blocks, where one over `[past, own]` keys under an
+    /// additive mask computed every score (−32% at `[16, 4, 64, 16]`, 1 thread).
     fn torch_prefix_and_self_attention(
         q: TchTensor,
         own_key: TchTensor,
@@ -240,25 +247,18 @@ impl TorchNoGradOps for LibTorch {
         past_key: TchTensor,
         past_value: TchTensor,
     ) -> TchTensor {
-        let seq = q.tensor.size()[2];
-        let device = q.tensor.device();
-        // Keys [past 0..S, own 0..S]: query i sees past keys 0..=i and own key i.
-        let past = tch::Tensor::ones([seq, seq], (tch::Kind::Bool, device)).triu(1);
-        let own = tch::Tensor::ones([seq, seq], (tch::Kind::Bool, device))
-            .logical_xor(&tch::Tensor::eye(seq, (tch::Kind::Bool, device)));
-        let hidden = tch::Tensor::cat(&[past, own], 1);
-        let bias = tch::Tensor::zeros([seq, 2 * seq], (tch::Kind::Float, device))
-            .masked_fill(&hidden, f64::NEG_INFINITY);
-        let mask = Mask {
-            is_causal: false,
-            bias: Some(TchTensor::new(bias)),
-        };
-        let keys = TchTensor::new(tch::Tensor::cat(&[&past_key.tensor, &own_key.tensor], 2));
-        let values = TchTensor::new(tch::Tensor::cat(
-            &[&past_value.tensor, &own_value.tensor],
-            2,
-        ));
-        forward(&q, &keys, &values, &mask).0
+        let head_dim = *q.tensor.size().last().expect("a tensor with dimensions");
+        let causal = Mask::new(&q, &past_key, true);
+        let (mut output, past_log_sum_exp) = forward(&q, &past_key, &past_value, &causal);
+        let mut own_share = tch::Tensor::linalg_vecdot(&q.tensor, &own_key.tensor, -1);
+        let _ = own_share
+            .g_mul_scalar_(1.0 / (head_dim as f64).sqrt())
+            .g_sub_(&past_log_sum_exp.tensor)
+            .sigmoid_();
+        let _ = output
+            .tensor
+            .lerp_tensor_(&own_value.tensor, &own_share.unsqueeze(-1));
+        output
     }
 
     fn torch_token_statistics(
