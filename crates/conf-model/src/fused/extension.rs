@@ -95,13 +95,14 @@ pub fn adamw<const D: usize>(
     moment_2: Tensor<D>,
     s: AdamWScalars,
 ) -> [Tensor<D>; 3] {
+    let (rates, factors) = s.as_arrays();
     let (param, moment_1, moment_2) = <Dispatch as NoGradOps>::fused_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
         moment_2.into_dispatch(),
-        [s.learning_rate, s.beta_1, s.beta_2, s.epsilon],
-        [s.keep, s.correction_1, s.correction_2],
+        rates,
+        factors,
     );
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }

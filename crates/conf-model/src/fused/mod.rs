@@ -64,6 +64,18 @@ pub struct AdamWScalars {
     pub correction_2: f32,
 }
 
+impl AdamWScalars {
+    /// `[learning_rate, beta_1, beta_2, epsilon]` and `[keep, correction_1, correction_2]`:
+    /// the form the backend extensions take them in.
+    #[cfg(any(feature = "flex", feature = "tch"))]
+    fn as_arrays(self) -> ([f32; 4], [f32; 3]) {
+        (
+            [self.learning_rate, self.beta_1, self.beta_2, self.epsilon],
+            [self.keep, self.correction_1, self.correction_2],
+        )
+    }
+}
+
 /// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex or libtorch's CPU, without
 /// autodiff (optimizers step on the inner tensors). Other devices use Burn's AdamW itself.
 pub fn adamw_applies<const D: usize>(param: &Tensor<D>) -> bool {

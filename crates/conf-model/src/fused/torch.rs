@@ -185,13 +185,14 @@ pub fn adamw<const D: usize>(
     moment_2: Tensor<D>,
     s: super::AdamWScalars,
 ) -> [Tensor<D>; 3] {
+    let (rates, factors) = s.as_arrays();
     let (param, moment_1, moment_2) = <Dispatch as TorchNoGradOps>::torch_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
         moment_2.into_dispatch(),
-        [s.learning_rate, s.beta_1, s.beta_2, s.epsilon],
-        [s.keep, s.correction_1, s.correction_2],
+        rates,
+        factors,
     );
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
@@ -222,15 +223,15 @@ pub trait TorchNoGradOps: Backend {
         uniforms: FloatTensor<Self>,
     ) -> IntTensor<Self>;
 
-    /// `[learning_rate, beta_1, beta_2, epsilon]` and `[keep, correction_1, correction_2]`.
+    /// `rates`: learning rate, β₁, β₂, ε; `factors`: decay keep, bias corrections 1 and 2.
     #[allow(clippy::type_complexity)]
     fn torch_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         moment_1: FloatTensor<Self>,
         moment_2: FloatTensor<Self>,
-        hyper: [f32; 4],
-        step: [f32; 3],
+        rates: [f32; 4],
+        factors: [f32; 3],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
