@@ -202,24 +202,33 @@ fn pattern<const D: usize>(shape: [usize; D], salt: usize, device: &Device) -> T
 }
 
 /// The AdaptiveLayer on `[2, 3, 8]` rows: its output and the gradients of x, c, W and b of a
-/// weighted sum of it.
-fn adaptive_layer(device: &Device) -> [Vec<f32>; 5] {
+/// weighted sum of it; then without c (zero confidence, a LayerNorm on libtorch): the output
+/// and the gradients of x and b.
+fn adaptive_layer(device: &Device) -> [Vec<f32>; 8] {
     let device = device.clone().autodiff();
     let x = pattern([2, 3, 8], 1, &device).require_grad();
     let c = pattern([2, 3, 1], 2, &device).require_grad();
     let weight = pattern([1, 16], 3, &device).require_grad();
     let bias = pattern([16], 4, &device).require_grad();
-    let output =
-        conf_model::fused::adaptive_norm(x.clone(), c.clone(), weight.clone(), bias.clone(), 1e-5);
-    let grads = (output.clone() * pattern([2, 3, 8], 5, &device))
-        .sum()
-        .backward();
+    let run = |c: Option<Tensor<3>>| {
+        let output =
+            conf_model::fused::adaptive_norm(x.clone(), c, weight.clone(), bias.clone(), 1e-5);
+        let grads = (output.clone() * pattern([2, 3, 8], 5, &device))
+            .sum()
+            .backward();
+        (output, grads)
+    };
+    let (output, grads) = run(Some(c.clone()));
+    let (unconditioned, grads_at_zero) = run(None);
     [
         values(output),
         values(x.grad(&grads).expect("dx")),
         values(c.grad(&grads).expect("dc")),
         values(weight.grad(&grads).expect("dW")),
         values(bias.grad(&grads).expect("db")),
+        values(unconditioned),
+        values(x.grad(&grads_at_zero).expect("dx at zero confidence")),
+        values(bias.grad(&grads_at_zero).expect("db at zero confidence")),
     ]
 }
 
@@ -299,7 +308,17 @@ fn matches_flex(backend: BackendChoice) {
         );
     }
     let adaptive = [adaptive_layer(&other), adaptive_layer(&Device::flex())];
-    for (i, what) in ["output", "dx", "dc", "dW", "db"].iter().enumerate() {
+    let names = [
+        "output",
+        "dx",
+        "dc",
+        "dW",
+        "db",
+        "output at zero confidence",
+        "dx at zero confidence",
+        "db at zero confidence",
+    ];
+    for (i, what) in names.iter().enumerate() {
         let (got, want) = (&adaptive[0][i], &adaptive[1][i]);
         assert_close(&format!("AdaptiveLayer: {what}"), backend, got, want);
     }

@@ -30,12 +30,13 @@ impl MetaAwareBlock {
         }
     }
 
-    /// `x: [B, T, d]`, `c: [B, T, 1]`; attends to `past` keys/values first when given.
+    /// `x: [B, T, d]`, `c: [B, T, 1]` (`None`: zero confidence); attends to `past` keys/values
+    /// first when given.
     /// Returns the block output and the keys/values of `x`.
     pub fn forward(
         &self,
         x: Tensor<3>,
-        c: Tensor<3>,
+        c: Option<Tensor<3>>,
         mask: &AttentionMask,
         past: Option<&LayerKv>,
     ) -> (Tensor<3>, LayerKv) {
@@ -159,7 +160,13 @@ impl ConfidenceAwareGpt {
         confidence_input: Tensor<2>,
     ) -> (StateOutput, Vec<LayerKv>) {
         let pos = positions(&ids, 0);
-        self.heads_but_lm(self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None))
+        self.heads_but_lm(self.trunk(
+            ids,
+            Some(confidence_input),
+            pos,
+            &AttentionMask::Causal,
+            None,
+        ))
     }
 
     /// The tied LM head on final normalised states `[B, T, d]`: logits `[B, T, V]`.
@@ -184,10 +191,12 @@ impl ConfidenceAwareGpt {
     /// The confidence head's predictions of a causal pass at positions `0..T`, without the LM
     /// head: `[B, T]`, equal to [`forward`](Self::forward)'s `confidence`. The confidence
     /// history needs only these, and the LM head is the widest product of a forward pass.
+    /// Without `confidence_input`, zero confidence everywhere (the history's own pass), which
+    /// leaves each AdaptiveLayer a plain LayerNorm.
     pub fn predict_confidence(
         &self,
         ids: Tensor<2, Int>,
-        confidence_input: Tensor<2>,
+        confidence_input: Option<Tensor<2>>,
     ) -> Tensor<2> {
         let pos = positions(&ids, 0);
         let trunk = self.trunk(ids, confidence_input, pos, &AttentionMask::Causal, None);
@@ -206,7 +215,7 @@ impl ConfidenceAwareGpt {
         mask: &AttentionMask,
         past: Option<&[LayerKv]>,
     ) -> (ConfidenceOutput, Vec<LayerKv>) {
-        let trunk = self.trunk(ids, confidence_input, positions, mask, past);
+        let trunk = self.trunk(ids, Some(confidence_input), positions, mask, past);
         let (StateOutput { state, confidence }, cache) = self.heads_but_lm(trunk);
         let output = ConfidenceOutput {
             logits: self.lm_head(state),
@@ -226,12 +235,12 @@ impl ConfidenceAwareGpt {
     fn trunk(
         &self,
         ids: Tensor<2, Int>,
-        confidence_input: Tensor<2>,
+        confidence_input: Option<Tensor<2>>,
         positions: Tensor<2, Int>,
         mask: &AttentionMask,
         past: Option<&[LayerKv]>,
     ) -> Trunk {
-        let c = confidence_input.unsqueeze_dim::<3>(2); // [B, T, 1]
+        let c = confidence_input.map(|c| c.unsqueeze_dim::<3>(2)); // [B, T, 1]
         let mut x = self
             .dropout
             .forward(embed_at(&self.tok_emb, &self.pos_emb, ids, positions));

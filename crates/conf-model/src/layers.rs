@@ -49,8 +49,8 @@ impl AdaptiveLayer {
         }
     }
 
-    /// `x: [B, T, d]`, `c: [B, T, 1]` → `[B, T, d]`.
-    pub fn forward(&self, x: Tensor<3>, c: Tensor<3>) -> Tensor<3> {
+    /// `x: [B, T, d]`, `c: [B, T, 1]` (`None`: zero confidence) → `[B, T, d]`.
+    pub fn forward(&self, x: Tensor<3>, c: Option<Tensor<3>>) -> Tensor<3> {
         let bias = self.modulation.bias.as_ref();
         fused::adaptive_norm(
             x,

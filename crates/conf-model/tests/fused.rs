@@ -110,7 +110,7 @@ fn the_fused_adaptive_layer_equals_its_plain_form_in_values_and_all_four_gradien
         )
     };
     assert!(fused::applies(&x));
-    let (y_fused, g_fused) = run(fused::adaptive_norm);
+    let (y_fused, g_fused) = run(|x, c, w, b, eps| fused::adaptive_norm(x, Some(c), w, b, eps));
     let (y_plain, g_plain) = run(plain::adaptive_norm);
     y_fused.assert_approx_eq::<f32>(&y_plain, Tolerance::absolute(2e-5));
     for (name, (ours, theirs)) in ["x", "c", "weight", "bias"]

@@ -75,7 +75,7 @@ fn predicting_confidence_alone_equals_the_full_forwards_confidence() {
         let full = model
             .forward(x.clone(), c.clone(), &AttentionMask::Causal)
             .confidence;
-        let alone = model.predict_confidence(x.clone(), c.clone());
+        let alone = model.predict_confidence(x.clone(), Some(c.clone()));
         assert_eq!(alone.dims(), [3, 16]);
         let spread = full.clone().var(1).mean().into_scalar::<f32>();
         assert!(

@@ -47,10 +47,9 @@ pub fn confidence_history(
             // Shift right by one: position i reads the prediction made at i − 1, so the pass
             // needs the first seq − 1 positions (causal: the others change nothing).
             let run = history_tokens(seq);
-            let predictions = model.valid().predict_confidence(
-                x.slice([0..batch, 0..run]),
-                zeros.clone().slice([0..batch, 0..run]),
-            );
+            let predictions = model
+                .valid()
+                .predict_confidence(x.slice([0..batch, 0..run]), None);
             Tensor::cat(
                 vec![
                     zeros.slice([0..batch, 0..1]),

@@ -168,21 +168,34 @@ pub fn layer_norm<const D: usize>(
 }
 
 /// The AdaptiveLayer `normalise(x) · (1 + scale) + shift` with `[scale | shift] = c·W + b`:
-/// `x: [B, T, d]`, `c: [B, T, 1]`, `weight: [1, 2d]`, `bias: [2d]`.
+/// `x: [B, T, d]`, `c: [B, T, 1]`, `weight: [1, 2d]`, `bias: [2d]`. Without `c`, zero
+/// confidence everywhere: a LayerNorm with gain `1 + b_scale` and bias `b_shift`, which libtorch
+/// runs as one fused LayerNorm (a third of the modulated form's time at `[1024, 64]`).
 pub fn adaptive_norm(
     x: Tensor<3>,
-    c: Tensor<3>,
+    c: Option<Tensor<3>>,
     weight: Tensor<2>,
     bias: Tensor<1>,
     eps: f32,
 ) -> Tensor<3> {
+    #[cfg(feature = "tch")]
+    if torch::on_libtorch(&x) {
+        return match c {
+            Some(c) => torch::adaptive_norm(x, c, weight, bias, eps as f64),
+            None => {
+                let d = x.dims()[2];
+                let gain = bias.clone().slice(0..d) + 1.0;
+                torch::layer_norm(x, Some(gain), Some(bias.slice(d..2 * d)), eps as f64)
+            }
+        };
+    }
+    let c = c.unwrap_or_else(|| {
+        let [batch, seq, _] = x.dims();
+        Tensor::zeros([batch, seq, 1], &x.device())
+    });
     #[cfg(feature = "flex")]
     if extension::applies(&x) {
         return extension::adaptive_norm(x, c, weight, bias, eps);
-    }
-    #[cfg(feature = "tch")]
-    if torch::on_libtorch(&x) {
-        return torch::adaptive_norm(x, c, weight, bias, eps as f64);
     }
     plain::adaptive_norm(x, c, weight, bias, eps)
 }
