@@ -163,9 +163,11 @@ fn main() -> anyhow::Result<()> {
                 ],
                 &lint_env,
             )?;
+            // conf-model too: its unit tests of the backends' own operations (the tch
+            // backends' CPU kernels against the libtorch operations their GPU runs).
             let mut command = vec!["test", "--release", "-p", "conf-cli"];
             if !features.is_empty() {
-                command.extend(["--features", &features]);
+                command.extend(["-p", "conf-model", "--features", &features]);
             }
             cargo(&command, &env)
         }

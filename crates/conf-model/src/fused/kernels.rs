@@ -123,25 +123,57 @@ pub fn adaptive_norm(
     len: usize,
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    assert_eq!(
-        (c.len() * len, w.len(), b.len()),
-        (x.len(), 2 * len, 2 * len)
-    );
-    let (normalised, inv_std) = normalise(x, len, eps);
+    assert_eq!(c.len() * len, x.len());
+    let mut inv_std = vec![0.0; c.len()];
+    let mut normalised = uninit(x.len());
     let rows = rows_per_task(len);
     let fill = |out: &mut [MaybeUninit<f32>]| {
         out.par_chunks_mut(rows * len)
-            .zip(normalised.par_chunks(rows * len).zip(c.par_chunks(rows)))
-            .for_each(|(out, (xhat, c))| {
-                for ((out, xhat), &c) in out.chunks_mut(len).zip(xhat.chunks(len)).zip(c) {
-                    math::modulate_row(xhat, c, w, b, out);
-                }
+            .zip(normalised.par_chunks_mut(rows * len))
+            .zip(inv_std.par_chunks_mut(rows))
+            .zip(x.par_chunks(rows * len).zip(c.par_chunks(rows)))
+            .for_each(|(((out, normalised), inv_std), (x, c))| {
+                adaptive_norm_rows(x, c, w, b, eps, out, normalised, inv_std);
             })
     };
-    // SAFETY: `fill` writes every element (its chunks zip the whole output with inputs of
-    // the asserted lengths).
+    // SAFETY: `fill` writes every element of the output, and `adaptive_norm_rows` every
+    // element of `normalised` (their chunks zip them whole with inputs of asserted lengths).
     let out = unsafe { written(uninit(x.len()), fill) };
+    let normalised = unsafe { normalised.assume_init() }.into_vec();
     (out, normalised, inv_std)
+}
+
+/// [`adaptive_norm`] over the whole rows of `x` on this thread, into `out`, `normalised` (`x̂`)
+/// and `inv_std`: each row normalised, then modulated while it is in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn adaptive_norm_rows(
+    x: &[f32],
+    c: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [MaybeUninit<f32>],
+    normalised: &mut [MaybeUninit<f32>],
+    inv_std: &mut [f32],
+) {
+    let len = w.len() / 2;
+    assert_eq!(
+        (
+            c.len() * len,
+            out.len(),
+            normalised.len(),
+            inv_std.len(),
+            b.len()
+        ),
+        (x.len(), x.len(), x.len(), c.len(), w.len())
+    );
+    let rows = out.chunks_mut(len).zip(normalised.chunks_mut(len));
+    for (((out, xhat), inv), (x, &c)) in rows.zip(inv_std).zip(x.chunks(len).zip(c)) {
+        *inv = math::normalise_row(x, eps, xhat);
+        // SAFETY: `normalise_row` has just written every element of the row.
+        let xhat = unsafe { &*(xhat as *const [MaybeUninit<f32>] as *const [f32]) };
+        math::modulate_row(xhat, c, w, b, out);
+    }
 }
 
 /// Gradients of [`adaptive_norm`] for `x`, `c`, `w` and `b` from `x̂`, `1 / std`, the inputs
@@ -164,10 +196,7 @@ pub fn adaptive_norm_backward(
     grad: &[f32],
     len: usize,
 ) -> AdaptiveNormGrads {
-    assert_eq!(
-        (grad.len(), c.len() * len, inv_std.len()),
-        (xhat.len(), xhat.len(), c.len())
-    );
+    assert_eq!(c.len() * len, xhat.len());
     let rows = rows_per_task(len);
     let mut dc = vec![0.0; c.len()];
     let mut partials: Vec<Vec<f32>> = Vec::new();
@@ -178,27 +207,8 @@ pub fn adaptive_norm_backward(
             .zip(xhat.par_chunks(rows * len).zip(grad.par_chunks(rows * len)))
             .zip(c.par_chunks(rows).zip(inv_std.par_chunks(rows)))
             .map(|(((dx, dc), (xhat, grad)), (c, inv_std))| {
-                // [dw_s | dw_h | db_s | db_h] over this task's rows.
                 let mut sums = vec![0.0; 4 * len];
-                let mut scratch = vec![0.0; 2 * len];
-                let rows = dx.chunks_mut(len).zip(dc);
-                let inputs = xhat
-                    .chunks(len)
-                    .zip(grad.chunks(len))
-                    .zip(c.iter().zip(inv_std));
-                for ((dx, dc), ((xhat, g), (&c, &inv))) in rows.zip(inputs) {
-                    *dc = math::modulate_backward_row(
-                        xhat,
-                        g,
-                        c,
-                        inv,
-                        w,
-                        b,
-                        &mut scratch,
-                        &mut sums,
-                        dx,
-                    );
-                }
+                adaptive_norm_backward_rows(xhat, inv_std, c, w, b, grad, dx, dc, &mut sums);
                 sums
             })
             .collect();
@@ -216,6 +226,50 @@ pub fn adaptive_norm_backward(
         c: dc,
         w: sums,
         b: db,
+    }
+}
+
+/// [`adaptive_norm_backward`] over whole rows on this thread: writes `dx` and `dc`, and adds
+/// the rows' parameter gradients to `sums = [dw_s | dw_h | db_s | db_h]`.
+#[allow(clippy::too_many_arguments)]
+pub fn adaptive_norm_backward_rows(
+    xhat: &[f32],
+    inv_std: &[f32],
+    c: &[f32],
+    w: &[f32],
+    b: &[f32],
+    grad: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    dc: &mut [f32],
+    sums: &mut [f32],
+) {
+    let len = w.len() / 2;
+    assert_eq!(
+        (
+            grad.len(),
+            dx.len(),
+            c.len() * len,
+            inv_std.len(),
+            dc.len(),
+            sums.len()
+        ),
+        (
+            xhat.len(),
+            xhat.len(),
+            xhat.len(),
+            c.len(),
+            c.len(),
+            4 * len
+        )
+    );
+    let mut scratch = vec![0.0; 2 * len];
+    let rows = dx.chunks_mut(len).zip(dc);
+    let inputs = xhat
+        .chunks(len)
+        .zip(grad.chunks(len))
+        .zip(c.iter().zip(inv_std));
+    for ((dx, dc), ((xhat, g), (&c, &inv))) in rows.zip(inputs) {
+        *dc = math::modulate_backward_row(xhat, g, c, inv, w, b, &mut scratch, sums, dx);
     }
 }
 

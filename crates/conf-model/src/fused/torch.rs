@@ -409,8 +409,25 @@ fn layer_norm_forward(
     (TchTensor::new(output), normalised, rstd)
 }
 
-/// The AdaptiveLayer's output, and what its backward reads.
+/// The AdaptiveLayer's output, and what its backward reads. On the CPU one pass over the rows
+/// on this thread (`kernels::adaptive_norm_rows`, flex's kernel): normalised and modulated
+/// while in cache, where libtorch's operations make four passes and three temporaries.
 fn adaptive_norm_forward(
+    x: &TchTensor,
+    c: &TchTensor,
+    weight: &TchTensor,
+    bias: &TchTensor,
+    eps: f64,
+) -> (TchTensor, AdaptiveSaved) {
+    #[cfg(feature = "flex")]
+    if x.tensor.device() == tch::Device::Cpu {
+        return rows::adaptive_norm_forward(x, c, weight, bias, eps);
+    }
+    adaptive_norm_forward_ops(x, c, weight, bias, eps)
+}
+
+/// [`adaptive_norm_forward`] in libtorch operations (its GPU path).
+fn adaptive_norm_forward_ops(
     x: &TchTensor,
     c: &TchTensor,
     weight: &TchTensor,
@@ -440,9 +457,10 @@ fn adaptive_norm_forward(
     let saved = AdaptiveSaved {
         normalised: TchTensor::new(normalised),
         rstd: TchTensor::new(rstd),
-        gain: TchTensor::new(gain),
+        gain: Some(TchTensor::new(gain)),
         c: c.clone(),
         weight: weight.clone(),
+        bias: bias.clone(),
     };
     (TchTensor::new(output), saved)
 }
@@ -472,10 +490,12 @@ fn normalise_backward(
 struct AdaptiveSaved {
     normalised: TchTensor,
     rstd: TchTensor,
-    /// `1 + scale`.
-    gain: TchTensor,
+    /// `1 + scale`, from the libtorch operations' forward (the CPU's backward recomputes it
+    /// per row).
+    gain: Option<TchTensor>,
     c: TchTensor,
     weight: TchTensor,
+    bias: TchTensor,
 }
 
 #[derive(Debug)]
@@ -489,30 +509,136 @@ impl Backward<LibTorch, 4> for AdaptiveNormBackward {
     /// `g · (1 + scale)`.
     fn backward(self, ops: Ops<AdaptiveSaved, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<LibTorch>(&ops.node).tensor;
-        let s = &ops.state;
-        let xhat = &s.normalised.tensor;
-        let width = *grad.size().last().expect("a tensor with dimensions");
-        let [x_node, c_node, weight_node, bias_node] = ops.parents;
-        let rows = |t: &tch::Tensor| t.reshape([-1, width]);
-        let d_modulation = tch::Tensor::cat(&[rows(&(&grad * xhat)), rows(&grad)], 1);
-        let c = s.c.tensor.reshape([-1, 1]);
-        if let Some(node) = x_node {
-            let dx = normalise_backward(&grad * &s.gain.tensor, xhat, &s.rstd.tensor);
-            grads.register::<LibTorch>(node.id, TchTensor::new(dx));
+        let needed = ops.parents.each_ref().map(Option::is_some);
+        let computed = adaptive_norm_backward(&ops.state, &grad, needed);
+        for (parent, g) in ops.parents.into_iter().zip(computed) {
+            if let (Some(node), Some(g)) = (parent, g) {
+                grads.register::<LibTorch>(node.id, TchTensor::new(g));
+            }
         }
-        if let Some(node) = c_node {
-            let dc = d_modulation
+    }
+}
+
+/// The gradients of x, c, the weight and the bias (those `needed`) from the output's.
+fn adaptive_norm_backward(
+    s: &AdaptiveSaved,
+    grad: &tch::Tensor,
+    needed: [bool; 4],
+) -> [Option<tch::Tensor>; 4] {
+    let Some(gain) = &s.gain else {
+        #[cfg(feature = "flex")]
+        return rows::adaptive_norm_backward(s, grad).map(Some);
+        #[cfg(not(feature = "flex"))]
+        unreachable!("only the CPU's forward leaves the gain out");
+    };
+    let [need_x, need_c, need_w, need_b] = needed;
+    let xhat = &s.normalised.tensor;
+    let width = *grad.size().last().expect("a tensor with dimensions");
+    let rows = |t: &tch::Tensor| t.reshape([-1, width]);
+    let d_modulation = tch::Tensor::cat(&[rows(&(grad * xhat)), rows(grad)], 1);
+    let c = s.c.tensor.reshape([-1, 1]);
+    [
+        need_x.then(|| normalise_backward(grad * &gain.tensor, xhat, &s.rstd.tensor)),
+        need_c.then(|| {
+            d_modulation
                 .mm(&s.weight.tensor.tr())
-                .reshape(&s.c.tensor.size()[..]);
-            grads.register::<LibTorch>(node.id, TchTensor::new(dc));
-        }
-        if let Some(node) = weight_node {
-            grads.register::<LibTorch>(node.id, TchTensor::new(c.tr().mm(&d_modulation)));
-        }
-        if let Some(node) = bias_node {
-            let db = d_modulation.sum_dim_intlist(&[0i64][..], false, None);
-            grads.register::<LibTorch>(node.id, TchTensor::new(db));
-        }
+                .reshape(&s.c.tensor.size()[..])
+        }),
+        need_w.then(|| c.tr().mm(&d_modulation)),
+        need_b.then(|| d_modulation.sum_dim_intlist(&[0i64][..], false, None)),
+    ]
+}
+
+/// The AdaptiveLayer on libtorch's CPU memory through flex's row kernels, run on the calling
+/// thread: handing each of them to rayon's pool from outside it costs more than the work at
+/// these sizes (a thread wake-up each way).
+#[cfg(feature = "flex")]
+mod rows {
+    use std::mem::MaybeUninit;
+
+    use super::*;
+    use crate::fused::kernels;
+
+    /// The values of a contiguous f32 tensor on the CPU.
+    fn values(t: &tch::Tensor) -> &[f32] {
+        assert!(t.is_contiguous() && t.kind() == tch::Kind::Float);
+        // SAFETY: a contiguous f32 CPU tensor holds `numel` floats at `data_ptr`, alive and
+        // unaliased by writers while `t` is borrowed.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+    }
+
+    /// A new f32 tensor on the CPU for a kernel to write in full.
+    fn empty(size: &[i64]) -> tch::Tensor {
+        tch::Tensor::empty(size, (tch::Kind::Float, tch::Device::Cpu))
+    }
+
+    /// The memory of a contiguous f32 CPU tensor, for writing.
+    fn memory(t: &mut tch::Tensor) -> &mut [MaybeUninit<f32>] {
+        assert!(t.is_contiguous() && t.kind() == tch::Kind::Float);
+        // SAFETY: as `values`; the exclusive borrow of `t` keeps every other view out.
+        unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut MaybeUninit<f32>, t.numel()) }
+    }
+
+    pub(super) fn adaptive_norm_forward(
+        x: &TchTensor,
+        c: &TchTensor,
+        weight: &TchTensor,
+        bias: &TchTensor,
+        eps: f64,
+    ) -> (TchTensor, AdaptiveSaved) {
+        let [x, c, w, b] = [x, c, weight, bias].map(|t| t.tensor.contiguous());
+        let size = x.size();
+        let (mut out, mut normalised) = (empty(&size), empty(&size));
+        let mut rstd = vec![0.0; c.numel()];
+        kernels::adaptive_norm_rows(
+            values(&x),
+            values(&c),
+            values(&w),
+            values(&b),
+            eps as f32,
+            memory(&mut out),
+            memory(&mut normalised),
+            &mut rstd,
+        );
+        let rstd = tch::Tensor::from_slice(&rstd).reshape(&c.size()[..]);
+        let saved = AdaptiveSaved {
+            normalised: TchTensor::new(normalised),
+            rstd: TchTensor::new(rstd),
+            gain: None,
+            c: TchTensor::new(c),
+            weight: TchTensor::new(w),
+            bias: TchTensor::new(b),
+        };
+        (TchTensor::new(out), saved)
+    }
+
+    pub(super) fn adaptive_norm_backward(
+        s: &AdaptiveSaved,
+        grad: &tch::Tensor,
+    ) -> [tch::Tensor; 4] {
+        let grad = grad.contiguous();
+        let (c, weight) = (&s.c.tensor, &s.weight.tensor);
+        let mut dx = empty(&grad.size());
+        let mut dc = vec![0.0; c.numel()];
+        let mut sums = vec![0.0; 2 * weight.numel()];
+        kernels::adaptive_norm_backward_rows(
+            values(&s.normalised.tensor),
+            values(&s.rstd.tensor),
+            values(c),
+            values(weight),
+            values(&s.bias.tensor),
+            values(&grad),
+            memory(&mut dx),
+            &mut dc,
+            &mut sums,
+        );
+        let (dw, db) = sums.split_at(weight.numel());
+        [
+            dx,
+            tch::Tensor::from_slice(&dc).reshape(&c.size()[..]),
+            tch::Tensor::from_slice(dw).reshape(&weight.size()[..]),
+            tch::Tensor::from_slice(db),
+        ]
     }
 }
 
@@ -812,6 +938,48 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
                 prep.finish(LibTorch::torch_attention(q, k, v, causal))
             }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    fn max_difference(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The CPU's row kernels against the libtorch operations the GPU runs: output and all four
+    /// gradients, at a width that is not a multiple of the vector lanes.
+    #[test]
+    fn the_adaptive_layer_on_the_cpu_equals_its_libtorch_operations() {
+        let options = (tch::Kind::Float, tch::Device::Cpu);
+        tch::manual_seed(7);
+        let [x, c, weight, bias] = [vec![3, 5, 24], vec![3, 5, 1], vec![1, 48], vec![48]]
+            .map(|size| TchTensor::new(tch::Tensor::randn(size, options)));
+        let grad = tch::Tensor::randn([3, 5, 24], options);
+        let (out_rows, saved_rows) = rows::adaptive_norm_forward(&x, &c, &weight, &bias, 1e-5);
+        let (out_ops, saved_ops) = adaptive_norm_forward_ops(&x, &c, &weight, &bias, 1e-5);
+        assert!(saved_rows.gain.is_none() && saved_ops.gain.is_some());
+        assert!(max_difference(&out_rows.tensor, &out_ops.tensor) < 1e-5);
+        let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]);
+        let from_ops = adaptive_norm_backward(&saved_ops, &grad, [true; 4]);
+        for (name, (a, b)) in ["x", "c", "weight", "bias"]
+            .iter()
+            .zip(from_rows.iter().zip(&from_ops))
+        {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert!(
+                b.abs().max().double_value(&[]) > 0.1,
+                "{name}: a trivial gradient"
+            );
+            let difference = max_difference(a, b);
+            assert!(
+                difference < 1e-4,
+                "{name}: the gradients differ by {difference}"
+            );
         }
     }
 }
