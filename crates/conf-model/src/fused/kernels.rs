@@ -273,6 +273,38 @@ pub fn adaptive_norm_backward_rows(
     }
 }
 
+/// LayerNorm's backward over whole rows on this thread, from its input `x`, each row's mean
+/// and `1 / std`, the gain `γ` and the output's gradient: writes `dx` and adds the rows'
+/// `[dγ | dβ]` to `sums`.
+pub fn layer_norm_backward_rows(
+    x: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    gamma: &[f32],
+    grad: &[f32],
+    dx: &mut [MaybeUninit<f32>],
+    sums: &mut [f32],
+) {
+    let len = gamma.len();
+    assert_eq!(
+        (
+            grad.len(),
+            dx.len(),
+            mean.len() * len,
+            inv_std.len(),
+            sums.len()
+        ),
+        (x.len(), x.len(), x.len(), mean.len(), 2 * len)
+    );
+    let mut scratch = vec![0.0; 2 * len];
+    let inputs = x.chunks(len).zip(grad.chunks(len));
+    for ((dx, (x, g)), (&mean, &inv)) in
+        dx.chunks_mut(len).zip(inputs).zip(mean.iter().zip(inv_std))
+    {
+        math::layer_norm_backward_row(x, g, mean, inv, gamma, &mut scratch, sums, dx);
+    }
+}
+
 /// Softmax of each row of `keys` scores; rows are queries, `queries` per head. With `causal`,
 /// query i sees keys `0..=i + keys − queries` and the rest get 0.
 pub fn attention_softmax(x: &[f32], keys: usize, queries: usize, causal: bool) -> Vec<f32> {

@@ -277,6 +277,37 @@ pub fn modulate_backward_row(
     dot(g, dy_dc)
 }
 
+/// One row of LayerNorm's backward from its input `x`, mean and `1 / std`: writes `dx`, adds
+/// this row's terms to `sums = [dγ | dβ]`. `scratch` holds two rows.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward_row(
+    x: &[f32],
+    g: &[f32],
+    mean: f32,
+    inv: f32,
+    gamma: &[f32],
+    scratch: &mut [f32],
+    sums: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
+) {
+    let len = x.len();
+    assert_eq!(
+        (g.len(), gamma.len(), scratch.len(), sums.len()),
+        (len, len, 2 * len, 2 * len)
+    );
+    // x̂, and the gradient reaching it.
+    let (xhat, g_hat) = scratch.split_at_mut(len);
+    let (dgamma, dbeta) = sums.split_at_mut(len);
+    for j in 0..len {
+        xhat[j] = (x[j] - mean) * inv;
+        g_hat[j] = g[j] * gamma[j];
+        dgamma[j] += g[j] * xhat[j];
+        dbeta[j] += g[j];
+    }
+    normalise_backward_row(xhat, g_hat, inv, dx);
+}
+
 /// The gradient of a softmax row from its output `p`: `p · (g − Σ p · g)`.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn softmax_backward_row(p: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
