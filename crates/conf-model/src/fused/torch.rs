@@ -500,6 +500,8 @@ struct AdaptiveSaved {
     gain: Option<TchTensor>,
     c: TchTensor,
     weight: TchTensor,
+    /// Read by the CPU's row kernels (built with flex's).
+    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     bias: TchTensor,
 }
 
