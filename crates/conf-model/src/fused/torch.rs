@@ -5,10 +5,13 @@
 //!   over `[B, H, S, K]` scores, and libtorch's vectorised exponential takes its slow path on
 //!   every masked (−∞) score;
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
-//!   `native_layer_norm`, with a backward of a few libtorch operations;
-//! - the AdaptiveLayer: that normalisation, its `Linear(1 → 2d)` modulation as one `addcmul`
-//!   per half and the modulation as one more, where Burn records a product, a bias, two slices
-//!   and three element-wise operations (and their backward zero-fills and copies the slices);
+//!   `native_layer_norm`; its backward on the CPU one pass over the rows (flex's row kernel),
+//!   on the GPU a few libtorch operations;
+//! - the AdaptiveLayer, forward and backward: on the CPU one pass over the rows each (flex's
+//!   row kernels on libtorch's memory); on the GPU that normalisation, its `Linear(1 → 2d)`
+//!   modulation as one `addcmul` per half and the modulation as one more, where Burn records a
+//!   product, a bias, two slices and three element-wise operations (and their backward
+//!   zero-fills and copies the slices);
 //! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
 //!   with the own key merged in by the rows' log-sum-exp.
 //!
