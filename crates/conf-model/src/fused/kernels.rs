@@ -275,7 +275,9 @@ pub fn adaptive_norm_backward_rows(
 
 /// LayerNorm's backward over whole rows on this thread, from its input `x`, each row's mean
 /// and `1 / std`, the gain `γ` and the output's gradient: writes `dx` and adds the rows'
-/// `[dγ | dβ]` to `sums`.
+/// `[dγ | dβ]` to `sums`. For the tch backends' CPU path (flex's LayerNorm is the fused
+/// normalisation followed by Burn's affine operations).
+#[cfg(feature = "tch")]
 pub fn layer_norm_backward_rows(
     x: &[f32],
     mean: &[f32],

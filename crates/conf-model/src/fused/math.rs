@@ -279,6 +279,7 @@ pub fn modulate_backward_row(
 
 /// One row of LayerNorm's backward from its input `x`, mean and `1 / std`: writes `dx`, adds
 /// this row's terms to `sums = [dγ | dβ]`. `scratch` holds two rows.
+#[cfg(feature = "tch")]
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward_row(

@@ -20,6 +20,7 @@
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -514,22 +515,34 @@ struct AdaptiveNormBackward;
 impl Backward<LibTorch, 4> for AdaptiveNormBackward {
     type State = AdaptiveSaved;
 
-    /// With `m = [scale | shift]` the modulation: `dscale = g · x̂`, `dshift = g`, then
-    /// `dW = cᵀ · dm`, `db = Σ dm`, `dc = dm · Wᵀ`, and `dx` through the normalisation from
-    /// `g · (1 + scale)`.
     fn backward(self, ops: Ops<AdaptiveSaved, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<LibTorch>(&ops.node).tensor;
         let needed = ops.parents.each_ref().map(Option::is_some);
         let computed = adaptive_norm_backward(&ops.state, &grad, needed);
-        for (parent, g) in ops.parents.into_iter().zip(computed) {
-            if let (Some(node), Some(g)) = (parent, g) {
-                grads.register::<LibTorch>(node.id, TchTensor::new(g));
-            }
+        register(
+            grads,
+            ops.parents.map(|parent| parent.map(|node| node.id)),
+            computed,
+        );
+    }
+}
+
+/// Hands each computed gradient to its parent node.
+fn register<const N: usize>(
+    grads: &mut Gradients,
+    parents: [Option<NodeId>; N],
+    computed: [Option<tch::Tensor>; N],
+) {
+    for (parent, g) in parents.into_iter().zip(computed) {
+        if let (Some(id), Some(g)) = (parent, g) {
+            grads.register::<LibTorch>(id, TchTensor::new(g));
         }
     }
 }
 
-/// The gradients of x, c, the weight and the bias (those `needed`) from the output's.
+/// The gradients of x, c, the weight and the bias (those `needed`) from the output's. With
+/// `m = [scale | shift]` the modulation: `dscale = g · x̂`, `dshift = g`, then `dW = cᵀ · dm`,
+/// `db = Σ dm`, `dc = dm · Wᵀ`, and `dx` through the normalisation from `g · (1 + scale)`.
 fn adaptive_norm_backward(
     s: &AdaptiveSaved,
     grad: &tch::Tensor,
@@ -559,9 +572,9 @@ fn adaptive_norm_backward(
     ]
 }
 
-/// The AdaptiveLayer on libtorch's CPU memory through flex's row kernels, run on the calling
-/// thread: handing each of them to rayon's pool from outside it costs more than the work at
-/// these sizes (a thread wake-up each way).
+/// The AdaptiveLayer and LayerNorm's backward on libtorch's CPU memory through flex's row
+/// kernels, run on the calling thread: handing each of them to rayon's pool from outside it
+/// costs more than the work at these sizes (a thread wake-up each way).
 #[cfg(feature = "flex")]
 mod rows {
     use std::mem::MaybeUninit;
@@ -800,11 +813,11 @@ impl Backward<LibTorch, 3> for LayerNormBackward {
         let grad = grads.consume::<LibTorch>(&ops.node).tensor;
         let needed = ops.parents.each_ref().map(Option::is_some);
         let computed = layer_norm_backward(&ops.state, &grad, needed);
-        for (parent, g) in ops.parents.into_iter().zip(computed) {
-            if let (Some(node), Some(g)) = (parent, g) {
-                grads.register::<LibTorch>(node.id, TchTensor::new(g));
-            }
-        }
+        register(
+            grads,
+            ops.parents.map(|parent| parent.map(|node| node.id)),
+            computed,
+        );
     }
 }
 
@@ -1002,6 +1015,22 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
+    /// Each of the row kernels' gradients within 1e-4 of the libtorch operations', which are
+    /// not trivially small.
+    fn assert_same_gradients(names: &[&str], rows: &[tch::Tensor], ops: &[Option<tch::Tensor>]) {
+        assert_eq!((names.len(), rows.len()), (ops.len(), ops.len()));
+        for ((name, a), b) in names.iter().zip(rows).zip(ops) {
+            let b = b.as_ref().expect("every gradient asked for");
+            let largest = b.abs().max().double_value(&[]);
+            assert!(largest > 0.1, "{name}: a trivial gradient ({largest})");
+            let difference = max_difference(a, b);
+            assert!(
+                difference < 1e-4,
+                "{name}: the gradients differ by {difference}"
+            );
+        }
+    }
+
     /// The CPU's row kernels against the libtorch operations the GPU runs: output and all four
     /// gradients, at a width that is not a multiple of the vector lanes.
     #[test]
@@ -1015,23 +1044,9 @@ mod tests {
         let (out_ops, saved_ops) = adaptive_norm_forward_ops(&x, &c, &weight, &bias, 1e-5);
         assert!(saved_rows.gain.is_none() && saved_ops.gain.is_some());
         assert!(max_difference(&out_rows.tensor, &out_ops.tensor) < 1e-5);
-        let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]);
+        let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]).map(Option::unwrap);
         let from_ops = adaptive_norm_backward(&saved_ops, &grad, [true; 4]);
-        for (name, (a, b)) in ["x", "c", "weight", "bias"]
-            .iter()
-            .zip(from_rows.iter().zip(&from_ops))
-        {
-            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-            assert!(
-                b.abs().max().double_value(&[]) > 0.1,
-                "{name}: a trivial gradient"
-            );
-            let difference = max_difference(a, b);
-            assert!(
-                difference < 1e-4,
-                "{name}: the gradients differ by {difference}"
-            );
-        }
+        assert_same_gradients(&["x", "c", "weight", "bias"], &from_rows, &from_ops);
     }
 
     /// LayerNorm's backward on the CPU's row kernel against the libtorch operations the GPU
@@ -1046,20 +1061,6 @@ mod tests {
         let (_, saved) = layer_norm_forward(&x, &gamma, &beta, 1e-5);
         let from_rows = rows::layer_norm_backward(&saved, &grad);
         let from_ops = layer_norm_backward_ops(&saved, &grad, [true; 3]);
-        for (name, (a, b)) in ["x", "gamma", "beta"]
-            .iter()
-            .zip(from_rows.iter().zip(&from_ops))
-        {
-            let b = b.as_ref().unwrap();
-            assert!(
-                b.abs().max().double_value(&[]) > 0.1,
-                "{name}: a trivial gradient"
-            );
-            let difference = max_difference(a, b);
-            assert!(
-                difference < 1e-4,
-                "{name}: the gradients differ by {difference}"
-            );
-        }
+        assert_same_gradients(&["x", "gamma", "beta"], &from_rows, &from_ops);
     }
 }
