@@ -20,7 +20,6 @@
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
 
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -516,26 +515,27 @@ impl Backward<LibTorch, 4> for AdaptiveNormBackward {
     type State = AdaptiveSaved;
 
     fn backward(self, ops: Ops<AdaptiveSaved, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<LibTorch>(&ops.node).tensor;
-        let needed = ops.parents.each_ref().map(Option::is_some);
-        let computed = adaptive_norm_backward(&ops.state, &grad, needed);
-        register(
-            grads,
-            ops.parents.map(|parent| parent.map(|node| node.id)),
-            computed,
-        );
+        register_gradients(ops, grads, adaptive_norm_backward);
     }
 }
 
-/// Hands each computed gradient to its parent node.
-fn register<const N: usize>(
+/// Takes the output's gradient, has `gradients` compute those of the parents that need one
+/// (from the saved state, the output's gradient and which parents are tracked), and hands
+/// each to its parent node.
+fn register_gradients<S, const N: usize>(
+    ops: Ops<S, N>,
     grads: &mut Gradients,
-    parents: [Option<NodeId>; N],
-    computed: [Option<tch::Tensor>; N],
+    gradients: impl FnOnce(&S, &tch::Tensor, [bool; N]) -> [Option<tch::Tensor>; N],
 ) {
-    for (parent, g) in parents.into_iter().zip(computed) {
-        if let (Some(id), Some(g)) = (parent, g) {
-            grads.register::<LibTorch>(id, TchTensor::new(g));
+    let grad = grads.consume::<LibTorch>(&ops.node).tensor;
+    let computed = gradients(
+        &ops.state,
+        &grad,
+        ops.parents.each_ref().map(Option::is_some),
+    );
+    for (parent, g) in ops.parents.into_iter().zip(computed) {
+        if let (Some(node), Some(g)) = (parent, g) {
+            grads.register::<LibTorch>(node.id, TchTensor::new(g));
         }
     }
 }
@@ -810,14 +810,7 @@ impl Backward<LibTorch, 3> for LayerNormBackward {
     type State = NormSaved;
 
     fn backward(self, ops: Ops<NormSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<LibTorch>(&ops.node).tensor;
-        let needed = ops.parents.each_ref().map(Option::is_some);
-        let computed = layer_norm_backward(&ops.state, &grad, needed);
-        register(
-            grads,
-            ops.parents.map(|parent| parent.map(|node| node.id)),
-            computed,
-        );
+        register_gradients(ops, grads, layer_norm_backward);
     }
 }
 
@@ -872,26 +865,23 @@ impl Backward<LibTorch, 3> for AttentionBackward {
     type State = Saved;
 
     fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<LibTorch>(&ops.node);
-        let s = &ops.state;
-        let (dq, dk, dv) =
-            tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                &grad.tensor,
-                &s.q.tensor,
-                &s.k.tensor,
-                &s.v.tensor,
-                &s.output.tensor,
-                &s.logsumexp.tensor,
-                0.0,
-                s.mask.is_causal,
-                s.mask.bias(),
-                None::<f64>,
-            );
-        for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
-            if let Some(node) = parent {
-                grads.register::<LibTorch>(node.id, TchTensor::new(g));
-            }
-        }
+        // The flash kernel's backward computes all three at once.
+        register_gradients(ops, grads, |s, grad, _| {
+            let (dq, dk, dv) =
+                tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad,
+                    &s.q.tensor,
+                    &s.k.tensor,
+                    &s.v.tensor,
+                    &s.output.tensor,
+                    &s.logsumexp.tensor,
+                    0.0,
+                    s.mask.is_causal,
+                    s.mask.bias(),
+                    None::<f64>,
+                );
+            [Some(dq), Some(dk), Some(dv)]
+        });
     }
 }
 
