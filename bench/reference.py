@@ -329,7 +329,7 @@ def bench(a):
     torch.backends.mkldnn.enabled = False
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
-    rows = []
+    runs = []
     for objective in a.objectives.split(","):
         hidden = 4 * a.d_model
         if objective == "standard":
@@ -338,7 +338,6 @@ def bench(a):
         else:
             model = ConfidenceGPT(a.vocab, a.seq_len, a.d_model, a.n_layers, a.n_heads, hidden)
         init_weights(model)
-        optimizer = adamw(model, 1e-3, 0.1)
         batches = [
             (
                 torch.randint(0, a.vocab, (a.batch_size, a.seq_len + 2), generator=gen),
@@ -346,20 +345,33 @@ def bench(a):
             )
             for _ in range(a.warmup_steps + a.steps)
         ]
-        for i, (tokens, uniforms) in enumerate(batches):
-            if i == a.warmup_steps:
-                started = time.perf_counter()
-            out = train_step(model, optimizer, objective, tokens, uniforms)
-        seconds = time.perf_counter() - started
-        rows.append(
-            {
-                "objective": objective,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "ms_per_step": 1e3 * seconds / a.steps,
-                "tokens_per_second": a.steps * a.batch_size * a.seq_len / seconds,
-                "last_lm_loss": out["lm_loss"].item(),
-            }
-        )
+        runs.append({"objective": objective, "model": model, "optimizer": adamw(model, 1e-3, 0.1), "batches": iter(batches), "seconds": 0.0})
+
+    def run_steps(run, steps):
+        for _ in range(steps):
+            tokens, uniforms = next(run["batches"])
+            run["out"] = train_step(run["model"], run["optimizer"], run["objective"], tokens, uniforms)
+
+    # As `lookahead bench`: after the warm-up, the objectives take turns of --turn-steps timed
+    # steps, so that a busy spell of the host slows them alike.
+    for run in runs:
+        run_steps(run, a.warmup_steps)
+    turn = max(1, a.turn_steps)
+    for done in range(0, a.steps, turn):
+        for run in runs:
+            started = time.perf_counter()
+            run_steps(run, min(turn, a.steps - done))
+            run["seconds"] += time.perf_counter() - started
+    rows = [
+        {
+            "objective": run["objective"],
+            "parameters": sum(p.numel() for p in run["model"].parameters()),
+            "ms_per_step": 1e3 * run["seconds"] / a.steps,
+            "tokens_per_second": a.steps * a.batch_size * a.seq_len / run["seconds"],
+            "last_lm_loss": run["out"]["lm_loss"].item(),
+        }
+        for run in runs
+    ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB on Linux
     json.dump({"torch": torch.__version__, "threads": a.threads, "rows": rows, "peak_host_mib": peak}, sys.stdout)
     print()
@@ -371,7 +383,7 @@ def main():
     c = sub.add_parser("check", help="compare with the Rust models: their exports, a batch and the values they computed")
     c.add_argument("dump")
     b = sub.add_parser("bench", help="time each objective's training step")
-    for name, default in [("d-model", 128), ("n-layers", 4), ("n-heads", 4), ("seq-len", 128), ("batch-size", 16), ("vocab", 32), ("threads", 2), ("steps", 10), ("warmup-steps", 3), ("seed", 42)]:
+    for name, default in [("d-model", 128), ("n-layers", 4), ("n-heads", 4), ("seq-len", 128), ("batch-size", 16), ("vocab", 32), ("threads", 2), ("steps", 10), ("warmup-steps", 3), ("turn-steps", 5), ("seed", 42)]:
         b.add_argument(f"--{name}", type=int, default=default)
     b.add_argument("--objectives", default="standard,seed,dense,teacher")
     a = parser.parse_args()

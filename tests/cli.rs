@@ -557,6 +557,11 @@ fn bench_times_every_objective_and_writes_its_figures() {
         2,
         &["--steps"],
     );
+    fails_with(
+        &lookahead(&["bench", "--turn-steps", "0"], cache.path()),
+        2,
+        &["--turn-steps"],
+    );
     // bf16 products: recorded as such, and a finite loss.
     let bf16_output = dir.path().join("bench-bf16.json");
     let mut bf16_args = args.to_vec();

@@ -22,6 +22,9 @@ pub struct Shape {
     /// Timed steps per objective and round unless the plan says otherwise: enough for a
     /// median that is not the host's noise.
     steps: usize,
+    /// Timed steps an objective runs before the next takes its turn (`--turn-steps`): turns
+    /// of a few hundred milliseconds at most, so that each objective's are spread over the round.
+    turn_steps: usize,
 }
 
 /// DESIGN §9's shape: the plan preset (d 128, 4 layers, L 128) at batch 16.
@@ -31,6 +34,7 @@ pub const PLAN_B16: Shape = Shape {
     batch_size: Some(16),
     args: &[],
     steps: 10,
+    turn_steps: 2,
 };
 pub const QUICK: Shape = Shape {
     name: "quick",
@@ -38,6 +42,7 @@ pub const QUICK: Shape = Shape {
     batch_size: None,
     args: &[],
     steps: 60,
+    turn_steps: 5,
 };
 /// The quick shape with GPT-2's 50,257-token vocabulary, where the rows of logits dominate the
 /// step. Its text is tinyshakespeare: from `LOOKAHEAD_DATA`, lookahead's cache, or downloaded.
@@ -47,6 +52,7 @@ pub const QUICK_GPT2: Shape = Shape {
     batch_size: None,
     args: &["--tokenizer", "gpt2", "--dataset", "tinyshakespeare"],
     steps: 10,
+    turn_steps: 2,
 };
 pub const GPU: Shape = Shape {
     name: "gpu",
@@ -54,6 +60,7 @@ pub const GPU: Shape = Shape {
     batch_size: None,
     args: &[],
     steps: 10,
+    turn_steps: 2,
 };
 
 /// Every shape `cargo xtask bench --shape` accepts, by name.
@@ -230,6 +237,7 @@ fn lookahead_bench(
         .args(["bench", "--backend", backend, "--preset", shape.preset])
         .args(["--steps", &plan.steps_for(shape).to_string()])
         .args(["--warmup-steps", &plan.warmup_steps.to_string()])
+        .args(["--turn-steps", &shape.turn_steps.to_string()])
         .arg("--output")
         .arg(&output)
         .envs(env.vars.iter().map(|(k, v)| (k, v)))
@@ -275,6 +283,7 @@ fn torch_bench(
         .args(["--threads", &threads.to_string()])
         .args(["--steps", &plan.steps_for(shape).to_string()])
         .args(["--warmup-steps", &plan.warmup_steps.to_string()])
+        .args(["--turn-steps", &shape.turn_steps.to_string()])
         .output()
         .context("running bench/reference.py")?;
     if !out.status.success() {
@@ -301,18 +310,20 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Per source and objective: the median ms/step, its ratio to PyTorch's standard step and to
-/// the source's own standard step.
+/// Per source and objective: the median ms/step, its ratio to PyTorch's standard step (of the
+/// medians: another process), and the median over the rounds of its ratio to the same round's
+/// standard step of the same source (one process, whose objectives took turns).
 fn summarise(ms: &BTreeMap<(String, String), Vec<f64>>) -> Value {
-    let median_of = |source: &str, objective: &str| {
-        ms.get(&(source.to_string(), objective.to_string()))
-            .map(|v| median(v))
-    };
-    let torch_standard = median_of("pytorch", "standard");
+    let rounds_of =
+        |source: &str, objective: &str| ms.get(&(source.to_string(), objective.to_string()));
+    let torch_standard = rounds_of("pytorch", "standard").map(|v| median(v));
     let mut out = serde_json::Map::new();
     for ((source, objective), values) in ms {
         let m = median(values);
-        let own = median_of(source, "standard");
+        let own = rounds_of(source, "standard").map(|standard| {
+            let ratios: Vec<f64> = values.iter().zip(standard).map(|(v, s)| v / s).collect();
+            median(&ratios)
+        });
         out.entry(source.clone())
             .or_insert_with(|| json!({}))
             .as_object_mut()
@@ -323,7 +334,7 @@ fn summarise(ms: &BTreeMap<(String, String), Vec<f64>>) -> Value {
                     "median_ms": m,
                     "rounds_ms": values,
                     "vs_pytorch_standard": torch_standard.map(|t| m / t),
-                    "vs_own_standard": own.map(|s| m / s),
+                    "vs_own_standard": own,
                 }),
             );
     }
@@ -395,21 +406,27 @@ mod tests {
             ("pytorch".into(), "standard".into()),
             vec![100.0, 120.0, 110.0],
         );
-        ms.insert(("pytorch".into(), "dense".into()), vec![170.0]);
+        ms.insert(
+            ("pytorch".into(), "dense".into()),
+            vec![170.0, 180.0, 220.0],
+        );
         ms.insert(
             ("flex".into(), "standard".into()),
             vec![300.0, 330.0, 320.0],
         );
-        ms.insert(("flex".into(), "dense".into()), vec![480.0]);
+        ms.insert(("flex".into(), "dense".into()), vec![480.0, 528.0, 480.0]);
         let s = summarise(&ms);
         assert_eq!(
             s["flex"]["standard"]["vs_pytorch_standard"],
             json!(320.0 / 110.0)
         );
-        assert_eq!(s["flex"]["dense"]["vs_own_standard"], json!(1.5));
+        assert_eq!(s["flex"]["dense"]["median_ms"], json!(480.0));
+        // Each round against its own standard step: 1.6, 1.6, 1.5 (the medians' ratio is 1.5).
+        assert_eq!(s["flex"]["dense"]["vs_own_standard"], json!(1.6));
+        assert_eq!(s["flex"]["standard"]["vs_own_standard"], json!(1.0));
         assert_eq!(
             s["pytorch"]["dense"]["vs_own_standard"],
-            json!(170.0 / 110.0)
+            json!(170.0 / 100.0)
         );
     }
 }

@@ -398,9 +398,13 @@ pub struct BenchArgs {
     /// Steps run before timing (compilation, autotuning, allocator growth).
     #[arg(long, default_value_t = 3)]
     pub warmup_steps: usize,
-    /// Steps timed.
+    /// Steps timed per objective.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Timed steps an objective runs before the next objective takes its turn; the objectives
+    /// take turns until each has run --steps, so that a busy spell of the host slows them alike.
+    #[arg(long, default_value_t = 5)]
+    pub turn_steps: usize,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,

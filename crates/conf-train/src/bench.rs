@@ -34,6 +34,8 @@ pub struct BenchSettings {
     pub execution: Execution,
     /// The matrix products' precision, as in training.
     pub precision: Precision,
+    /// Timed steps an objective runs before the next takes its turn.
+    pub turn_steps: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,99 +56,171 @@ pub struct ObjectiveTiming {
     pub timing: StepTiming,
 }
 
-/// Builds the model `objective` trains from the device's generator, seeded with
-/// `settings.seed`, and times its steps.
-pub fn time_objective(
-    objective: ObjectiveKind,
+/// Times each of `objectives`' training steps, the objectives taking turns: after each one's
+/// warm-up, every objective runs `turn_steps` timed steps, then the next, round the list until
+/// each has run `timed_steps`. A slow spell of a shared host then falls on all of them alike,
+/// so their ratios to one another keep to the code's. Each model is built from the device's
+/// generator seeded with `settings.seed`, and trains as it would alone.
+pub fn time_objectives(
+    objectives: &[ObjectiveKind],
     model: &ConfidenceGptConfig,
     confidence: ConfidenceSettings,
     corpus: &Corpus,
     split: &Split,
     settings: &BenchSettings,
     device: &Device,
-) -> ObjectiveTiming {
-    let device = settings.execution.training_device(device);
-    device.seed(settings.seed);
-    let grad_clip = settings.optimizer.grad_clip;
-    let trainee = ObjectiveTrainee::new(
-        objective,
-        model,
-        settings.precision,
-        confidence,
-        grad_clip,
-        &device,
-    );
-    let parameters = trainee.parameters();
-    let (extra_passes, timing) = match trainee {
-        ObjectiveTrainee::Standard(t) => (
-            t.objective.extra_forward_passes(settings.seq_len),
-            time_steps(t, corpus, split, settings),
-        ),
-        ObjectiveTrainee::Confidence(t) => (
-            t.objective.extra_forward_passes(settings.seq_len),
-            time_steps(t, corpus, split, settings),
-        ),
-    };
-    ObjectiveTiming {
-        parameters,
-        flops_per_token: flops_per_token(parameters, &model.gpt, extra_passes),
-        timing,
+) -> Vec<ObjectiveTiming> {
+    let mut runs: Vec<StepRun> = objectives
+        .iter()
+        .map(|&objective| {
+            StepRun::new(
+                objective, model, confidence, corpus, split, settings, device,
+            )
+        })
+        .collect();
+    for run in &mut runs {
+        for _ in 0..settings.warmup_steps {
+            run.step();
+        }
+    }
+    for turn in turns(settings.timed_steps, settings.turn_steps) {
+        for run in &mut runs {
+            run.timed(turn);
+        }
+    }
+    runs.into_iter().map(|run| run.timing(settings)).collect()
+}
+
+/// The length of each turn when `timed` steps are run `turn_steps` at a time.
+fn turns(timed: usize, turn_steps: usize) -> impl Iterator<Item = usize> {
+    let turn_steps = turn_steps.max(1);
+    (0..timed)
+        .step_by(turn_steps)
+        .map(move |done| turn_steps.min(timed - done))
+}
+
+/// One objective's training loop, advanced a step at a time, with the time its timed steps took.
+struct StepRun {
+    parameters: usize,
+    flops_per_token: f64,
+    /// Runs the next optimizer step and waits for the device; returns the step's LM loss.
+    step: Box<dyn FnMut() -> f64>,
+    timed_steps: usize,
+    seconds: f64,
+    last_lm_loss: f64,
+}
+
+impl StepRun {
+    fn new(
+        objective: ObjectiveKind,
+        model: &ConfidenceGptConfig,
+        confidence: ConfidenceSettings,
+        corpus: &Corpus,
+        split: &Split,
+        settings: &BenchSettings,
+        device: &Device,
+    ) -> Self {
+        let device = settings.execution.training_device(device);
+        device.seed(settings.seed);
+        let trainee = ObjectiveTrainee::new(
+            objective,
+            model,
+            settings.precision,
+            confidence,
+            settings.optimizer.grad_clip,
+            &device,
+        );
+        let parameters = trainee.parameters();
+        let (extra_passes, step) = match trainee {
+            ObjectiveTrainee::Standard(t) => (
+                t.objective.extra_forward_passes(settings.seq_len),
+                step_loop(t, corpus, split, settings),
+            ),
+            ObjectiveTrainee::Confidence(t) => (
+                t.objective.extra_forward_passes(settings.seq_len),
+                step_loop(t, corpus, split, settings),
+            ),
+        };
+        Self {
+            parameters,
+            flops_per_token: flops_per_token(parameters, &model.gpt, extra_passes),
+            step,
+            timed_steps: 0,
+            seconds: 0.0,
+            last_lm_loss: f64::NAN,
+        }
+    }
+
+    fn step(&mut self) {
+        self.last_lm_loss = (self.step)();
+    }
+
+    /// Runs `steps` timed steps.
+    fn timed(&mut self, steps: usize) {
+        let started = Instant::now();
+        for _ in 0..steps {
+            self.step();
+        }
+        self.seconds += started.elapsed().as_secs_f64();
+        self.timed_steps += steps;
+    }
+
+    fn timing(self, settings: &BenchSettings) -> ObjectiveTiming {
+        let tokens = (self.timed_steps * settings.batch_size * settings.seq_len) as f64;
+        ObjectiveTiming {
+            parameters: self.parameters,
+            flops_per_token: self.flops_per_token,
+            timing: StepTiming {
+                timed_steps: self.timed_steps,
+                ms_per_step: 1e3 * self.seconds / self.timed_steps as f64,
+                tokens_per_second: tokens / self.seconds,
+                last_lm_loss: self.last_lm_loss,
+            },
+        }
     }
 }
 
-/// Runs `warmup_steps + timed_steps` optimizer steps of `trainee` (on an autodiff device) and
-/// times the last `timed_steps`, waiting for the device after each step.
-pub fn time_steps<M, O>(
-    trainee: Trainee<M, O>,
+/// The optimizer steps of `trainee` (on an autodiff device), one per call, each waited for on
+/// the device (asynchronous devices, GPUs, queue the step); a call returns the step's LM loss.
+fn step_loop<M, O>(
+    mut trainee: Trainee<M, O>,
     corpus: &Corpus,
     split: &Split,
     settings: &BenchSettings,
-) -> StepTiming
+) -> Box<dyn FnMut() -> f64>
 where
     M: Module + ModuleDisplay + Sync + 'static,
     O: Objective<M> + Clone + 'static,
 {
     let device = trainee.devices()[0].clone();
-    let total = settings.warmup_steps + settings.timed_steps;
     let batches = TrainBatches::new(
         corpus,
         split,
         settings.seq_len,
         settings.batch_size,
-        total,
+        settings.warmup_steps + settings.timed_steps,
         settings.seed,
         device.clone(),
     );
     let mut optim = adamw(&trainee, &settings.optimizer);
     let lr = ModuleLearningRate::from(settings.optimizer.learning_rate);
     let workers = settings.execution.parallel_devices().unwrap_or_default();
-    let mut trainee = trainee;
     trainee.set_data_parallel(workers.len().max(1));
-    let mut started = Instant::now();
-    let mut last_lm_loss = f64::NAN;
-    for step in 0..total {
-        if step == settings.warmup_steps {
-            started = Instant::now();
-        }
+    let mut trainee = Some(trainee);
+    let mut step = 0;
+    Box::new(move || {
+        let current = trainee.take().expect("the trainee is back after each step");
         let (grads, lm_loss) = if workers.is_empty() {
-            let output = trainee.step(batches.batch(step).expect("window in range"));
+            let output = current.step(batches.batch(step).expect("window in range"));
             (output.grads, output.item.lm_loss().into_scalar::<f64>())
         } else {
-            parallel_step(&trainee, &batches, step, &workers)
+            parallel_step(&current, &batches, step, &workers)
         };
-        trainee = trainee.optimize(&mut optim, lr.clone(), grads);
-        // Asynchronous devices (GPUs) have queued the step: wait for all of it.
+        trainee = Some(current.optimize(&mut optim, lr.clone(), grads));
         device.sync().expect("the device finishes the step");
-        last_lm_loss = lm_loss;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let tokens = (settings.timed_steps * settings.batch_size * settings.seq_len) as f64;
-    StepTiming {
-        timed_steps: settings.timed_steps,
-        ms_per_step: 1e3 * seconds / settings.timed_steps as f64,
-        tokens_per_second: tokens / seconds,
-        last_lm_loss,
-    }
+        step += 1;
+        lm_loss
+    })
 }
 
 /// One step split across `workers` as burn-train's multi-device strategy runs it: each worker
@@ -192,4 +266,19 @@ where
         lm_loss += loss / parts as f64;
     }
     (sum.grads(), lm_loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::turns;
+
+    #[test]
+    fn turns_cover_the_timed_steps_with_a_short_last_one() {
+        let of = |timed, turn| turns(timed, turn).collect::<Vec<_>>();
+        assert_eq!(of(10, 4), [4, 4, 2]);
+        assert_eq!(of(6, 3), [3, 3]);
+        assert_eq!(of(2, 5), [2]);
+        assert_eq!(of(3, 0), [1, 1, 1], "at least a step a turn");
+        assert!(of(0, 5).is_empty());
+    }
 }

@@ -1,6 +1,6 @@
 //! How steps execute changes memory and time, not results: gradient checkpointing gives the
-//! same gradients, and a step's batch split across data-parallel workers trains the weights
-//! one device trains.
+//! same gradients, a step's batch split across data-parallel workers trains the weights one
+//! device trains, and objectives timed in turns train as each would alone.
 
 use std::sync::Mutex;
 
@@ -12,7 +12,8 @@ use burn::prelude::*;
 use burn::tensor::{GradientCheckpointingStrategy, Gradients};
 use conf_data::{CorpusRequest, Split, TrainWindows, load_corpus};
 use conf_model::test_util::Perturb;
-use conf_model::{ConfidenceGptConfig, GptConfig};
+use conf_model::{ConfidenceGptConfig, GptConfig, Precision};
+use conf_train::bench::{BenchSettings, time_objectives};
 use conf_train::loader::{StepLoader, TrainBatches};
 use conf_train::optim::{OptimizerSettings, named_params};
 use conf_train::stop::StopRequest;
@@ -20,6 +21,7 @@ use conf_train::trainee::Trainee;
 use conf_train::training::{Execution, TrainingSettings, fit};
 use conf_train::{
     ConfInput, ConfidenceSettings, DenseObjective, LookaheadBatch, LookaheadBatcher, Objective,
+    ObjectiveKind,
 };
 
 const SEQ: usize = 16;
@@ -219,4 +221,62 @@ fn each_worker_takes_its_part_of_every_step_and_the_parts_make_the_batch() {
         }
         assert!(iterators.iter_mut().all(|it| it.next().is_none()));
     }
+}
+
+/// The bench's objectives take turns at the device; each trains as it would alone: the same
+/// losses, and only the steps asked for are timed.
+#[test]
+fn objectives_timed_in_turns_train_as_each_would_alone() {
+    let _turn = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let corpus = load_corpus(&CorpusRequest::new("synthetic", std::env::temp_dir())).unwrap();
+    let split = Split::contiguous(&corpus, 0.1, SEQ).unwrap();
+    let model = ConfidenceGptConfig::new(GptConfig::new(corpus.vocab_size(), SEQ, 16, 1, 2, 64));
+    let settings = |turn_steps| BenchSettings {
+        warmup_steps: 1,
+        timed_steps: 5,
+        batch_size: 4,
+        seq_len: SEQ,
+        seed: 7,
+        optimizer: OptimizerSettings {
+            learning_rate: 1e-2,
+            min_learning_rate: 1e-2,
+            warmup_steps: 0,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        },
+        execution: Execution::default(),
+        precision: Precision::F32,
+        turn_steps,
+    };
+    let confidence = ConfidenceSettings {
+        alpha: 1.0,
+        conf_input: ConfInput::SelfConditioned,
+    };
+    let time = |objectives: &[ObjectiveKind], turn_steps| {
+        time_objectives(
+            objectives,
+            &model,
+            confidence,
+            &corpus,
+            &split,
+            &settings(turn_steps),
+            &Device::flex(),
+        )
+    };
+    let together = time(&[ObjectiveKind::Standard, ObjectiveKind::Dense], 2);
+    let standard = time(&[ObjectiveKind::Standard], 5);
+    let dense = time(&[ObjectiveKind::Dense], 5);
+    for (turns, alone) in together.iter().zip([&standard[0], &dense[0]]) {
+        assert_eq!(turns.timing.timed_steps, 5);
+        assert_eq!(turns.parameters, alone.parameters);
+        assert_eq!(
+            turns.timing.last_lm_loss, alone.timing.last_lm_loss,
+            "the fifth timed step's loss"
+        );
+        assert!(turns.timing.ms_per_step > 0.0);
+    }
+    assert_ne!(
+        together[0].timing.last_lm_loss, together[1].timing.last_lm_loss,
+        "two models"
+    );
 }

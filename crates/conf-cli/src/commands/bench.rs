@@ -4,7 +4,7 @@
 use anyhow::anyhow;
 use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
-use conf_train::bench::{BenchSettings, StepTiming, time_objective};
+use conf_train::bench::{BenchSettings, StepTiming, time_objectives};
 use conf_train::training::Execution;
 use serde::Serialize;
 
@@ -52,8 +52,10 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), Failure> {
-    if args.steps == 0 {
-        return Err(Failure::BadInput(anyhow!("--steps must be at least 1")));
+    for (flag, value) in [("--steps", args.steps), ("--turn-steps", args.turn_steps)] {
+        if value == 0 {
+            return Err(Failure::BadInput(anyhow!("{flag} must be at least 1")));
+        }
     }
     let config = super::config(&args.common, None, None)?;
     let (device, devices) = super::open_devices(&args.common.target, args.devices.as_deref())?;
@@ -71,23 +73,24 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             devices,
         },
         precision: config.precision,
+        turn_steps: args.turn_steps,
     };
     settings
         .execution
         .check_batch_size(config.batch_size)
         .map_err(|e| Failure::BadInput(anyhow!(e)))?;
     let peak_tflops = args.common.peak_tflops(config.precision);
+    let timings = time_objectives(
+        &args.objectives,
+        &model,
+        config.confidence(),
+        &corpus,
+        &split,
+        &settings,
+        &device,
+    );
     let mut rows: Vec<BenchRow> = Vec::new();
-    for &objective in &args.objectives {
-        let timed = time_objective(
-            objective,
-            &model,
-            config.confidence(),
-            &corpus,
-            &split,
-            &settings,
-            &device,
-        );
+    for (&objective, timed) in args.objectives.iter().zip(timings) {
         let tflops = timed.flops_per_token * timed.timing.tokens_per_second / 1e12;
         let row = BenchRow {
             objective,
