@@ -527,6 +527,7 @@ fn bench_times_every_objective_and_writes_its_figures() {
         (Some("f32"), Some(0.5))
     );
     assert_eq!(report["seq_len"], 16);
+    assert_eq!(report["turn_steps"], 5);
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<&str> = rows
         .iter()

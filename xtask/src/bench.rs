@@ -212,6 +212,7 @@ pub fn run(plan: &BenchPlan) -> anyhow::Result<()> {
                 "rounds": plan.rounds,
                 "steps": plan.steps_for(shape),
                 "warmup_steps": plan.warmup_steps,
+                "turn_steps": shape.turn_steps,
                 "medians": summary,
                 "reports": reports,
             });

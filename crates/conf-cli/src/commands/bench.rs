@@ -38,6 +38,8 @@ struct BenchReport {
     gradient_checkpointing: bool,
     /// Data-parallel workers splitting each step's batch (1: none).
     workers: usize,
+    /// Timed steps each objective ran before the next took its turn.
+    turn_steps: usize,
     vocab_size: usize,
     /// Worker threads: `RAYON_NUM_THREADS` when set (the CPU backends' pool), else the cores.
     threads: usize,
@@ -128,6 +130,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         batch_size: config.batch_size,
         gradient_checkpointing: config.gradient_checkpointing,
         workers: settings.execution.devices.len().max(1),
+        turn_steps: settings.turn_steps,
         vocab_size: corpus.vocab_size(),
         threads: std::env::var("RAYON_NUM_THREADS")
             .ok()
