@@ -70,14 +70,38 @@ pub fn time_objectives(
     settings: &BenchSettings,
     device: &Device,
 ) -> Vec<ObjectiveTiming> {
-    let mut runs: Vec<StepRun> = objectives
-        .iter()
-        .map(|&objective| {
-            StepRun::new(
-                objective, model, confidence, corpus, split, settings, device,
-            )
-        })
-        .collect();
+    let device = settings.execution.training_device(device);
+    let start = |objective| {
+        device.seed(settings.seed);
+        let trainee = ObjectiveTrainee::new(
+            objective,
+            model,
+            settings.precision,
+            confidence,
+            settings.optimizer.grad_clip,
+            &device,
+        );
+        let parameters = trainee.parameters();
+        let (extra_passes, step) = match trainee {
+            ObjectiveTrainee::Standard(t) => (
+                t.objective.extra_forward_passes(settings.seq_len),
+                step_loop(t, corpus, split, settings),
+            ),
+            ObjectiveTrainee::Confidence(t) => (
+                t.objective.extra_forward_passes(settings.seq_len),
+                step_loop(t, corpus, split, settings),
+            ),
+        };
+        StepRun {
+            parameters,
+            flops_per_token: flops_per_token(parameters, &model.gpt, extra_passes),
+            step,
+            timed_steps: 0,
+            seconds: 0.0,
+            last_lm_loss: f64::NAN,
+        }
+    };
+    let mut runs: Vec<StepRun> = objectives.iter().copied().map(start).collect();
     for run in &mut runs {
         for _ in 0..settings.warmup_steps {
             run.step();
@@ -111,46 +135,6 @@ struct StepRun {
 }
 
 impl StepRun {
-    fn new(
-        objective: ObjectiveKind,
-        model: &ConfidenceGptConfig,
-        confidence: ConfidenceSettings,
-        corpus: &Corpus,
-        split: &Split,
-        settings: &BenchSettings,
-        device: &Device,
-    ) -> Self {
-        let device = settings.execution.training_device(device);
-        device.seed(settings.seed);
-        let trainee = ObjectiveTrainee::new(
-            objective,
-            model,
-            settings.precision,
-            confidence,
-            settings.optimizer.grad_clip,
-            &device,
-        );
-        let parameters = trainee.parameters();
-        let (extra_passes, step) = match trainee {
-            ObjectiveTrainee::Standard(t) => (
-                t.objective.extra_forward_passes(settings.seq_len),
-                step_loop(t, corpus, split, settings),
-            ),
-            ObjectiveTrainee::Confidence(t) => (
-                t.objective.extra_forward_passes(settings.seq_len),
-                step_loop(t, corpus, split, settings),
-            ),
-        };
-        Self {
-            parameters,
-            flops_per_token: flops_per_token(parameters, &model.gpt, extra_passes),
-            step,
-            timed_steps: 0,
-            seconds: 0.0,
-            last_lm_loss: f64::NAN,
-        }
-    }
-
     fn step(&mut self) {
         self.last_lm_loss = (self.step)();
     }
