@@ -232,16 +232,21 @@ fn adaptive_layer(device: &Device) -> [Vec<f32>; 8] {
     ]
 }
 
-/// Dense pass 2's attention (no gradient) of 5 queries over their cached keys and their own.
-fn prefix_and_self(device: &Device) -> Vec<f32> {
-    let heads = |salt| pattern([2, 5, 3, 4], salt, device).swap_dims(1, 2);
-    values(conf_model::fused::prefix_and_self_attention(
-        heads(1),
-        heads(2),
-        heads(3),
-        heads(4),
-        heads(5),
-    ))
+/// The attention of the passes that extend cached keys (no gradient): dense's, 5 queries over
+/// their cached prefixes (causal) and their own keys; seed's, 2 queries over 6 cached keys
+/// and their own.
+fn prefix_and_self(device: &Device) -> [Vec<f32>; 2] {
+    let heads = |rows, salt| pattern([2, rows, 3, 4], salt, device).swap_dims(1, 2);
+    [(5, 5, true), (2, 6, false)].map(|(queries, cached, causal)| {
+        values(conf_model::fused::prefix_and_self_attention(
+            heads(queries, 1),
+            heads(queries, 2),
+            heads(queries, 3),
+            heads(cached, 4),
+            heads(cached, 5),
+            causal,
+        ))
+    })
 }
 
 /// The operations on rows of logits (`[2, 3, 40]`): the cross-entropy and its gradient through
@@ -322,12 +327,11 @@ fn matches_flex(backend: BackendChoice) {
         let (got, want) = (&adaptive[0][i], &adaptive[1][i]);
         assert_close(&format!("AdaptiveLayer: {what}"), backend, got, want);
     }
-    assert_close(
-        "prefix-and-self attention",
-        backend,
-        &prefix_and_self(&other),
-        &prefix_and_self(&Device::flex()),
-    );
+    let attention = [prefix_and_self(&other), prefix_and_self(&Device::flex())];
+    for (i, what) in ["prefix-and-self", "cache-and-self"].iter().enumerate() {
+        let (got, want) = (&attention[0][i], &attention[1][i]);
+        assert_close(&format!("{what} attention"), backend, got, want);
+    }
     let rows = [logit_rows(&other), logit_rows(&Device::flex())];
     let names = [
         "cross-entropy",

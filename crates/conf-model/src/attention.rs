@@ -24,6 +24,9 @@ pub enum AttentionMask {
     /// pass 2, where each sampled token extends its own prefix. Needs as many cached keys as
     /// queries.
     PrefixAndSelf,
+    /// Every query attends to all cached keys and to its own key only: the seed objective's
+    /// pass 2, where one sampled token per row follows the whole window.
+    CacheAndSelf,
 }
 
 impl AttentionMask {
@@ -93,14 +96,15 @@ impl CausalSelfAttention {
             key: self.split_heads(rows(&self.key, x.clone(), self.precision)),
             value: self.split_heads(rows(&self.value, x, self.precision)),
         };
-        if let AttentionMask::PrefixAndSelf = mask {
-            let past = past.expect("PrefixAndSelf attends to cached keys");
+        if let AttentionMask::PrefixAndSelf | AttentionMask::CacheAndSelf = mask {
+            let past = past.expect("PrefixAndSelf and CacheAndSelf attend to cached keys");
             let context = fused::prefix_and_self_attention(
                 q,
                 own.key.clone(),
                 own.value.clone(),
                 past.key.clone(),
                 past.value.clone(),
+                matches!(mask, AttentionMask::PrefixAndSelf),
             );
             let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
             return (rows(&self.output, context, self.precision), own);
@@ -129,7 +133,9 @@ impl CausalSelfAttention {
                     Some(additive(m).expand([batch, self.n_heads, seq, keys])),
                     false,
                 ),
-                AttentionMask::PrefixAndSelf => unreachable!("handled above"),
+                AttentionMask::PrefixAndSelf | AttentionMask::CacheAndSelf => {
+                    unreachable!("handled above")
+                }
             };
             let options = AttentionModuleOptions {
                 scale: None,
@@ -167,7 +173,9 @@ pub fn softmax_attention(
             let scores = fused::matmul(q.mul_scalar(scale), k.swap_dims(2, 3)); // [B, H, S, K]
             fused::matmul(softmax(scores + additive(m), 3), v)
         }
-        AttentionMask::PrefixAndSelf => panic!("PrefixAndSelf attends to cached keys"),
+        AttentionMask::PrefixAndSelf | AttentionMask::CacheAndSelf => {
+            panic!("PrefixAndSelf and CacheAndSelf attend to cached keys")
+        }
     }
 }
 

@@ -287,12 +287,12 @@ fn fused_prefix_and_self_attention_equals_its_plain_form_and_sees_no_later_key()
         let heads = || normal([2, seq, 3, 8], 0.0, 1.5, &device).swap_dims(1, 2);
         let inputs = [heads(), heads(), heads(), heads(), heads()];
         let fused_on = |[q, own_k, own_v, past_k, past_v]: [Tensor<4>; 5]| {
-            fused::prefix_and_self_attention(q, own_k, own_v, past_k, past_v)
+            fused::prefix_and_self_attention(q, own_k, own_v, past_k, past_v, true)
         };
         let [q, own_k, own_v, past_k, past_v] = inputs.clone();
         let ours = fused_on(inputs.clone());
         ours.clone().into_data().assert_approx_eq::<f32>(
-            &plain::prefix_and_self_attention(q, own_k, own_v, past_k, past_v).into_data(),
+            &plain::prefix_and_self_attention(q, own_k, own_v, past_k, past_v, true).into_data(),
             Tolerance::absolute(1e-5),
         );
         // The last position's own and cached keys and values change only the last row.
@@ -316,6 +316,70 @@ fn fused_prefix_and_self_attention_equals_its_plain_form_and_sees_no_later_key()
         assert!(
             change.into_scalar::<f32>() > 0.1,
             "the last row sees its own keys"
+        );
+    }
+}
+
+#[test]
+fn fused_cache_and_self_attention_equals_attention_over_all_keys_and_sees_no_other_own_key() {
+    let device = Device::flex();
+    let cached = 7;
+    for seq in [1, 3] {
+        let heads = |rows| normal([2, rows, 3, 8], 0.0, 1.5, &device).swap_dims(1, 2);
+        let [q, own_k, own_v] = [heads(seq), heads(seq), heads(seq)];
+        let [past_k, past_v] = [heads(cached), heads(cached)];
+        let on = |own_k: Tensor<4>, own_v: Tensor<4>| {
+            fused::prefix_and_self_attention(
+                q.clone(),
+                own_k,
+                own_v,
+                past_k.clone(),
+                past_v.clone(),
+                false,
+            )
+        };
+        let ours = on(own_k.clone(), own_v.clone());
+        assert_eq!(ours.dims(), [2, 3, seq, 8]);
+        ours.clone().into_data().assert_approx_eq::<f32>(
+            &plain::prefix_and_self_attention(
+                q.clone(),
+                own_k.clone(),
+                own_v.clone(),
+                past_k.clone(),
+                past_v.clone(),
+                false,
+            )
+            .into_data(),
+            Tolerance::absolute(1e-5),
+        );
+        if seq == 1 {
+            // One query: attention over the cached keys followed by its own, unmasked.
+            let keys = Tensor::cat(vec![past_k.clone(), own_k.clone()], 2);
+            let values = Tensor::cat(vec![past_v.clone(), own_v.clone()], 2);
+            ours.clone().into_data().assert_approx_eq::<f32>(
+                &plain::attention(q.clone(), keys, values, false).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+        }
+        // Query 0's own key and value change its row only.
+        let first = [0..2, 0..3, 0..1, 0..8];
+        let moved = |t: Tensor<4>| {
+            let shifted = t.clone().slice(first.clone()) + 3.0;
+            t.slice_assign(first.clone(), shifted)
+        };
+        let changed = on(moved(own_k.clone()), moved(own_v.clone()));
+        let later = [0..2, 0..3, 1..seq, 0..8];
+        changed
+            .clone()
+            .slice(later.clone())
+            .into_data()
+            .assert_eq(&ours.clone().slice(later).into_data(), true);
+        let change = (changed.slice(first.clone()) - ours.slice(first))
+            .abs()
+            .max();
+        assert!(
+            change.into_scalar::<f32>() > 0.1,
+            "a query sees its own key"
         );
     }
 }

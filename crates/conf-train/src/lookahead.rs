@@ -95,6 +95,6 @@ pub fn seed_pass2(
     let seq = cache[0].key.dims()[2];
     let pos = positions(&sample, seq);
     valid
-        .extend(sample, conf, pos, cache, &AttentionMask::Unmasked)
+        .extend(sample, conf, pos, cache, &AttentionMask::CacheAndSelf)
         .logits
 }

@@ -107,14 +107,15 @@ pub fn adamw<const D: usize>(
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
 
-/// Dense pass 2's attention (no autodiff): queries `[B, H, S, dh]` over the cached keys and
-/// values `0..=i` and their own, `[B, H, S, dh]` each.
+/// The attention of the passes that extend cached keys (no autodiff): queries `[B, H, S, dh]`
+/// over the cached keys and values (`0..=i` with `causal`, all without) and their own.
 pub fn prefix_and_self_attention(
     q: Tensor<4>,
     own_key: Tensor<4>,
     own_value: Tensor<4>,
     past_key: Tensor<4>,
     past_value: Tensor<4>,
+    causal: bool,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NoGradOps>::fused_prefix_and_self_attention(
         q.into_dispatch(),
@@ -122,6 +123,7 @@ pub fn prefix_and_self_attention(
         own_value.into_dispatch(),
         past_key.into_dispatch(),
         past_value.into_dispatch(),
+        causal,
     ))
 }
 
@@ -171,6 +173,7 @@ pub trait NoGradOps: Backend {
         own_value: FloatTensor<Self>,
         past_key: FloatTensor<Self>,
         past_value: FloatTensor<Self>,
+        causal: bool,
     ) -> FloatTensor<Self>;
 
     /// Loss, largest probability, correctness, entropy.
@@ -218,8 +221,9 @@ impl NoGradOps for Flex {
         own_value: FlexTensor,
         past_key: FlexTensor,
         past_value: FlexTensor,
+        causal: bool,
     ) -> FlexTensor {
-        on_flex::prefix_and_self_attention(&q, &own_key, &own_value, &past_key, &past_value)
+        on_flex::prefix_and_self_attention(&q, &own_key, &own_value, &past_key, &past_value, causal)
     }
 
     fn fused_token_statistics(
@@ -740,10 +744,11 @@ mod on_flex {
         own_value: &FlexTensor,
         past_key: &FlexTensor,
         past_value: &FlexTensor,
+        causal: bool,
     ) -> FlexTensor {
         let d = q.shape();
         let output = head_attention::prefix_and_self(
-            &heads(q, past_key, past_value, true),
+            &heads(q, past_key, past_value, causal),
             &matrices(own_key),
             &matrices(own_value),
         );

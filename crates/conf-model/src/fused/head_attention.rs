@@ -131,17 +131,18 @@ pub fn forward(heads: &Heads, keep_probs: bool) -> (Vec<f32>, Vec<f32>) {
     unsafe { (out.assume_init().into_vec(), probs.assume_init().into_vec()) }
 }
 
-/// Dense pass 2's attention, which builds no graph: query i attends to the cached keys `0..=i`
-/// (`heads.k`, `heads.v`: as many as queries) and to its own key and value (`own_k`,
-/// `own_v`: stacks of `[S, dh]` like `heads.q`), its own score first in each softmax row as
-/// in the plain path. One pass per head instead of the plain path's concatenated
-/// `[B, H, S, 1 + S]` scores, their slices and a separate product; the output in
+/// The attention of the passes that extend cached keys, which build no graph: query i attends
+/// to the cached keys (`heads.k`, `heads.v`; with `heads.causal`, keys `0..=i` of as many as
+/// queries: dense's pass 2; without, all of them: seed's) and to its own key and value
+/// (`own_k`, `own_v`: stacks of `[S, dh]` like `heads.q`), its own score first in each softmax
+/// row as in the plain path. One pass per head instead of the plain path's concatenated
+/// `[B, H, S, 1 + K]` scores, their slices and a separate product; the output in
 /// `[B, S, H, dh]` memory.
 pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec<f32> {
     let (batch, n_heads, queries, keys, dh) = heads.dims();
     assert!(
-        heads.causal && keys == queries,
-        "prefix and self: {keys} cached keys for {queries} queries"
+        !heads.causal || keys == queries,
+        "prefix and self: {keys} cached keys for {queries} causal queries"
     );
     for own in [own_k, own_v] {
         assert_eq!(
@@ -150,8 +151,10 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
             "prefix and self: own keys or values differ from the queries"
         );
     }
-    // Row i of the scores: its own key's, then the cached keys' `0..=i` (and hidden ones).
+    // Row i of the scores: its own key's, then the cached keys' (causal: `0..=i`, then
+    // hidden ones).
     let width = keys + 1;
+    let first_seen = if heads.causal { 2 } else { width };
     let mut out = uninit(size(&[batch, queries, n_heads, dh]));
     let scratch = || {
         let scores = vec![0.0f32; size(&[queries, width])];
@@ -180,7 +183,7 @@ pub fn prefix_and_self(heads: &Heads, own_k: &Matrices, own_v: &Matrices) -> Vec
                     let dot: f32 = q.iter().zip(k.iter()).map(|(q, k)| q * k).sum();
                     x[0] = heads.scale * dot;
                 }
-                math::softmax_rows(scores, width, 2, probs);
+                math::softmax_rows(scores, width, first_seen, probs);
                 // SAFETY: `softmax_rows` wrote every element of every row of `probs`.
                 let p = unsafe { assume_written(probs) };
                 let cached = Matrix {

@@ -239,43 +239,57 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     plain::attention(q, k, v, causal)
 }
 
-/// Dense pass 2's attention ([`AttentionMask::PrefixAndSelf`](crate::AttentionMask)), in a
-/// pass without gradient: query i of `q: [B, H, S, dh]` attends to the cached keys and values
-/// `0..=i` (`past_*`, `[B, H, S, dh]`) and to its own (`own_*`), its own score first in the
-/// softmax row. One fused operation on flex without autodiff.
+/// The attention of the passes that extend cached keys without gradient: query i of
+/// `q: [B, H, S, dh]` attends to cached keys and values (`past_*`, `[B, H, K, dh]`) and to
+/// its own (`own_*`, like `q`), its own score first in the softmax row. With `causal`, the
+/// dense objective's pass 2 ([`AttentionMask::PrefixAndSelf`](crate::AttentionMask)): query
+/// i sees cached keys `0..=i`, one cached key per query. Without, the seed objective's
+/// ([`AttentionMask::CacheAndSelf`](crate::AttentionMask)): every cached key. One fused
+/// operation on flex and on libtorch's CPU without autodiff.
 pub fn prefix_and_self_attention(
     q: Tensor<4>,
     own_key: Tensor<4>,
     own_value: Tensor<4>,
     past_key: Tensor<4>,
     past_value: Tensor<4>,
+    causal: bool,
 ) -> Tensor<4> {
     let [batch, heads, seq, head_dim] = q.dims();
-    for (name, t) in [
-        ("own key", &own_key),
-        ("own value", &own_value),
-        ("cached key", &past_key),
-        ("cached value", &past_value),
+    let cached = past_key.dims()[2];
+    for (name, t, keys) in [
+        ("own key", &own_key, seq),
+        ("own value", &own_value, seq),
+        ("cached key", &past_key, cached),
+        ("cached value", &past_value, cached),
     ] {
         assert_eq!(
             t.dims(),
-            [batch, heads, seq, head_dim],
-            "prefix-and-self attention: the {name}s' shape differs from the queries' (one cached key per query)"
+            [batch, heads, keys, head_dim],
+            "prefix-and-self attention: the {name}s' shape does not fit the queries'"
         );
     }
+    assert!(
+        !causal || cached == seq,
+        "prefix-and-self attention: {cached} cached keys for {seq} queries (causal: one per query)"
+    );
     #[cfg(any(feature = "flex", feature = "tch"))]
     let tensors = [&q, &own_key, &own_value, &past_key, &past_value];
     #[cfg(any(feature = "flex", feature = "tch"))]
-    let fusable = seq > 0 && head_dim > 0 && tensors.iter().all(|t| !t.device().is_autodiff());
+    let fusable =
+        seq > 0 && cached > 0 && head_dim > 0 && tensors.iter().all(|t| !t.device().is_autodiff());
     #[cfg(feature = "flex")]
     if fusable && tensors.iter().all(|t| applies(*t)) {
-        return extension::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
+        return extension::prefix_and_self_attention(
+            q, own_key, own_value, past_key, past_value, causal,
+        );
     }
     #[cfg(feature = "tch")]
     if fusable && tensors.iter().all(|t| torch::on_libtorch_cpu(*t)) {
-        return torch::prefix_and_self_attention(q, own_key, own_value, past_key, past_value);
+        return torch::prefix_and_self_attention(
+            q, own_key, own_value, past_key, past_value, causal,
+        );
     }
-    plain::prefix_and_self_attention(q, own_key, own_value, past_key, past_value)
+    plain::prefix_and_self_attention(q, own_key, own_value, past_key, past_value, causal)
 }
 
 /// Per-token statistics of next-token predictions, without autodiff, `[B, T]` each.
@@ -503,14 +517,16 @@ pub mod plain {
         own_value: Tensor<4>,
         past_key: Tensor<4>,
         past_value: Tensor<4>,
+        causal: bool,
     ) -> Tensor<4> {
         let [batch, heads, seq, head_dim] = q.dims();
+        let cached = past_key.dims()[2];
         let q = q.mul_scalar(1.0 / (head_dim as f64).sqrt());
         let own_score = (q.clone() * own_key).sum_dim(3); // [B, H, S, 1]
-        let prefix_scores = q.matmul(past_key.swap_dims(2, 3)); // [B, H, S, S]
-        let weights = attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), true);
+        let prefix_scores = q.matmul(past_key.swap_dims(2, 3)); // [B, H, S, K]
+        let weights = attention_softmax(Tensor::cat(vec![own_score, prefix_scores], 3), causal);
         let own_weight = weights.clone().slice([0..batch, 0..heads, 0..seq, 0..1]);
-        let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..seq + 1]);
+        let prefix_weights = weights.slice([0..batch, 0..heads, 0..seq, 1..cached + 1]);
         own_weight * own_value + prefix_weights.matmul(past_value)
     }
 

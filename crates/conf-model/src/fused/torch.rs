@@ -131,14 +131,15 @@ pub fn adaptive_norm(
     ))
 }
 
-/// Dense pass 2's attention (`fused::prefix_and_self_attention`): query i over the cached
-/// keys `0..=i` and its own key.
+/// The attention of the passes that extend cached keys (`fused::prefix_and_self_attention`):
+/// query i over the cached keys (`0..=i` with `causal`, all without) and its own key.
 pub fn prefix_and_self_attention(
     q: Tensor<4>,
     own_key: Tensor<4>,
     own_value: Tensor<4>,
     past_key: Tensor<4>,
     past_value: Tensor<4>,
+    causal: bool,
 ) -> Tensor<4> {
     Tensor::from_dispatch(
         <Dispatch as TorchNoGradOps>::torch_prefix_and_self_attention(
@@ -147,6 +148,7 @@ pub fn prefix_and_self_attention(
             own_value.into_dispatch(),
             past_key.into_dispatch(),
             past_value.into_dispatch(),
+            causal,
         ),
     )
 }
@@ -208,6 +210,7 @@ pub trait TorchNoGradOps: Backend {
         own_value: FloatTensor<Self>,
         past_key: FloatTensor<Self>,
         past_value: FloatTensor<Self>,
+        causal: bool,
     ) -> FloatTensor<Self>;
 
     #[allow(clippy::type_complexity)]
@@ -239,21 +242,23 @@ pub trait TorchNoGradOps: Backend {
 }
 
 impl TorchNoGradOps for LibTorch {
-    /// The causal attention over the cached keys (query i sees `0..=i`), then the own key
-    /// merged in by the rows' log-sum-exp: with `s` its score and `lse` the cached keys',
-    /// the output moves toward the own value by `σ(s − lse)`, its share of the softmax. One
-    /// flash call that skips the hidden blocks, where one over `[past, own]` keys under an
-    /// additive mask computed every score (−32% at `[16, 4, 64, 16]`, 1 thread).
+    /// The flash attention over the cached keys (query i sees `0..=i` when causal), then the
+    /// own key merged in by the rows' log-sum-exp: with `s` its score and `lse` the cached
+    /// keys', the output moves toward the own value by `σ(s − lse)`, its share of the
+    /// softmax. Causal, one flash call that skips the hidden blocks, where one over
+    /// `[past, own]` keys under an additive mask computed every score (−32% at
+    /// `[16, 4, 64, 16]`, 1 thread); not causal, no concatenated copy of the cached keys.
     fn torch_prefix_and_self_attention(
         q: TchTensor,
         own_key: TchTensor,
         own_value: TchTensor,
         past_key: TchTensor,
         past_value: TchTensor,
+        causal: bool,
     ) -> TchTensor {
         let head_dim = *q.tensor.size().last().expect("a tensor with dimensions");
-        let causal = Mask::new(&q, &past_key, true);
-        let (mut output, past_log_sum_exp) = forward(&q, &past_key, &past_value, &causal);
+        let mask = Mask::new(&q, &past_key, causal);
+        let (mut output, past_log_sum_exp) = forward(&q, &past_key, &past_value, &mask);
         let mut own_share = tch::Tensor::linalg_vecdot(&q.tensor, &own_key.tensor, -1);
         let _ = own_share
             .g_mul_scalar_(1.0 / (head_dim as f64).sqrt())
