@@ -16,7 +16,7 @@ pub enum AttentionMask {
     /// Query t attends to keys 0..=t.
     Causal,
     /// `mask[q, k] = true` hides key k from query q; shared by every row and head.
-    /// `[T_query, T_key]`, where the keys are any cached ones followed by the new ones.
+    /// `[T_query, T_key]`.
     Explicit(Box<Tensor<2, Bool>>),
     /// Every query attends to every key.
     Unmasked,
@@ -82,8 +82,10 @@ impl CausalSelfAttention {
         self.forward_kv(x, mask, None).0
     }
 
-    /// Attends from the new tokens `x: [B, S, d]` to `past` keys/values (if any) followed by
-    /// their own; returns the output and the new tokens' keys/values.
+    /// Attends from the new tokens `x: [B, S, d]` to their own keys/values, and to `past` ones
+    /// under the two masks that extend a cache ([`AttentionMask::PrefixAndSelf`],
+    /// [`AttentionMask::CacheAndSelf`]), which need them; the others take none. Returns the
+    /// output and the new tokens' keys/values.
     pub fn forward_kv(
         &self,
         x: Tensor<3>,
@@ -109,14 +111,11 @@ impl CausalSelfAttention {
             let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
             return (rows(&self.output, context, self.precision), own);
         }
-        let (k, v) = match past {
-            Some(p) => (
-                Tensor::cat(vec![p.key.clone(), own.key.clone()], 2),
-                Tensor::cat(vec![p.value.clone(), own.value.clone()], 2),
-            ),
-            None => (own.key.clone(), own.value.clone()),
-        };
-        let keys = k.dims()[2];
+        assert!(
+            past.is_none(),
+            "only PrefixAndSelf and CacheAndSelf attend to cached keys"
+        );
+        let (k, v) = (own.key.clone(), own.value.clone());
         let context = if q.is_autodiff() || fused::applies(&q) {
             // The trained pass, and every f32 pass on flex. Burn's `attention` under autodiff
             // falls back to decomposed ops whose row maximum is not detached (its backward
@@ -130,7 +129,7 @@ impl CausalSelfAttention {
                 AttentionMask::Causal => (None, true),
                 AttentionMask::Unmasked => (None, false),
                 AttentionMask::Explicit(m) => (
-                    Some(additive(m).expand([batch, self.n_heads, seq, keys])),
+                    Some(additive(m).expand([batch, self.n_heads, seq, seq])),
                     false,
                 ),
                 AttentionMask::PrefixAndSelf | AttentionMask::CacheAndSelf => {

@@ -30,8 +30,8 @@ impl MetaAwareBlock {
         }
     }
 
-    /// `x: [B, T, d]`, `c: [B, T, 1]` (`None`: zero confidence); attends to `past` keys/values
-    /// first when given.
+    /// `x: [B, T, d]`, `c: [B, T, 1]` (`None`: zero confidence); attends also to `past`
+    /// keys/values under a mask that extends a cache ([`CausalSelfAttention::forward_kv`]).
     /// Returns the block output and the keys/values of `x`.
     pub fn forward(
         &self,
@@ -175,7 +175,8 @@ impl ConfidenceAwareGpt {
     }
 
     /// New tokens `ids: [B, S]` at `positions: [B, S]` attending to the cached keys/values of
-    /// an earlier pass (`P` tokens) and to each other as `mask: [S, P + S]` allows.
+    /// an earlier pass and to their own, as `mask` allows: [`AttentionMask::PrefixAndSelf`] or
+    /// [`AttentionMask::CacheAndSelf`], the masks that extend a cache.
     pub fn extend(
         &self,
         ids: Tensor<2, Int>,
