@@ -586,6 +586,28 @@ fn bench_times_every_objective_and_writes_its_figures() {
     );
 }
 
+#[test]
+fn check_backend_compares_with_flex_and_reports_every_comparison() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = lookahead(&["check-backend", "--backend", "flex"], cache.path());
+    assert_success(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("flex matches flex: 71 comparisons"), "{text}");
+    let checks = json(&lookahead(
+        &["check-backend", "--backend", "flex", "--json"],
+        cache.path(),
+    ));
+    let checks = checks.as_array().expect("a list of comparisons");
+    assert_eq!(checks.len(), 71);
+    let logits = checks.iter().find(|c| c["what"] == "logits").unwrap();
+    assert_eq!(logits["worst"].as_f64(), Some(0.0), "{logits}");
+    // A backend this build lacks is a usage error.
+    if !compiled("cuda") {
+        let out = lookahead(&["check-backend", "--backend", "cuda"], cache.path());
+        fails_with(&out, 2, &["cuda"]);
+    }
+}
+
 /// A short experiment of both models on a backend other than flex, for real: the results
 /// file names the backend and holds finite losses that went down.
 #[allow(dead_code)] // used only in builds with a GPU or libtorch backend

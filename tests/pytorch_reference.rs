@@ -14,7 +14,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::module::Module;
 use burn::prelude::*;
 use conf_data::TokenizerSpec;
-use conf_model::test_util::Perturb;
+use conf_model::init::Perturb;
 use conf_model::{AttentionMask, ConfidenceGptConfig, GptConfig};
 use conf_train::weights::{AnyModel, Architecture, ModelCard, TrainedModel, export_safetensors};
 use conf_train::{

@@ -42,11 +42,23 @@ pub enum Command {
     Results(ResultsCommand),
     /// Time each objective's training step (ms/step, tokens/s, TFLOP/s, memory) on a backend.
     Bench(BenchArgs),
+    /// Check that a backend computes what flex computes: the same weights and batch give the
+    /// same outputs, losses and gradients, and one optimizer step the same parameters.
+    CheckBackend(CheckBackendArgs),
     /// Write a trained model's weights with PyTorch's names and layouts.
     Export(ExportArgs),
     /// Generate text from a trained model, token by token (with the confidence model's
     /// predicted future loss for each).
     Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckBackendArgs {
+    #[command(flatten)]
+    pub target: DeviceArgs,
+    /// Every comparison as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod equivalence;
 pub mod peak;
 pub mod presets;
 pub mod report;
@@ -38,6 +39,7 @@ pub fn run(command: Command) -> Result<(), Failure> {
         Command::Results(command) => commands::results::run(command),
         Command::Report { files } => commands::report::run(files),
         Command::Bench(args) => commands::bench::run(args),
+        Command::CheckBackend(args) => commands::check_backend::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Sample(args) => commands::sample::run(args),
     }

@@ -16,6 +16,3 @@ pub use config::{ConfHead, ConfidenceGptConfig, GptConfig, ModelConfigError, Par
 pub use layers::{AdaptiveLayer, Mlp};
 pub use mini_gpt::{Block, MiniGpt, positions};
 pub use precision::Precision;
-
-#[cfg(feature = "test-util")]
-pub mod test_util;

@@ -6,7 +6,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData, Tolerance};
 
-use conf_model::test_util::Perturb;
+use conf_model::init::Perturb;
 use conf_model::*;
 
 fn tiny(vocab: usize) -> GptConfig {

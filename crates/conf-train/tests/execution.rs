@@ -11,7 +11,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::{GradientCheckpointingStrategy, Gradients};
 use conf_data::{CorpusRequest, Split, TrainWindows, load_corpus};
-use conf_model::test_util::Perturb;
+use conf_model::init::Perturb;
 use conf_model::{ConfidenceGptConfig, GptConfig, Precision};
 use conf_train::bench::{BenchSettings, time_objectives};
 use conf_train::loader::{StepLoader, TrainBatches};

@@ -3,7 +3,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::{Distribution, Tolerance};
-use conf_model::test_util::Perturb;
+use conf_model::init::Perturb;
 use conf_model::{
     AttentionMask, ConfHead, ConfidenceAwareGpt, ConfidenceGptConfig, GptConfig, positions,
 };

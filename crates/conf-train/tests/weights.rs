@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::prelude::*;
 use conf_data::TokenizerSpec;
-use conf_model::test_util::Perturb;
+use conf_model::init::Perturb;
 use conf_model::{AttentionMask, ConfHead, ConfidenceGptConfig, GptConfig};
 use conf_train::ConfInput;
 use conf_train::ObjectiveKind;

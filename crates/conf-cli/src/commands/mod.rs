@@ -1,6 +1,7 @@
 //! One module per subcommand: parse what it needs, call the library crates, report.
 
 pub mod bench;
+pub mod check_backend;
 pub mod data;
 pub mod experiment;
 pub mod export;
