@@ -1,39 +1,76 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with an NVIDIA GPU but without Rust: run from the repository
-# root with the kit that `cargo xtask build --backend cuda --kit gpu-kit` packed here.
+# root with the kit that `cargo xtask build --backend cuda [--backend tch-cuda --kit-torch V]
+# --kit gpu-kit` packed here.
 #   bash bench/gpu-check.sh [BUDGET_SECONDS] [OUT_DIR]
-# Each step has its share of the budget and the figures go to OUT_DIR (default results/gpu).
+# The steps run in order of importance, each backend in turn: the comparison with flex, the
+# gpu preset's bench in f32 and bf16, the quick experiment in f32 and bf16, then the rest. Each
+# step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
+# (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
-budget=${1:-480}
+budget=${1:-420}
 out=${2:-${OUT:-results/gpu}}
 kit=${KIT:-gpu-kit}
+deadline=$((SECONDS + budget))
 mkdir -p "$out"
 test -f "$kit/lookahead.gz" || { echo "no $kit/lookahead.gz: cargo xtask build --backend cuda --kit $kit" >&2; exit 2; }
-bin=$(mktemp -d)/lookahead
+work=$(mktemp -d)
+bin=$work/lookahead
+logs=$work/gpu-check
+mkdir -p "$logs"
 gunzip -c "$kit/lookahead.gz" > "$bin" && chmod +x "$bin"
 export CUDA_PATH="$PWD/$kit/cuda"      # libdevice for kernels with exp, erf, tanh
 unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE  # f32 runs on tch-cuda refuse libtorch's TF32 switch
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+if [ -f "$kit/torch-version" ]; then
+  # The binary links libtorch: this machine's PyTorch, which must be the version it was built for.
+  want=$(cat "$kit/torch-version")
+  read -r have torch_lib < <(python3 -c 'import os, torch; print(torch.__version__.split("+")[0], os.path.join(os.path.dirname(torch.__file__), "lib"))')
+  if [ "${have:-none}" != "$want" ]; then
+    echo "the kit's binary needs PyTorch $want, this machine's python3 has ${have:-none}: cargo xtask build ... --kit-torch ${have:-VERSION}" >&2
+    exit 2
+  fi
+  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$logs/gpu.txt"
+backends=${BACKENDS:-$(sed "s/\bflex\b//g" "$kit/backends")}  # BACKENDS=flex tries the script on a CPU
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log
-  local name=$1 limit=$2; shift 2
-  echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  tail -n 12 "$out/$name.log"
-  echo "-- $name: exit $rc"
+pack() {  # everything so far, without checkpoints, into one file (the device tool returns few)
+  tar -C "$work" --exclude=checkpoints -czf "$out/gpu-check.tar.gz.part" gpu-check &&
+    mv "$out/gpu-check.tar.gz.part" "$out/gpu-check.tar.gz"
 }
 
-for backend in $(cat "$kit/backends"); do
-  case $backend in flex) continue ;; esac
-  step "$backend-probe" $((budget / 16)) "$bin" bench --backend "$backend" --objectives standard --steps 2 --warmup-steps 1
-  step "$backend-bench-quick" $((budget / 8)) "$bin" bench --backend "$backend" --preset quick --steps 10 --output "$out/$backend-bench-quick.json"
-  step "$backend-bench-gpu" $((budget / 4)) "$bin" bench --backend "$backend" --preset gpu --steps 5 --output "$out/$backend-bench-gpu.json"
-  step "$backend-experiment-quick" $((budget / 4)) "$bin" experiment --backend "$backend" --no-tui --results-dir "$out/$backend-experiment"
-  # bf16 products (docs/backends.md#precision): speed at the gpu preset, eval loss against f32.
-  step "$backend-bench-gpu-bf16" $((budget / 4)) "$bin" bench --backend "$backend" --preset gpu --precision bf16 --steps 5 --output "$out/$backend-bench-gpu-bf16.json"
-  step "$backend-experiment-quick-bf16" $((budget / 4)) "$bin" experiment --backend "$backend" --precision bf16 --no-tui --results-dir "$out/$backend-experiment-bf16"
-  if [ "$backend" = tch-cuda ]; then
-    step "$backend-bench-gpu-tf32" $((budget / 4)) env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$bin" bench --backend "$backend" --preset gpu --precision tf32 --steps 5 --output "$out/$backend-bench-gpu-tf32.json"
+step() {  # step NAME CAP COMMAND...: run under min(CAP, time left), log to NAME.log
+  local name=$1 cap=$2; shift 2
+  local left=$((deadline - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    echo "-- $name: skipped, budget spent" | tee -a "$logs/summary.txt"
+    return
   fi
-done
+  local limit=$((cap < left ? cap : left)) start=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 8 "$logs/$name.log"
+  echo "-- $name: exit $rc after $((SECONDS - start))s" | tee -a "$logs/summary.txt"
+  pack
+}
+
+each() {  # each NAME-SUFFIX CAP ARGS...: step on every GPU backend of the kit ({B} = backend)
+  local suffix=$1 cap=$2; shift 2
+  for backend in $backends; do
+    step "$backend-$suffix" "$cap" "${@//\{B\}/$backend}"
+  done
+}
+
+each check-backend $((budget / 10)) "$bin" check-backend --backend {B}
+each bench-gpu $((budget / 6)) "$bin" bench --backend {B} --preset gpu --steps 5 --output "$logs/{B}-bench-gpu.json"
+# bf16 products (docs/backends.md#precision): speed at the gpu preset, eval loss against f32.
+each bench-gpu-bf16 $((budget / 6)) "$bin" bench --backend {B} --preset gpu --precision bf16 --steps 5 --output "$logs/{B}-bench-gpu-bf16.json"
+each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
+each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"
+each bench-quick $((budget / 10)) "$bin" bench --backend {B} --preset quick --steps 10 --output "$logs/{B}-bench-quick.json"
+case " $backends " in *" tch-cuda "*)
+  step tch-cuda-bench-gpu-tf32 $((budget / 6)) env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$bin" bench --backend tch-cuda --preset gpu --precision tf32 --steps 5 --output "$logs/tch-cuda-bench-gpu-tf32.json"
+esac
+pack
+echo "== summary"; cat "$logs/summary.txt"

@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// PyTorch release whose libtorch burn-tch 0.22 (through torch-sys 0.22) is built against.
-const TORCH_VERSION: &str = "2.9.0";
+pub const TORCH_VERSION: &str = "2.9.0";
 /// Reads `lookahead export` files in `bench/reference.py`.
 const SAFETENSORS_VERSION: &str = "0.8.0";
 
@@ -80,6 +80,34 @@ impl BuildEnv {
 }
 
 impl BuildEnv {
+    /// The build environment of a kit for a GPU machine whose PyTorch is `torch_version`
+    /// (`build --kit --kit-torch`): tch builds against that version's libtorch (from PyPI, in
+    /// a cache), whose CUDA libraries are found on the GPU machine and need not be here; in a
+    /// target folder of its own, so that the usual builds stay as they are.
+    pub fn for_kit(backends: &[Backend], torch_version: &str) -> anyhow::Result<Self> {
+        let others: Vec<Backend> = backends
+            .iter()
+            .copied()
+            .filter(|b| !matches!(b, Backend::TchCpu | Backend::TchCuda))
+            .collect();
+        let mut env = Self::for_backends(&others)?;
+        if others.len() < backends.len() {
+            let libtorch = kit_libtorch(torch_version)?;
+            env.vars.extend([
+                ("LIBTORCH".into(), libtorch.display().to_string()),
+                ("LIBTORCH_BYPASS_VERSION_CHECK".into(), "1".into()),
+                (
+                    "RUSTFLAGS".into(),
+                    "-C link-arg=-Wl,--allow-shlib-undefined".into(),
+                ),
+            ]);
+        }
+        let target = crate::target_dir().join(format!("kit-torch-{torch_version}"));
+        env.vars
+            .push(("CARGO_TARGET_DIR".into(), target.display().to_string()));
+        Ok(env)
+    }
+
     /// This environment plus what a cuda build needs, once `setup --backend cuda` has run.
     pub fn with_cuda(&self) -> Option<Self> {
         let cuda = crate::cuda::env().ok()?;
@@ -154,6 +182,40 @@ fn libtorch_env() -> anyhow::Result<Vec<(String, String)>> {
         ("LIBTORCH_USE_PYTORCH".into(), "1".into()),
         prepend_path(library_path_var(), &torch_dir.join("lib")),
     ])
+}
+
+/// libtorch `version` from PyPI's PyTorch wheel (its CUDA libraries left out), installed once
+/// into `~/.cache/lookahead-torch/{version}`; returns its folder (`include/`, `lib/`).
+fn kit_libtorch(version: &str) -> anyhow::Result<PathBuf> {
+    let home = PathBuf::from(std::env::var_os("HOME").unwrap_or_default());
+    let dir = home.join(".cache/lookahead-torch").join(version);
+    let marker = dir.join(".lookahead-installed");
+    if !marker.is_file() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing the partial {}", dir.display()))?;
+        }
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        run(Command::new(&python)
+            .args(["-m", "pip", "--disable-pip-version-check", "install"])
+            .args([
+                "--no-deps",
+                "--no-compile",
+                "--only-binary=:all:",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(format!("torch=={version}")))?;
+        std::fs::write(&marker, b"")?;
+    }
+    let libtorch = dir.join("torch");
+    if !libtorch.join("include").is_dir() || !libtorch.join("lib").is_dir() {
+        bail!(
+            "{}: no include/ and lib/ in PyTorch {version}'s wheel",
+            libtorch.display()
+        );
+    }
+    Ok(libtorch)
 }
 
 /// PyTorch's version and package folder in a venv.

@@ -74,6 +74,11 @@ enum Task {
         /// compressed binary and (for cuda) libdevice; `bench/gpu-check.sh` runs it there.
         #[arg(long, value_name = "DIR")]
         kit: Option<PathBuf>,
+        /// With tch backends in a kit: build against the libtorch of this PyTorch version, the
+        /// one on the GPU machine (`python3 -c 'import torch; print(torch.__version__)'` there),
+        /// whose libraries the kit's binary then loads there.
+        #[arg(long, value_name = "VERSION", requires = "kit")]
+        kit_torch: Option<String>,
     },
     /// Lint conf-cli with these backends and cuda compiled in, then run its tests with these
     /// backends: the cross-backend equivalence tests and a short training of both models on each.
@@ -121,11 +126,18 @@ fn main() -> anyhow::Result<()> {
             };
             bench::run(&plan)
         }
-        Task::Build { backends, kit } => {
-            let env = BuildEnv::for_backends(&backends)?;
+        Task::Build {
+            backends,
+            kit,
+            kit_torch,
+        } => {
+            let env = match &kit_torch {
+                Some(version) => BuildEnv::for_kit(&backends, version)?,
+                None => BuildEnv::for_backends(&backends)?,
+            };
             let binary = build_lookahead(&backends, &env)?;
             match kit {
-                Some(dir) => pack_kit(&binary, &dir, &backends, &env),
+                Some(dir) => pack_kit(&binary, &dir, &backends, &env, kit_torch.as_deref()),
                 None => Ok(()),
             }
         }
@@ -196,14 +208,29 @@ pub(crate) fn build_lookahead(backends: &[Backend], env: &BuildEnv) -> anyhow::R
         args.extend(["--features", &features]);
     }
     cargo(&args, env)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = match env.vars.iter().find(|(k, _)| k == "CARGO_TARGET_DIR") {
+        Some((_, dir)) => PathBuf::from(dir),
+        None => target_dir(),
+    };
     Ok(target.join("release/lookahead"))
 }
 
-/// `binary`, stripped and gzipped, with the run-time files of its backends.
-fn pack_kit(binary: &Path, dir: &Path, backends: &[Backend], env: &BuildEnv) -> anyhow::Result<()> {
+/// Cargo's target folder: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// `binary`, stripped and gzipped, with the run-time files of its backends and, for tch, the
+/// PyTorch version whose libtorch it needs (the GPU machine's own).
+fn pack_kit(
+    binary: &Path,
+    dir: &Path,
+    backends: &[Backend],
+    env: &BuildEnv,
+    torch_version: Option<&str>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let copy = dir.join("lookahead");
     std::fs::copy(binary, &copy)?;
@@ -221,6 +248,16 @@ fn pack_kit(binary: &Path, dir: &Path, backends: &[Backend], env: &BuildEnv) -> 
         let libdevice = Path::new("nvvm/libdevice/libdevice.10.bc");
         std::fs::create_dir_all(dir.join("cuda").join(libdevice.parent().expect("a parent")))?;
         std::fs::copy(cuda_path.join(libdevice), dir.join("cuda").join(libdevice))?;
+    }
+    let torch_file = dir.join("torch-version");
+    if backends
+        .iter()
+        .any(|b| matches!(b, Backend::TchCpu | Backend::TchCuda))
+    {
+        let version = torch_version.unwrap_or(backend::TORCH_VERSION);
+        std::fs::write(&torch_file, format!("{version}\n"))?;
+    } else if torch_file.exists() {
+        std::fs::remove_file(&torch_file)?;
     }
     let names: Vec<&str> = backends.iter().map(|b| b.name()).collect();
     std::fs::write(dir.join("backends"), names.join(" ") + "\n")?;
