@@ -48,7 +48,7 @@ step() {  # step NAME CAP COMMAND...: run under min(CAP, time left), log to NAME
   fi
   local limit=$((cap < left ? cap : left)) start=$SECONDS
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$logs/$name.log" 2>&1
+  timeout -k 20 "$limit" "$@" > "$logs/$name.log" 2>&1  # a second signal 20 s on
   local rc=$?
   tail -n 8 "$logs/$name.log"
   echo "-- $name: exit $rc after $((SECONDS - start))s" | tee -a "$logs/summary.txt"
