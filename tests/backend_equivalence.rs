@@ -33,7 +33,7 @@ fn matches_flex(backend: BackendChoice) {
 #[test]
 fn flex_against_itself_passes_every_comparison_of_an_informative_reference() {
     // Guards the comparisons below: flex's reference is finite and varied, and flex agrees
-    // with itself run to run (a comparison that would pass anything is tested in the module).
+    // with itself run to run. That a computation which differs fails is tested in the module.
     let checks = equivalence::check(&Device::flex());
     assert!(checks.len() > 40, "{} comparisons", checks.len());
     for check in &checks {
