@@ -39,6 +39,11 @@ impl Backend {
             Self::Cuda => Some("cuda"),
         }
     }
+
+    /// Whether the backend runs on libtorch (built and run against a PyTorch's libraries).
+    pub fn uses_libtorch(self) -> bool {
+        matches!(self, Self::TchCpu | Self::TchCuda)
+    }
 }
 
 /// The conf-cli features for these backends, comma-separated.
@@ -59,10 +64,7 @@ pub struct BuildEnv {
 impl BuildEnv {
     pub fn for_backends(backends: &[Backend]) -> anyhow::Result<Self> {
         let mut env = Self::default();
-        if backends
-            .iter()
-            .any(|b| matches!(b, Backend::TchCpu | Backend::TchCuda))
-        {
+        if backends.iter().any(|b| b.uses_libtorch()) {
             env.vars.extend(libtorch_env()?);
         }
         if backends.contains(&Backend::Cuda) {
@@ -88,7 +90,7 @@ impl BuildEnv {
         let others: Vec<Backend> = backends
             .iter()
             .copied()
-            .filter(|b| !matches!(b, Backend::TchCpu | Backend::TchCuda))
+            .filter(|b| !b.uses_libtorch())
             .collect();
         let mut env = Self::for_backends(&others)?;
         if others.len() < backends.len() {

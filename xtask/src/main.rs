@@ -250,10 +250,7 @@ fn pack_kit(
         std::fs::copy(cuda_path.join(libdevice), dir.join("cuda").join(libdevice))?;
     }
     let torch_file = dir.join("torch-version");
-    if backends
-        .iter()
-        .any(|b| matches!(b, Backend::TchCpu | Backend::TchCuda))
-    {
+    if backends.iter().any(|b| b.uses_libtorch()) {
         let version = torch_version.unwrap_or(backend::TORCH_VERSION);
         std::fs::write(&torch_file, format!("{version}\n"))?;
     } else if torch_file.exists() {
