@@ -197,17 +197,15 @@ fn kit_libtorch(version: &str) -> anyhow::Result<PathBuf> {
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("removing the partial {}", dir.display()))?;
         }
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        run(Command::new(&python)
-            .args(["-m", "pip", "--disable-pip-version-check", "install"])
-            .args([
-                "--no-deps",
-                "--no-compile",
-                "--only-binary=:all:",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("torch=={version}")))?;
+        pip(&[
+            "install",
+            "--no-deps",
+            "--no-compile",
+            "--only-binary=:all:",
+            "--target",
+            &dir.display().to_string(),
+            &format!("torch=={version}"),
+        ])?;
         std::fs::write(&marker, b"")?;
     }
     let libtorch = dir.join("torch");
@@ -419,6 +417,14 @@ fn setup_libtorch(backend: Backend) -> anyhow::Result<()> {
     run(Command::new(&python).args(["-c", probe]))?;
     println!("next: cargo xtask experiment --backend {}", backend.name());
     Ok(())
+}
+
+/// `python3 -m pip ARGS` (`$PYTHON` if set), failing when it fails.
+pub(crate) fn pip(args: &[&str]) -> anyhow::Result<()> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    run(Command::new(&python)
+        .args(["-m", "pip", "--disable-pip-version-check"])
+        .args(args))
 }
 
 /// Runs `command` (echoed), failing when it fails.

@@ -16,6 +16,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
+use crate::backend::pip;
+
 /// The bundle cubecl-llvm 0.11's `tracel-llvm-bundler` (23.1.0-4) installs and links.
 const BUNDLE: &str = "tracel-llvm-23.1.0-4";
 const MARKER: &str = ".tracel-llvm-installed";
@@ -219,13 +221,4 @@ fn check_sha256(file: &Path, expected: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn pip(args: &[&str]) -> anyhow::Result<()> {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    crate::backend::run(
-        Command::new(&python)
-            .args(["-m", "pip", "--disable-pip-version-check"])
-            .args(args),
-    )
 }
