@@ -4,7 +4,8 @@
 # --kit gpu-kit` packed here.
 #   bash bench/gpu-check.sh [BUDGET_SECONDS] [OUT_DIR]
 # The steps run in order of importance, each backend in turn: the comparison with flex, the
-# gpu preset's bench in f32 and bf16, the quick experiment in f32 and bf16, then the rest. Each
+# gpu preset's bench in f32 and bf16, bf16 training against f32 training, the quick experiment
+# in f32 and bf16, then the rest. Each
 # step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
 # (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
@@ -66,6 +67,7 @@ each check-backend $((budget / 10)) "$bin" check-backend --backend {B}
 each bench-gpu $((budget / 6)) "$bin" bench --backend {B} --preset gpu --steps 5 --output "$logs/{B}-bench-gpu.json"
 # bf16 products (docs/backends.md#precision): speed at the gpu preset, eval loss against f32.
 each bench-gpu-bf16 $((budget / 6)) "$bin" bench --backend {B} --preset gpu --precision bf16 --steps 5 --output "$logs/{B}-bench-gpu-bf16.json"
+each bf16-training $((budget / 10)) "$bin" check-backend --backend {B} --bf16-training
 each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
 each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"
 each bench-quick $((budget / 10)) "$bin" bench --backend {B} --preset quick --steps 10 --output "$logs/{B}-bench-quick.json"

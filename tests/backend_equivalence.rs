@@ -3,7 +3,9 @@
 //! losses and gradients, and one optimizer step the same parameters. The default build holds
 //! flex alone; `cargo xtask test --backend wgpu --backend tch-cpu` builds the others in and
 //! runs these. The GPU backends' are ignored unless asked for (`-- --ignored`) on a machine
-//! with an NVIDIA GPU; without Rust there, `lookahead check-backend --backend cuda`.
+//! with an NVIDIA GPU; without Rust there, `lookahead check-backend --backend cuda`. Besides,
+//! bf16 training reaches f32's eval loss on the CPU backends (`conf_cli::bf16_training`; on a
+//! GPU `lookahead check-backend --bf16-training`).
 
 // A flex-only build has nothing to compare with; the comparison code is then unused.
 #![cfg_attr(
@@ -13,7 +15,7 @@
 
 use burn::prelude::*;
 use conf_cli::backend::{BackendChoice, device};
-use conf_cli::equivalence;
+use conf_cli::{bf16_training, equivalence};
 
 fn matches_flex(backend: BackendChoice) {
     let other = device(backend, None).unwrap_or_else(|e| panic!("{e}"));
@@ -65,6 +67,37 @@ fn tch_cuda_matches_flex() {
 #[ignore = "needs an NVIDIA GPU"]
 fn cuda_matches_flex() {
     matches_flex(BackendChoice::Cuda);
+}
+
+/// bf16 training on `backend` reaches its f32 training's eval loss, and f32 learns the source
+/// (`conf_cli::bf16_training`, which `lookahead check-backend --bf16-training` runs too).
+fn bf16_trains_to_the_f32_eval_loss(device: &Device) {
+    let checks = bf16_training::check(device).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(checks.len(), 2);
+    for check in &checks {
+        assert!(
+            check.passed(),
+            "{}: {} ({})",
+            check.what,
+            check.worst,
+            check.detail
+        );
+    }
+}
+
+#[test]
+fn on_flex_bf16_training_reaches_the_f32_eval_loss() {
+    bf16_trains_to_the_f32_eval_loss(&Device::flex());
+}
+
+/// On libtorch bf16 also takes the attention (PyTorch's fused kernel, backward through
+/// libtorch's graph).
+#[cfg(feature = "tch")]
+#[test]
+fn on_tch_cpu_bf16_training_reaches_the_f32_eval_loss() {
+    bf16_trains_to_the_f32_eval_loss(
+        &device(BackendChoice::TchCpu, None).unwrap_or_else(|e| panic!("{e}")),
+    );
 }
 
 /// tch-cpu's AdamW update (`conf_model::fused::adamw`: in place, nine libtorch operations)

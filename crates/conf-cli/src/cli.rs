@@ -59,6 +59,10 @@ pub struct CheckBackendArgs {
     /// Every comparison as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also train MiniGPT on the synthetic source in f32 and in bf16 on the backend, and check
+    /// that bf16 reaches f32's eval loss (seconds on a GPU).
+    #[arg(long)]
+    pub bf16_training: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! results file and the report. The training itself lives in the library crates.
 
 pub mod backend;
+pub mod bf16_training;
 pub mod cli;
 pub mod commands;
 pub mod config;

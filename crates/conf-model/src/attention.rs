@@ -3,6 +3,7 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -59,7 +60,8 @@ pub struct CausalSelfAttention {
     pub value: Linear,
     pub output: Linear,
     pub n_heads: usize,
-    /// The projections' precision; the attention itself is f32.
+    /// The projections' precision; the attention's is f32, or bf16 where
+    /// [`fused::attends_in_bf16`].
     #[module(skip)]
     pub precision: Precision,
 }
@@ -115,7 +117,12 @@ impl CausalSelfAttention {
             past.is_none(),
             "only PrefixAndSelf and CacheAndSelf attend to cached keys"
         );
-        let (k, v) = (own.key.clone(), own.value.clone());
+        let (mut k, mut v) = (own.key.clone(), own.value.clone());
+        let in_bf16 = self.precision == Precision::Bf16 && fused::attends_in_bf16(&q);
+        let mut q = q;
+        if in_bf16 {
+            [q, k, v] = [q, k, v].map(|t| t.cast(DType::BF16));
+        }
         let context = if q.is_autodiff() || fused::applies(&q) {
             // The trained pass, and every f32 pass on flex. Burn's `attention` under autodiff
             // falls back to decomposed ops whose row maximum is not detached (its backward
@@ -142,6 +149,11 @@ impl CausalSelfAttention {
                 is_causal,
             };
             attention(q, k, v, None, bias, options) // [B, H, S, dh]
+        };
+        let context = if in_bf16 {
+            context.cast(DType::F32)
+        } else {
+            context
         };
         let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
         (rows(&self.output, context, self.precision), own)

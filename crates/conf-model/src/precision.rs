@@ -1,12 +1,16 @@
 //! The float precision of the models' matrix products (`--precision`).
 //!
 //! Parameters, their gradients and the optimizer's state are f32 in every precision, as are
-//! the attention (scores, softmax, products), the LayerNorms and AdaptiveLayers, the losses and
-//! the confidence head. `bf16` gives the Linears' and the tied LM head's products bf16
-//! operands and returns their results as f32: these products are the bulk of the model's FLOPs
-//! (`12·d²` per token and layer against the attention's `2·L·d`), and on a GPU their bf16
-//! operands run on the tensor cores, which accumulate in f32. `tf32` keeps f32 tensors and lets
-//! the GPU's f32 matrix products use TF32 tensor cores (a backend switch, docs/backends.md).
+//! the LayerNorms and AdaptiveLayers, the losses and the confidence head. `bf16` gives the
+//! Linears' and the tied LM head's products bf16 operands and returns their results as f32:
+//! these products are the bulk of the model's FLOPs (`12·d²` per token and layer against the
+//! attention's `2·L·d`), and on a GPU their bf16 operands run on the tensor cores, which
+//! accumulate in f32. On libtorch `bf16` gives the attention bf16 q, k and v too: PyTorch's
+//! fused kernels keep the softmax statistics and the accumulations in f32, and an f32
+//! attention, off the tensor cores, would take a GPU as long as all the bf16 Linears together
+//! at the gpu preset. Elsewhere the attention stays f32 (Burn's decomposed softmax would run
+//! in bf16). `tf32` keeps f32 tensors and lets the GPU's f32 matrix products use TF32 tensor
+//! cores (a backend switch, docs/backends.md).
 
 use std::fmt;
 use std::str::FromStr;

@@ -494,3 +494,48 @@ fn targets_of_the_right_count_but_the_wrong_shape_are_refused() {
     let targets = Tensor::<2, Int>::zeros([6, 1], &device);
     let _ = fused::token_stats(logits, targets);
 }
+
+/// libtorch's attention (PyTorch's own kernel, its backward through libtorch's graph) against
+/// the plain form on libtorch, values and the three gradients, for a causal pass, one over
+/// cached keys and an unmasked one: in f32 within 1e-5; in bf16 against the plain form of the
+/// rounded operands, within 1% of the largest value, the rounding of the kernel's bf16
+/// products.
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend
+fn libtorch_attention_equals_its_plain_form_in_f32_and_within_rounding_in_bf16() {
+    use burn::tensor::DType;
+    let device = Device::libtorch().autodiff();
+    let assert_close = |dtype, ours: Tensor<4>, theirs: Tensor<4>, what: &str| {
+        let largest = theirs.clone().abs().max().into_scalar::<f32>();
+        assert!(largest > 1e-2, "{what}: a zero tensor proves nothing");
+        let tolerance = match dtype {
+            DType::F32 => 1e-5,
+            _ => 1e-2 * largest,
+        };
+        ours.into_data()
+            .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(tolerance));
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for (queries, keys, causal) in [(7, 7, true), (5, 9, true), (6, 4, false)] {
+            let leaf = |rows| normal([2, rows, 3, 8], 0.0, 1.5, &device).require_grad();
+            let (q, k, v) = (leaf(queries), leaf(keys), leaf(keys));
+            let heads = |t: &Tensor<4>| t.clone().swap_dims(1, 2);
+            let operand = |t: &Tensor<4>| heads(t).cast(dtype);
+            assert!(fused::attends_in_bf16(&heads(&q)));
+            let ours = fused::attention(operand(&q), operand(&k), operand(&v), causal);
+            assert_eq!(ours.dtype(), dtype);
+            let ours = ours.cast(DType::F32);
+            let rounded = |t: &Tensor<4>| operand(t).cast(DType::F32);
+            let theirs = plain::attention(rounded(&q), rounded(&k), rounded(&v), causal);
+            assert_close(dtype, ours.clone(), theirs.clone(), "output");
+            let weights = normal([2, 3, queries, 8], 0.0, 1.0, &device);
+            let g_ours = (ours * weights.clone()).sum().backward();
+            let g_theirs = (theirs * weights).sum().backward();
+            for (name, leaf) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (ours, theirs) = (leaf.grad(&g_ours).unwrap(), leaf.grad(&g_theirs).unwrap());
+                assert_close(dtype, ours, theirs, name);
+            }
+        }
+    }
+}

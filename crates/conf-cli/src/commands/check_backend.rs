@@ -1,16 +1,20 @@
-//! `lookahead check-backend`: the backend against flex (`crate::equivalence`), one line per
-//! comparison; exit 1 when one is off.
+//! `lookahead check-backend`: the backend against flex (`crate::equivalence`), and with
+//! `--bf16-training` its bf16 training against its f32 training (`crate::bf16_training`), one
+//! line per comparison; exit 1 when one is off.
 
 use anyhow::anyhow;
 
 use crate::Failure;
 use crate::cli::CheckBackendArgs;
 use crate::commands::{open_device, print_json};
-use crate::equivalence;
+use crate::{bf16_training, equivalence};
 
 pub fn run(args: CheckBackendArgs) -> Result<(), Failure> {
     let device = open_device(&args.target)?;
-    let checks = equivalence::check(&device);
+    let mut checks = equivalence::check(&device);
+    if args.bf16_training {
+        checks.extend(bf16_training::check(&device)?);
+    }
     let backend = args.target.backend;
     if args.json {
         print_json(&checks)?;

@@ -239,6 +239,19 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     plain::attention(q, k, v, causal)
 }
 
+/// Whether `x`'s backend has a fused attention that takes bf16 operands and keeps its softmax
+/// statistics in f32: libtorch's ([`attention`]). Elsewhere bf16 operands would go through
+/// Burn's decomposed softmax in bf16.
+pub fn attends_in_bf16(x: &Tensor<4>) -> bool {
+    #[cfg(feature = "tch")]
+    return torch::on_libtorch_device(x);
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 /// The attention of the passes that extend cached keys without gradient: query i of
 /// `q: [B, H, S, dh]` attends to cached keys and values (`past_*`, `[B, H, K, dh]`) and to
 /// its own (`own_*`, like `q`), its own score first in the softmax row. With `causal`, the

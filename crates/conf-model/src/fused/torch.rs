@@ -1,9 +1,10 @@
 //! Operations on libtorch (the tch backends) that Burn's autodiff records as chains of
 //! element-wise operations, each a libtorch call and a graph node, as one operation each:
-//! - the attention on the CPU through PyTorch's own fused scaled-dot-product attention, forward
-//!   and backward (its flash kernel for the CPU); Burn's path records the decomposed softmax
-//!   over `[B, H, S, K]` scores, and libtorch's vectorised exponential takes its slow path on
-//!   every masked (−∞) score;
+//! - the attention through PyTorch's own scaled-dot-product attention, forward and backward
+//!   (its flash kernels, or the memory-efficient one on CUDA), in f32 or bf16; Burn's path
+//!   records the decomposed softmax over `[B, H, S, K]` scores, in the tensors' precision, and
+//!   on the CPU libtorch's vectorised exponential takes its slow path on every masked (−∞)
+//!   score;
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
 //!   `native_layer_norm`; its backward on the CPU one pass over the rows (flex's row kernel),
 //!   on the GPU a few libtorch operations;
@@ -62,9 +63,12 @@ pub fn disable_onednn() -> bool {
     false
 }
 
-/// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: f32 on libtorch's CPU device.
+/// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: on libtorch, all f32 or all
+/// bf16.
 pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    [q, k, v].into_iter().all(on_libtorch_cpu)
+    [q, k, v].into_iter().all(on_libtorch_device)
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && [k, v].into_iter().all(|t| t.dtype() == q.dtype())
 }
 
 /// Whether `x` is an f32 tensor on libtorch's CPU device, with or without autodiff.
@@ -87,11 +91,15 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
 
 /// Whether `x` is an f32 tensor on libtorch (any device).
 pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32
-        && matches!(
-            x.device().without_autodiff().as_dispatch(),
-            DispatchDevice::LibTorch(_)
-        )
+    x.dtype() == DType::F32 && on_libtorch_device(x)
+}
+
+/// Whether `x` is on libtorch (any device, any type).
+pub fn on_libtorch_device<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(
+        x.device().without_autodiff().as_dispatch(),
+        DispatchDevice::LibTorch(_)
+    )
 }
 
 /// `normalise(x) · gamma + beta` over the last dimension (biased variance); without gain or
@@ -257,8 +265,8 @@ impl TorchNoGradOps for LibTorch {
         causal: bool,
     ) -> TchTensor {
         let head_dim = *q.tensor.size().last().expect("a tensor with dimensions");
-        let mask = Mask::new(&q, &past_key, causal);
-        let (mut output, past_log_sum_exp) = forward(&q, &past_key, &past_value, &mask);
+        let mask = Mask::new(&q.tensor, &past_key.tensor, causal);
+        let (mut output, past_log_sum_exp) = cpu_flash_attention(&q, &past_key, &past_value, &mask);
         let mut own_share = tch::Tensor::linalg_vecdot(&q.tensor, &own_key.tensor, -1);
         let _ = own_share
             .g_mul_scalar_(1.0 / (head_dim as f64).sqrt())
@@ -704,18 +712,18 @@ struct Mask {
 }
 
 impl Mask {
-    fn new(q: &TchTensor, k: &TchTensor, causal: bool) -> Self {
-        let (queries, keys) = (q.tensor.size()[2], k.tensor.size()[2]);
+    fn new(q: &tch::Tensor, k: &tch::Tensor, causal: bool) -> Self {
+        let (queries, keys) = (q.size()[2], k.size()[2]);
         if !causal || queries == keys {
             return Self {
                 is_causal: causal,
                 bias: None,
             };
         }
-        let device = q.tensor.device();
+        let device = q.device();
         let hidden =
             tch::Tensor::ones([queries, keys], (tch::Kind::Bool, device)).triu(1 + keys - queries);
-        let bias = tch::Tensor::zeros([queries, keys], (tch::Kind::Float, device))
+        let bias = tch::Tensor::zeros([queries, keys], (q.kind(), device))
             .masked_fill(&hidden, f64::NEG_INFINITY);
         Self {
             is_causal: false,
@@ -728,8 +736,34 @@ impl Mask {
     }
 }
 
-/// The output and the rows' log-sum-exp, which the backward reads.
-fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, mask: &Mask) -> (TchTensor, TchTensor) {
+/// PyTorch's scaled-dot-product attention: its dispatcher picks the kernel for the device and
+/// precision (on the CPU its flash kernel; on CUDA flash in bf16, the memory-efficient one in
+/// f32 or under a mask), all of which keep the softmax statistics in f32.
+fn scaled_dot_product_attention(
+    q: &tch::Tensor,
+    k: &tch::Tensor,
+    v: &tch::Tensor,
+    mask: &Mask,
+) -> tch::Tensor {
+    tch::Tensor::scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        mask.bias(),
+        0.0,
+        mask.is_causal,
+        None::<f64>,
+        false,
+    )
+}
+
+/// The CPU's flash attention: the output and the rows' log-sum-exp.
+fn cpu_flash_attention(
+    q: &TchTensor,
+    k: &TchTensor,
+    v: &TchTensor,
+    mask: &Mask,
+) -> (TchTensor, TchTensor) {
     let (output, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
         &q.tensor,
         &k.tensor,
@@ -754,7 +788,10 @@ impl TorchOps for LibTorch {
     }
 
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, causal: bool) -> TchTensor {
-        forward(&q, &k, &v, &Mask::new(&q, &k, causal)).0
+        let mask = Mask::new(&q.tensor, &k.tensor, causal);
+        TchTensor::new(scaled_dot_product_attention(
+            &q.tensor, &k.tensor, &v.tensor, &mask,
+        ))
     }
 
     fn torch_layer_norm(x: TchTensor, gamma: TchTensor, beta: TchTensor, eps: f64) -> TchTensor {
@@ -852,40 +889,36 @@ fn layer_norm_backward_ops(
     ]
 }
 
-/// What the backward reads: the inputs, the mask, the output and its log-sum-exp.
+/// What the attention's backward reads: libtorch's own graph of the forward, from leaves that
+/// alias q, k and v to the output, which holds what PyTorch's kernel saved for its backward.
 #[derive(Debug, Clone)]
-struct Saved {
-    q: TchTensor,
-    k: TchTensor,
-    v: TchTensor,
-    mask: Mask,
-    output: TchTensor,
-    logsumexp: TchTensor,
+struct AttentionSaved {
+    leaves: [TchTensor; 3],
+    graph_output: TchTensor,
+    /// Burn's handles on the inputs and the output the graph reads, so that Burn never
+    /// updates them in place (libtorch would refuse the backward).
+    _read: [TchTensor; 4],
 }
 
 #[derive(Debug)]
 struct AttentionBackward;
 
 impl Backward<LibTorch, 3> for AttentionBackward {
-    type State = Saved;
+    type State = AttentionSaved;
 
-    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        // The flash kernel's backward computes all three at once.
-        register_gradients(ops, grads, |s, grad, _| {
-            let (dq, dk, dv) =
-                tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad,
-                    &s.q.tensor,
-                    &s.k.tensor,
-                    &s.v.tensor,
-                    &s.output.tensor,
-                    &s.logsumexp.tensor,
-                    0.0,
-                    s.mask.is_causal,
-                    s.mask.bias(),
-                    None::<f64>,
-                );
-            [Some(dq), Some(dk), Some(dv)]
+    fn backward(self, ops: Ops<AttentionSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        // libtorch's backward of its attention, whichever kernel its dispatcher chose; it
+        // starts from a scalar, so from the output weighted by its gradient.
+        register_gradients(ops, grads, |s, grad, needed| {
+            let leaves: Vec<&tch::Tensor> = (s.leaves.iter().zip(needed))
+                .filter_map(|(leaf, needed)| needed.then_some(&leaf.tensor))
+                .collect();
+            let output = &s.graph_output.tensor;
+            let weighted = tch::with_grad(|| (output * grad.to_kind(output.kind())).sum(None));
+            let mut computed =
+                tch::with_grad(|| tch::Tensor::run_backward(&[weighted], &leaves, false, false))
+                    .into_iter();
+            needed.map(|needed| needed.then(|| computed.next().expect("one per leaf")))
         });
     }
 }
@@ -980,16 +1013,19 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let mask = Mask::new(&q, &k, causal);
-                let (output, logsumexp) = forward(&q, &k, &v, &mask);
-                let saved = Saved {
-                    q,
-                    k,
-                    v,
-                    mask,
-                    output: output.clone(),
-                    logsumexp,
+                let inputs = [q, k, v].map(|t| t.into_primitive());
+                let leaves = inputs
+                    .each_ref()
+                    .map(|t| TchTensor::new(t.tensor.detach().requires_grad_(true)));
+                let [q, k, v] = leaves.each_ref().map(|t| &t.tensor);
+                let mask = Mask::new(q, k, causal);
+                let graph_output = tch::with_grad(|| scaled_dot_product_attention(q, k, v, &mask));
+                let output = TchTensor::new(graph_output.detach());
+                let [q, k, v] = inputs;
+                let saved = AttentionSaved {
+                    leaves,
+                    graph_output: TchTensor::new(graph_output),
+                    _read: [q, k, v, output.clone()],
                 };
                 prep.finish(saved, output)
             }
