@@ -593,14 +593,25 @@ fn check_backend_compares_with_flex_and_reports_every_comparison() {
     assert_success(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("flex matches flex: 71 comparisons"), "{text}");
+    // With the bf16 training: two more, which pass on flex.
     let checks = json(&lookahead(
-        &["check-backend", "--backend", "flex", "--json"],
+        &[
+            "check-backend",
+            "--backend",
+            "flex",
+            "--json",
+            "--bf16-training",
+        ],
         cache.path(),
     ));
     let checks = checks.as_array().expect("a list of comparisons");
-    assert_eq!(checks.len(), 71);
+    assert_eq!(checks.len(), 73);
     let logits = checks.iter().find(|c| c["what"] == "logits").unwrap();
     assert_eq!(logits["worst"].as_f64(), Some(0.0), "{logits}");
+    let bf16 = &checks[72];
+    assert_eq!(bf16["what"], "bf16 training reaches f32's eval loss");
+    let worst = bf16["worst"].as_f64().unwrap();
+    assert!(worst > 0.0 && worst <= 1.0, "{bf16}");
     // A backend this build lacks is a usage error.
     if !compiled("cuda") {
         let out = lookahead(&["check-backend", "--backend", "cuda"], cache.path());
