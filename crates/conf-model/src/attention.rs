@@ -100,29 +100,42 @@ impl CausalSelfAttention {
             key: self.split_heads(rows(&self.key, x.clone(), self.precision)),
             value: self.split_heads(rows(&self.value, x, self.precision)),
         };
+        // bf16 q, k, v where the backend's fused attention takes them (an explicit mask goes
+        // through Burn's softmax); the context in f32.
+        let in_bf16 = self.precision == Precision::Bf16
+            && !matches!(mask, AttentionMask::Explicit(_))
+            && fused::attends_in_bf16(&q);
+        let operand = |t: Tensor<4>| if in_bf16 { t.cast(DType::BF16) } else { t };
+        let context_rows = |context: Tensor<4>| {
+            let context = if in_bf16 {
+                context.cast(DType::F32)
+            } else {
+                context
+            };
+            rows(
+                &self.output,
+                context.swap_dims(1, 2).reshape([batch, seq, d_model]),
+                self.precision,
+            )
+        };
+        let q = operand(q);
         if let AttentionMask::PrefixAndSelf | AttentionMask::CacheAndSelf = mask {
             let past = past.expect("PrefixAndSelf and CacheAndSelf attend to cached keys");
             let context = fused::prefix_and_self_attention(
                 q,
-                own.key.clone(),
-                own.value.clone(),
-                past.key.clone(),
-                past.value.clone(),
+                operand(own.key.clone()),
+                operand(own.value.clone()),
+                operand(past.key.clone()),
+                operand(past.value.clone()),
                 matches!(mask, AttentionMask::PrefixAndSelf),
             );
-            let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-            return (rows(&self.output, context, self.precision), own);
+            return (context_rows(context), own);
         }
         assert!(
             past.is_none(),
             "only PrefixAndSelf and CacheAndSelf attend to cached keys"
         );
-        let (mut k, mut v) = (own.key.clone(), own.value.clone());
-        let in_bf16 = self.precision == Precision::Bf16 && fused::attends_in_bf16(&q);
-        let mut q = q;
-        if in_bf16 {
-            [q, k, v] = [q, k, v].map(|t| t.cast(DType::BF16));
-        }
+        let (k, v) = (operand(own.key.clone()), operand(own.value.clone()));
         let context = if q.is_autodiff() || fused::applies(&q) {
             // The trained pass, and every f32 pass on flex. Burn's `attention` under autodiff
             // falls back to decomposed ops whose row maximum is not detached (its backward
@@ -150,13 +163,7 @@ impl CausalSelfAttention {
             };
             attention(q, k, v, None, bias, options) // [B, H, S, dh]
         };
-        let context = if in_bf16 {
-            context.cast(DType::F32)
-        } else {
-            context
-        };
-        let context = context.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        (rows(&self.output, context, self.precision), own)
+        (context_rows(context), own)
     }
 
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {

@@ -539,3 +539,34 @@ fn libtorch_attention_equals_its_plain_form_in_f32_and_within_rounding_in_bf16()
         }
     }
 }
+
+/// The attention of the no-gradient passes that extend cached keys on libtorch in bf16 (one
+/// call over `[past, own]` keys) against the plain form of the rounded operands, within 1% of
+/// the largest value: dense's causal form and seed's over every cached key.
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend
+fn libtorch_prefix_and_self_attention_in_bf16_equals_the_plain_form_within_rounding() {
+    use burn::tensor::DType;
+    let device = Device::libtorch();
+    for (seq, cached, causal) in [(6, 6, true), (3, 7, false)] {
+        let heads = |rows| normal([2, rows, 3, 8], 0.0, 1.5, &device).swap_dims(1, 2);
+        let rounded = [
+            heads(seq),
+            heads(seq),
+            heads(seq),
+            heads(cached),
+            heads(cached),
+        ]
+        .map(|t| t.cast(DType::BF16).cast(DType::F32));
+        let [q, own_k, own_v, past_k, past_v] = rounded.clone().map(|t| t.cast(DType::BF16));
+        let ours = fused::prefix_and_self_attention(q, own_k, own_v, past_k, past_v, causal);
+        assert_eq!(ours.dtype(), DType::BF16);
+        let [q, own_k, own_v, past_k, past_v] = rounded;
+        let theirs = plain::prefix_and_self_attention(q, own_k, own_v, past_k, past_v, causal);
+        let largest = theirs.clone().abs().max().into_scalar::<f32>();
+        ours.cast(DType::F32)
+            .into_data()
+            .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(1e-2 * largest));
+    }
+}

@@ -258,7 +258,7 @@ pub fn attends_in_bf16(x: &Tensor<4>) -> bool {
 /// dense objective's pass 2 ([`AttentionMask::PrefixAndSelf`](crate::AttentionMask)): query
 /// i sees cached keys `0..=i`, one cached key per query. Without, the seed objective's
 /// ([`AttentionMask::CacheAndSelf`](crate::AttentionMask)): every cached key. One fused
-/// operation on flex and on libtorch's CPU without autodiff.
+/// operation on flex (f32) and on libtorch (f32 or bf16) without autodiff.
 pub fn prefix_and_self_attention(
     q: Tensor<4>,
     own_key: Tensor<4>,
@@ -297,7 +297,7 @@ pub fn prefix_and_self_attention(
         );
     }
     #[cfg(feature = "tch")]
-    if fusable && tensors.iter().all(|t| torch::on_libtorch_cpu(*t)) {
+    if fusable && torch::attention_takes(&tensors) {
         return torch::prefix_and_self_attention(
             q, own_key, own_value, past_key, past_value, causal,
         );

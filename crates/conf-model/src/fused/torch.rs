@@ -66,9 +66,16 @@ pub fn disable_onednn() -> bool {
 /// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: on libtorch, all f32 or all
 /// bf16.
 pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    [q, k, v].into_iter().all(on_libtorch_device)
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
-        && [k, v].into_iter().all(|t| t.dtype() == q.dtype())
+    attention_takes(&[q, k, v])
+}
+
+/// Whether the tensors of an attention are on libtorch, all f32 or all bf16.
+pub fn attention_takes(tensors: &[&Tensor<4>]) -> bool {
+    let dtype = tensors[0].dtype();
+    matches!(dtype, DType::F32 | DType::BF16)
+        && tensors
+            .iter()
+            .all(|t| on_libtorch_device(*t) && t.dtype() == dtype)
 }
 
 /// Whether `x` is an f32 tensor on libtorch's CPU device, with or without autodiff.
@@ -250,12 +257,13 @@ pub trait TorchNoGradOps: Backend {
 }
 
 impl TorchNoGradOps for LibTorch {
-    /// The flash attention over the cached keys (query i sees `0..=i` when causal), then the
-    /// own key merged in by the rows' log-sum-exp: with `s` its score and `lse` the cached
-    /// keys', the output moves toward the own value by `σ(s − lse)`, its share of the
-    /// softmax. Causal, one flash call that skips the hidden blocks, where one over
-    /// `[past, own]` keys under an additive mask computed every score (−32% at
-    /// `[16, 4, 64, 16]`, 1 thread); not causal, no concatenated copy of the cached keys.
+    /// f32 on the CPU: the flash attention over the cached keys (query i sees `0..=i` when
+    /// causal), then the own key merged in by the rows' log-sum-exp: with `s` its score and
+    /// `lse` the cached keys', the output moves toward the own value by `σ(s − lse)`, its
+    /// share of the softmax. Causal, one flash call that skips the hidden blocks, where one
+    /// over `[past, own]` keys under a mask computed every score (−32% at `[16, 4, 64, 16]`,
+    /// 1 thread); not causal, no concatenated copy of the cached keys. Elsewhere (CUDA, bf16),
+    /// where tch has no kernel that returns the log-sum-exp, that one call over `[past, own]`.
     fn torch_prefix_and_self_attention(
         q: TchTensor,
         own_key: TchTensor,
@@ -264,6 +272,12 @@ impl TorchNoGradOps for LibTorch {
         past_value: TchTensor,
         causal: bool,
     ) -> TchTensor {
+        if q.tensor.device() != tch::Device::Cpu || q.tensor.kind() != tch::Kind::Float {
+            return TchTensor::new(attention_over_past_and_own(
+                [&q, &own_key, &own_value, &past_key, &past_value].map(|t| &t.tensor),
+                causal,
+            ));
+        }
         let head_dim = *q.tensor.size().last().expect("a tensor with dimensions");
         let mask = Mask::new(&q.tensor, &past_key.tensor, causal);
         let (mut output, past_log_sum_exp) = cpu_flash_attention(&q, &past_key, &past_value, &mask);
@@ -757,6 +771,34 @@ fn scaled_dot_product_attention(
     )
 }
 
+/// The prefix-and-self attention as one scaled-dot-product attention over the cached keys
+/// followed by the own ones (`[q, own key, own value, cached key, cached value]`), under a
+/// mask that shows query i its own key alone among the own ones and, when causal, the cached
+/// keys `0..=i` (one per query).
+fn attention_over_past_and_own(tensors: [&tch::Tensor; 5], causal: bool) -> tch::Tensor {
+    let [q, own_key, own_value, past_key, past_value] = tensors;
+    let (queries, cached) = (q.size()[2], past_key.size()[2]);
+    let device = q.device();
+    let ones = |columns| tch::Tensor::ones([queries, columns], (tch::Kind::Bool, device));
+    let past = if causal {
+        ones(cached).tril(0)
+    } else {
+        ones(cached)
+    };
+    let own = tch::Tensor::eye(queries, (tch::Kind::Bool, device));
+    let visible = tch::Tensor::cat(&[past, own], 1); // `true`: attended
+    tch::Tensor::scaled_dot_product_attention(
+        q,
+        &tch::Tensor::cat(&[past_key, own_key], 2),
+        &tch::Tensor::cat(&[past_value, own_value], 2),
+        Some(visible),
+        0.0,
+        false,
+        None::<f64>,
+        false,
+    )
+}
+
 /// The CPU's flash attention: the output and the rows' log-sum-exp.
 fn cpu_flash_attention(
     q: &TchTensor,
@@ -1093,5 +1135,36 @@ mod tests {
         let from_rows = rows::layer_norm_backward(&saved, &grad);
         let from_ops = layer_norm_backward_ops(&saved, &grad, [true; 3]);
         assert_same_gradients(&["x", "gamma", "beta"], &from_rows, &from_ops);
+    }
+
+    /// The prefix-and-self attention as one call over `[past, own]` keys (CUDA's and bf16's
+    /// path) against the CPU's flash attention with the own key merged in: causal (one
+    /// cached key per query) and not (every cached key), to rounding.
+    #[test]
+    fn the_attention_over_past_and_own_keys_equals_the_merged_flash_attention() {
+        let options = (tch::Kind::Float, tch::Device::Cpu);
+        tch::manual_seed(3);
+        for (seq, cached, causal) in [(1, 1, true), (6, 6, true), (1, 7, false), (4, 7, false)] {
+            let heads = |rows| TchTensor::new(tch::Tensor::randn([2, 3, rows, 8], options) * 1.5);
+            let [q, own_key, own_value] = [heads(seq), heads(seq), heads(seq)];
+            let [past_key, past_value] = [heads(cached), heads(cached)];
+            let merged = LibTorch::torch_prefix_and_self_attention(
+                q.clone(),
+                own_key.clone(),
+                own_value.clone(),
+                past_key.clone(),
+                past_value.clone(),
+                causal,
+            );
+            let one_call = attention_over_past_and_own(
+                [&q, &own_key, &own_value, &past_key, &past_value].map(|t| &t.tensor),
+                causal,
+            );
+            let difference = max_difference(&one_call, &merged.tensor);
+            assert!(
+                difference < 1e-5,
+                "{seq} queries, {cached} cached: {difference}"
+            );
+        }
     }
 }
