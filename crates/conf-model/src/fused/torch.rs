@@ -753,22 +753,15 @@ impl Mask {
 /// PyTorch's scaled-dot-product attention: its dispatcher picks the kernel for the device and
 /// precision (on the CPU its flash kernel; on CUDA flash in bf16, the memory-efficient one in
 /// f32 or under a mask), all of which keep the softmax statistics in f32.
+/// `mask`: additive, or `true` where attended.
 fn scaled_dot_product_attention(
     q: &tch::Tensor,
     k: &tch::Tensor,
     v: &tch::Tensor,
-    mask: &Mask,
+    mask: Option<&tch::Tensor>,
+    is_causal: bool,
 ) -> tch::Tensor {
-    tch::Tensor::scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        mask.bias(),
-        0.0,
-        mask.is_causal,
-        None::<f64>,
-        false,
-    )
+    tch::Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, None::<f64>, false)
 }
 
 /// The prefix-and-self attention as one scaled-dot-product attention over the cached keys
@@ -786,15 +779,11 @@ fn attention_over_past_and_own(tensors: [&tch::Tensor; 5], causal: bool) -> tch:
         ones(cached)
     };
     let own = tch::Tensor::eye(queries, (tch::Kind::Bool, device));
-    let visible = tch::Tensor::cat(&[past, own], 1); // `true`: attended
-    tch::Tensor::scaled_dot_product_attention(
+    scaled_dot_product_attention(
         q,
         &tch::Tensor::cat(&[past_key, own_key], 2),
         &tch::Tensor::cat(&[past_value, own_value], 2),
-        Some(visible),
-        0.0,
-        false,
-        None::<f64>,
+        Some(&tch::Tensor::cat(&[past, own], 1)),
         false,
     )
 }
@@ -832,7 +821,11 @@ impl TorchOps for LibTorch {
     fn torch_attention(q: TchTensor, k: TchTensor, v: TchTensor, causal: bool) -> TchTensor {
         let mask = Mask::new(&q.tensor, &k.tensor, causal);
         TchTensor::new(scaled_dot_product_attention(
-            &q.tensor, &k.tensor, &v.tensor, &mask,
+            &q.tensor,
+            &k.tensor,
+            &v.tensor,
+            mask.bias(),
+            mask.is_causal,
         ))
     }
 
@@ -955,6 +948,9 @@ impl Backward<LibTorch, 3> for AttentionBackward {
             let leaves: Vec<&tch::Tensor> = (s.leaves.iter().zip(needed))
                 .filter_map(|(leaf, needed)| needed.then_some(&leaf.tensor))
                 .collect();
+            if leaves.is_empty() {
+                return [None, None, None];
+            }
             let output = &s.graph_output.tensor;
             let weighted = tch::with_grad(|| (output * grad.to_kind(output.kind())).sum(None));
             let mut computed =
@@ -1061,7 +1057,9 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
                     .map(|t| TchTensor::new(t.tensor.detach().requires_grad_(true)));
                 let [q, k, v] = leaves.each_ref().map(|t| &t.tensor);
                 let mask = Mask::new(q, k, causal);
-                let graph_output = tch::with_grad(|| scaled_dot_product_attention(q, k, v, &mask));
+                let graph_output = tch::with_grad(|| {
+                    scaled_dot_product_attention(q, k, v, mask.bias(), mask.is_causal)
+                });
                 let output = TchTensor::new(graph_output.detach());
                 let [q, k, v] = inputs;
                 let saved = AttentionSaved {
