@@ -28,7 +28,7 @@ const SEED: u64 = 7;
 
 /// MiniGPT's eval loss after training on `device` in `precision`, and the source's entropy
 /// floor on the same windows.
-pub fn synthetic_eval_loss(device: &Device, precision: Precision) -> anyhow::Result<(f64, f64)> {
+fn synthetic_eval_loss(device: &Device, precision: Precision) -> anyhow::Result<(f64, f64)> {
     let corpus = load_corpus(&CorpusRequest::new("synthetic", std::env::temp_dir()))?;
     let oracle = corpus
         .oracle

@@ -82,8 +82,8 @@ pub fn adamw<M: Module>(module: &M, settings: &OptimizerSettings) -> ModuleOptim
 }
 
 /// Burn's AdamW (β (0.9, 0.95), ε 1e-8), with each parameter's update one fused pass on flex
-/// and a few in-place libtorch operations on tch-cpu (`conf_model::fused::adamw`); the state
-/// is Burn's, so checkpoints are the same either way.
+/// and a few in-place libtorch operations on tch-cpu and tch-cuda (`conf_model::fused::adamw`);
+/// the state is Burn's, so checkpoints are the same either way.
 #[derive(Clone)]
 pub struct AdamW {
     burn: burn::optim::AdamW,
@@ -172,45 +172,81 @@ pub fn warmup_cosine(
     .init()
 }
 
-/// Scales every gradient so their joint L2 norm is at most `max_norm`; returns the norm before
-/// clipping.
-pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    struct Norm<'a> {
+/// Scales every gradient by `min(1, max_norm / (norm + 1e-6))`, `norm` their joint L2 norm,
+/// as PyTorch's `clip_grad_norm_` does; returns that norm, `[1]` (`None` without gradients).
+/// On a CPU the norm is read and the gradients are scaled only when it is over the limit. On
+/// a GPU the factor stays a tensor on the device and every gradient is scaled: reading it would
+/// hold the host until the backward had run, before it could queue the optimizer's update.
+pub fn clip_global_norm<M: Module>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> Option<Tensor<1>> {
+    let on_cpu = module.devices().first().is_some_and(fused::on_cpu);
+    clip_global_norm_reading(module, grads, max_norm, on_cpu)
+}
+
+/// [`clip_global_norm`], the norm read on the host or not.
+fn clip_global_norm_reading<M: Module>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+    read_on_host: bool,
+) -> Option<Tensor<1>> {
+    struct Flatten<'a> {
         grads: &'a GradientsParams,
-        sum: Option<Tensor<1>>,
+        found: Vec<Tensor<1>>,
     }
-    impl ModuleVisitor for Norm<'_> {
+    impl ModuleVisitor for Flatten<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let sq = g.powi_scalar(2).sum();
-                self.sum = Some(match self.sum.take() {
-                    Some(s) => s + sq,
-                    None => sq,
-                });
+                self.found.push(g.flatten(0, D - 1));
             }
         }
     }
     struct Scale<'a> {
         grads: &'a mut GradientsParams,
-        factor: f64,
+        factor: Factor,
+    }
+    enum Factor {
+        Host(f64),
+        Device(Box<Tensor<1>>),
     }
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                self.grads.register(param.id, g * self.factor);
+                let scaled = match &self.factor {
+                    Factor::Host(factor) => g * *factor,
+                    Factor::Device(factor) => g * (**factor).clone().unsqueeze::<D>(),
+                };
+                self.grads.register(param.id, scaled);
             }
         }
     }
-    let mut norm = Norm { grads, sum: None };
-    module.visit(&mut norm);
-    let total = norm.sum.map_or(0.0, |s| s.sqrt().into_scalar::<f64>());
-    if total > max_norm {
-        module.visit(&mut Scale {
-            grads,
-            factor: max_norm / (total + 1e-6),
-        });
+    let mut flatten = Flatten {
+        grads,
+        found: Vec::new(),
+    };
+    module.visit(&mut flatten);
+    if flatten.found.is_empty() {
+        return None;
     }
-    total
+    // One reduction over all gradients side by side: a copy of them, where a norm per
+    // parameter would be a few operations each (on a GPU, kernel launches).
+    let norm = Tensor::cat(flatten.found, 0).powi_scalar(2).sum().sqrt();
+    let factor = if read_on_host {
+        let value = norm.clone().into_scalar::<f64>();
+        if value <= max_norm {
+            return Some(norm);
+        }
+        Factor::Host(max_norm / (value + 1e-6))
+    } else {
+        Factor::Device(Box::new(
+            (norm.clone().add_scalar(1e-6).recip() * max_norm).clamp_max(1.0),
+        ))
+    };
+    module.visit(&mut Scale { grads, factor });
+    Some(norm)
 }
 
 #[cfg(test)]
@@ -351,26 +387,45 @@ mod tests {
     }
 
     #[test]
-    fn global_clipping_scales_all_gradients_by_one_factor() {
+    fn global_clipping_scales_all_gradients_by_one_factor_read_on_the_host_or_not() {
         let device = Device::flex().autodiff();
         let model = conf_model::GptConfig::new(7, 8, 16, 2, 2, 32).init_minigpt(&device);
         let ids = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5, 6, 0, 1]], &device);
-        let loss = model
-            .forward(ids, &conf_model::AttentionMask::Causal)
-            .powi_scalar(2)
-            .sum()
-            * 100.0;
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-        let before = grads.get::<2>(model.tok_emb.weight.id).unwrap();
-        let norm = clip_global_norm(&model, &mut grads, 1.0);
-        assert!(norm > 1.0, "{norm}");
-        let after = grads.get::<2>(model.tok_emb.weight.id).unwrap();
-        let ratio = (after / before).mean().into_scalar::<f64>();
-        assert!(
-            (ratio - 1.0 / norm).abs() < 1e-4,
-            "{ratio} vs {}",
-            1.0 / norm
-        );
-        assert!((clip_global_norm(&model, &mut grads, 1.0) - 1.0).abs() < 1e-3);
+        let loss = || {
+            model
+                .forward(ids.clone(), &conf_model::AttentionMask::Causal)
+                .powi_scalar(2)
+                .sum()
+                * 100.0
+        };
+        let embedding = |grads: &GradientsParams| grads.get::<2>(model.tok_emb.weight.id).unwrap();
+        let clip = |grads: &mut GradientsParams, max_norm: f64, read_on_host: bool| {
+            clip_global_norm_reading(&model, grads, max_norm, read_on_host)
+                .expect("the model has gradients")
+                .into_scalar::<f64>()
+        };
+        let mut clipped = Vec::new();
+        for read_on_host in [true, false] {
+            let mut grads = GradientsParams::from_grads(loss().backward(), &model);
+            let before = embedding(&grads);
+            let norm = clip(&mut grads, 1.0, read_on_host);
+            assert!(norm > 1.0, "{norm}");
+            let after = embedding(&grads);
+            let ratio = (after.clone() / before).mean().into_scalar::<f64>();
+            assert!(
+                (ratio - 1.0 / norm).abs() < 1e-4,
+                "{ratio} vs {}",
+                1.0 / norm
+            );
+            // Now within the limit: the norm is 1 and no gradient changes at all.
+            let norm = clip(&mut grads, 1.5, read_on_host);
+            assert!(
+                (norm - 1.0).abs() < 1e-3,
+                "read on the host: {read_on_host}: {norm}"
+            );
+            assert_eq!(embedding(&grads).into_data(), after.clone().into_data());
+            clipped.push(after.into_data());
+        }
+        clipped[0].assert_approx_eq::<f32>(&clipped[1], Default::default());
     }
 }

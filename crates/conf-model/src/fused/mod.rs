@@ -50,6 +50,21 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
     }
 }
 
+/// Whether `device` computes on the host's CPU (flex, libtorch's CPU): there reading a value
+/// back waits for no queued work, where on a GPU it stalls the host until the device catches up.
+pub fn on_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if extension::is_flex(device) {
+        return true;
+    }
+    #[cfg(feature = "tch")]
+    if torch::is_libtorch_cpu(device) {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
 /// The scalars of one AdamW step of one parameter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
@@ -76,19 +91,21 @@ impl AdamWScalars {
     }
 }
 
-/// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex or libtorch's CPU, without
-/// autodiff (optimizers step on the inner tensors). Other devices use Burn's AdamW itself.
+/// Whether [`adamw`] takes `param`'s update: an f32 tensor on flex or libtorch (CPU or CUDA),
+/// without autodiff (optimizers step on the inner tensors). Other devices use Burn's AdamW
+/// itself.
 pub fn adamw_applies<const D: usize>(param: &Tensor<D>) -> bool {
     #[cfg(feature = "tch")]
-    let on_libtorch_cpu = torch::on_libtorch_cpu(param);
+    let on_libtorch = torch::on_libtorch(param);
     #[cfg(not(feature = "tch"))]
-    let on_libtorch_cpu = false;
-    (applies(param) || on_libtorch_cpu) && !param.device().is_autodiff()
+    let on_libtorch = false;
+    (applies(param) || on_libtorch) && !param.device().is_autodiff()
 }
 
 /// AdamW's update of one parameter where [`adamw_applies`]: the new parameter and first and
 /// second moments as Burn's AdamW computes them, in one pass on flex (the same arithmetic) and
-/// nine libtorch operations on libtorch (equal within rounding).
+/// nine in-place libtorch operations on libtorch (equal within rounding), where Burn's AdamW
+/// records about fifteen, each with a new tensor: on a GPU each operation is a kernel launch.
 pub fn adamw<const D: usize>(
     param: Tensor<D>,
     grad: Tensor<D>,
@@ -100,7 +117,7 @@ pub fn adamw<const D: usize>(
         [&param, &grad, &moment_1, &moment_2]
             .iter()
             .all(|t| adamw_applies(t)),
-        "fused AdamW: the parameter, gradient and moments must be f32 on flex or libtorch's CPU, \
+        "fused AdamW: the parameter, gradient and moments must be f32 on flex or libtorch, \
          without autodiff"
     );
     #[cfg(feature = "flex")]
@@ -233,7 +250,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
         return extension::attention(q, k, v, causal);
     }
     #[cfg(feature = "tch")]
-    if torch::applies(&q, &k, &v) && fused_shapes(&q, &k, &v, causal) {
+    if torch::attention_takes(&[&q, &k, &v]) && fused_shapes(&q, &k, &v, causal) {
         return torch::attention(q, k, v, causal);
     }
     plain::attention(q, k, v, causal)

@@ -16,7 +16,7 @@
 //! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
 //!   with the own key merged in by the rows' log-sum-exp.
 //!
-//! Besides: AdamW's update in place on tch-cpu, and the switch that turns libtorch's oneDNN off.
+//! Besides: AdamW's update in place on every libtorch device, and the switch that turns libtorch's oneDNN off.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -63,28 +63,14 @@ pub fn disable_onednn() -> bool {
     false
 }
 
-/// Whether q, k, v (`[B, H, S|K, dh]`) take PyTorch's attention: on libtorch, all f32 or all
-/// bf16.
-pub fn applies(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> bool {
-    attention_takes(&[q, k, v])
-}
-
-/// Whether the tensors of an attention are on libtorch, all f32 or all bf16.
+/// Whether the tensors of an attention (`[B, H, S|K, dh]`) take PyTorch's attention: on
+/// libtorch, all f32 or all bf16.
 pub fn attention_takes(tensors: &[&Tensor<4>]) -> bool {
     let dtype = tensors[0].dtype();
     matches!(dtype, DType::F32 | DType::BF16)
         && tensors
             .iter()
             .all(|t| on_libtorch_device(*t) && t.dtype() == dtype)
-}
-
-/// Whether `x` is an f32 tensor on libtorch's CPU device, with or without autodiff.
-pub fn on_libtorch_cpu<const D: usize>(x: &Tensor<D>) -> bool {
-    on_libtorch(x)
-        && matches!(
-            x.device().without_autodiff().as_dispatch(),
-            DispatchDevice::LibTorch(LibTorchDevice::Cpu)
-        )
 }
 
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tensor<4> {
@@ -94,6 +80,14 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
         v.into_dispatch(),
         causal,
     ))
+}
+
+/// Whether `device` is libtorch's CPU, with or without autodiff.
+pub fn is_libtorch_cpu(device: &Device) -> bool {
+    matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        DispatchDevice::LibTorch(LibTorchDevice::Cpu)
+    )
 }
 
 /// Whether `x` is an f32 tensor on libtorch (any device).
