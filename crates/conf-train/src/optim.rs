@@ -128,15 +128,13 @@ impl Optimizer for AdamW {
             // Zero moments give exactly Burn's first step (`0 · β + g · (1 − β)`).
             None => (grad.zeros_like(), grad.zeros_like(), 1),
         };
-        let power = i32::try_from(time).unwrap_or(i32::MAX);
         let scalars = AdamWScalars {
             learning_rate: lr as f32,
             beta_1: Self::BETA_1,
             beta_2: Self::BETA_2,
             epsilon: Self::EPSILON,
             keep: (1.0 - lr * self.weight_decay as f32 as f64) as f32,
-            correction_1: 1.0 - Self::BETA_1.powi(power),
-            correction_2: 1.0 - Self::BETA_2.powi(power),
+            step: i32::try_from(time).unwrap_or(i32::MAX),
         };
         let [tensor, moment_1, moment_2] = fused::adamw(tensor, grad, moment_1, moment_2, scalars);
         let momentum = AdaptiveMomentumState::new(time, moment_1, moment_2);
@@ -358,8 +356,7 @@ mod tests {
             beta_2: 0.9,
             epsilon: 1e-8,
             keep: 1.0,
-            correction_1: 0.1,
-            correction_2: 0.1,
+            step: 1,
         };
         assert!(fused::adamw_applies(&inner));
         let [a, b, c, d] = [0, 1, 2, 3].map(|_| inner.clone());

@@ -95,14 +95,12 @@ pub fn adamw<const D: usize>(
     moment_2: Tensor<D>,
     s: AdamWScalars,
 ) -> [Tensor<D>; 3] {
-    let (rates, factors) = s.as_arrays();
     let (param, moment_1, moment_2) = <Dispatch as NoGradOps>::fused_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
         moment_2.into_dispatch(),
-        rates,
-        factors,
+        s,
     );
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
@@ -156,15 +154,13 @@ pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
 /// that builds no graph.
 #[backend_extension(Flex)]
 pub trait NoGradOps: Backend {
-    /// `rates`: learning rate, β₁, β₂, ε; `factors`: decay keep, bias corrections 1 and 2.
     #[allow(clippy::type_complexity)]
     fn fused_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         moment_1: FloatTensor<Self>,
         moment_2: FloatTensor<Self>,
-        rates: [f32; 4],
-        factors: [f32; 3],
+        scalars: AdamWScalars,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
     fn fused_prefix_and_self_attention(
@@ -200,18 +196,8 @@ impl NoGradOps for Flex {
         grad: FlexTensor,
         moment_1: FlexTensor,
         moment_2: FlexTensor,
-        [learning_rate, beta_1, beta_2, epsilon]: [f32; 4],
-        [keep, correction_1, correction_2]: [f32; 3],
+        s: AdamWScalars,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let s = AdamWScalars {
-            learning_rate,
-            beta_1,
-            beta_2,
-            epsilon,
-            keep,
-            correction_1,
-            correction_2,
-        };
         on_flex::adamw(&param, &grad, &moment_1, &moment_2, s)
     }
 

@@ -74,19 +74,16 @@ pub struct AdamWScalars {
     pub epsilon: f32,
     /// `1 − learning_rate · weight_decay`, the decoupled decay's factor (1 without decay).
     pub keep: f32,
-    /// The bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ` at this step t.
-    pub correction_1: f32,
-    pub correction_2: f32,
+    /// The step t, from 1.
+    pub step: i32,
 }
 
 impl AdamWScalars {
-    /// `[learning_rate, beta_1, beta_2, epsilon]` and `[keep, correction_1, correction_2]`:
-    /// the form the backend extensions take them in.
-    #[cfg(any(feature = "flex", feature = "tch"))]
-    fn as_arrays(self) -> ([f32; 4], [f32; 3]) {
+    /// The bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    pub fn corrections(self) -> (f32, f32) {
         (
-            [self.learning_rate, self.beta_1, self.beta_2, self.epsilon],
-            [self.keep, self.correction_1, self.correction_2],
+            1.0 - self.beta_1.powi(self.step),
+            1.0 - self.beta_2.powi(self.step),
         )
     }
 }
@@ -104,8 +101,8 @@ pub fn adamw_applies<const D: usize>(param: &Tensor<D>) -> bool {
 
 /// AdamW's update of one parameter where [`adamw_applies`]: the new parameter and first and
 /// second moments as Burn's AdamW computes them, in one pass on flex (the same arithmetic) and
-/// nine in-place libtorch operations on libtorch (equal within rounding), where Burn's AdamW
-/// records about fifteen, each with a new tensor: on a GPU each operation is a kernel launch.
+/// PyTorch's fused AdamW on libtorch (equal within rounding): one kernel, where Burn's AdamW
+/// records about fifteen operations, each a kernel launch on a GPU and a new tensor.
 pub fn adamw<const D: usize>(
     param: Tensor<D>,
     grad: Tensor<D>,

@@ -16,7 +16,8 @@
 //! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
 //!   with the own key merged in by the rows' log-sum-exp.
 //!
-//! Besides: AdamW's update in place on every libtorch device, and the switch that turns libtorch's oneDNN off.
+//! Besides: AdamW's update in place on every libtorch device, as PyTorch's fused kernel
+//! (`cpp/libtorch_ops.cpp`, compiled by the build script, as tch does not wrap it), and the switch that turns libtorch's oneDNN off.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -29,6 +30,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
+use std::ffi::{c_char, c_void};
 
 /// Turns libtorch's oneDNN (MKLDNN) paths off for the whole process, as PyTorch's
 /// `torch.backends.mkldnn.enabled = False` does; returns whether they are off now. f32 training
@@ -199,14 +201,12 @@ pub fn adamw<const D: usize>(
     moment_2: Tensor<D>,
     s: super::AdamWScalars,
 ) -> [Tensor<D>; 3] {
-    let (rates, factors) = s.as_arrays();
     let (param, moment_1, moment_2) = <Dispatch as TorchNoGradOps>::torch_adamw(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
         moment_2.into_dispatch(),
-        rates,
-        factors,
+        s,
     );
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
@@ -238,15 +238,13 @@ pub trait TorchNoGradOps: Backend {
         uniforms: FloatTensor<Self>,
     ) -> IntTensor<Self>;
 
-    /// `rates`: learning rate, β₁, β₂, ε; `factors`: decay keep, bias corrections 1 and 2.
     #[allow(clippy::type_complexity)]
     fn torch_adamw(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         moment_1: FloatTensor<Self>,
         moment_2: FloatTensor<Self>,
-        rates: [f32; 4],
-        factors: [f32; 3],
+        scalars: super::AdamWScalars,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -340,24 +338,67 @@ impl TorchNoGradOps for LibTorch {
         grad: TchTensor,
         moment_1: TchTensor,
         moment_2: TchTensor,
-        [learning_rate, beta_1, beta_2, epsilon]: [f32; 4],
-        [keep, correction_1, correction_2]: [f32; 3],
+        s: super::AdamWScalars,
     ) -> (TchTensor, TchTensor, TchTensor) {
-        let g = &grad.tensor;
         let (mut p, mut m, mut v) = (owned(param), owned(moment_1), owned(moment_2));
-        let _ = m.lerp_(g, 1.0 - f64::from(beta_1));
-        let _ = v.lerp_(&(g * g), 1.0 - f64::from(beta_2));
-        let _ = p.g_mul_scalar_(f64::from(keep));
-        if learning_rate != 0.0 {
-            let mut denominator = v.sqrt();
-            let _ = denominator
-                .g_div_scalar_(f64::from(correction_2).sqrt())
-                .g_add_scalar_(f64::from(epsilon))
-                .g_mul_scalar_(-f64::from(correction_1) / f64::from(learning_rate));
-            let _ = p.addcdiv_(&m, &denominator);
-        }
+        // PyTorch's kernel takes the decay as a rate and the step for the corrections.
+        let learning_rate = f64::from(s.learning_rate);
+        let weight_decay = if learning_rate == 0.0 {
+            0.0
+        } else {
+            (1.0 - f64::from(s.keep)) / learning_rate
+        };
+        // SAFETY: the four pointers are tch tensors' `torch::Tensor*`, alive for the call; the
+        // three updated ones are owned here (nothing else reads their storage).
+        let error = unsafe {
+            lookahead_fused_adamw(
+                p.as_mut_ptr().cast(),
+                grad.tensor.as_ptr().cast(),
+                m.as_mut_ptr().cast(),
+                v.as_mut_ptr().cast(),
+                learning_rate,
+                f64::from(s.beta_1),
+                f64::from(s.beta_2),
+                weight_decay,
+                f64::from(s.epsilon),
+                f64::from(s.step),
+            )
+        };
+        check(error, "fused AdamW");
         (TchTensor::new(p), TchTensor::new(m), TchTensor::new(v))
     }
+}
+
+unsafe extern "C" {
+    /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
+    fn lookahead_fused_adamw(
+        param: *mut c_void,
+        grad: *const c_void,
+        moment_1: *mut c_void,
+        moment_2: *mut c_void,
+        learning_rate: f64,
+        beta_1: f64,
+        beta_2: f64,
+        weight_decay: f64,
+        epsilon: f64,
+        step: f64,
+    ) -> *mut c_char;
+}
+
+/// Panics with libtorch's message if a call of `cpp/libtorch_ops.cpp` returned one.
+fn check(error: *mut c_char, operation: &str) {
+    if error.is_null() {
+        return;
+    }
+    // SAFETY: a non-null result is a NUL-terminated string from `strdup`, freed here once.
+    let message = unsafe {
+        let message = std::ffi::CStr::from_ptr(error)
+            .to_string_lossy()
+            .into_owned();
+        libc::free(error.cast());
+        message
+    };
+    panic!("libtorch's {operation}: {message}");
 }
 
 /// A tensor to update in place: its own storage where nothing else reads it (as Burn's own

@@ -54,11 +54,12 @@ type Outputs<'a> = (
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn update((param, grad, m, v): Inputs, (p_out, m_out, v_out): Outputs, s: AdamWScalars) {
     let (factor_1, factor_2) = (1.0 - s.beta_1, 1.0 - s.beta_2);
+    let (correction_1, correction_2) = s.corrections();
     for i in 0..p_out.len() {
         let g = grad[i];
         let m = m[i] * s.beta_1 + g * factor_1;
         let v = v[i] * s.beta_2 + g * g * factor_2;
-        let delta = (m / s.correction_1) / ((v / s.correction_2).sqrt() + s.epsilon);
+        let delta = (m / correction_1) / ((v / correction_2).sqrt() + s.epsilon);
         p_out[i].write(param[i] * s.keep - delta * s.learning_rate);
         m_out[i].write(m);
         v_out[i].write(v);

@@ -1,0 +1,46 @@
+// libtorch operations that tch does not wrap, called from `fused::torch`. A `tensor` is tch's
+// `C_tensor`, which is a `torch::Tensor*` (torch-sys's torch_api.h). Every function catches
+// what libtorch throws and returns its message (null when all went well), to be freed with
+// `free`: an exception must not unwind into Rust.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/full.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+
+extern "C" {
+
+// PyTorch's fused AdamW (`torch.optim.AdamW(fused=True)`) on one parameter, in place: one
+// kernel where the same update in separate operations launches nine. `step` is t of the bias
+// corrections `1 - beta^t`, which the kernel reads from a tensor on the parameter's device;
+// that tensor is kept for the next parameters of the same step (one fill per step, not per
+// parameter), and never freed, so that no CUDA memory is released after CUDA has shut down.
+char *lookahead_fused_adamw(at::Tensor *param, const at::Tensor *grad, at::Tensor *moment_1,
+                            at::Tensor *moment_2, double learning_rate, double beta_1,
+                            double beta_2, double weight_decay, double epsilon, double step) {
+  try {
+    thread_local at::Tensor *step_tensor = new at::Tensor();
+    thread_local double step_value = 0.0;
+    if (!step_tensor->defined() || step_tensor->device() != param->device() ||
+        step_value != step) {
+      *step_tensor = at::full({}, step, param->options().dtype(at::kFloat));
+      step_value = step;
+    }
+    // The kernel walks the tensors' memory as dense arrays.
+    for (at::Tensor *updated : {param, moment_1, moment_2}) {
+      if (!updated->is_contiguous()) {
+        *updated = updated->contiguous();
+      }
+    }
+    at::_fused_adamw_({*param}, {grad->contiguous()}, {*moment_1}, {*moment_2}, {}, {*step_tensor},
+                      learning_rate, beta_1, beta_2, weight_decay, epsilon,
+                      /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+}
