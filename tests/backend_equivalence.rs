@@ -100,7 +100,7 @@ fn on_tch_cpu_bf16_training_reaches_the_f32_eval_loss() {
     );
 }
 
-/// tch-cpu's AdamW update (`conf_model::fused::adamw`: in place, nine libtorch operations)
+/// tch-cpu's AdamW update (`conf_model::fused::adamw`: PyTorch's fused kernel, in place)
 /// against Burn's AdamW on the same device over three steps (moments and bias corrections in
 /// play, matrices decayed and vectors not), to rounding; a tensor that shares a parameter's
 /// storage keeps its values (that parameter is updated on a copy).
