@@ -5,7 +5,7 @@
 #   bash bench/gpu-check.sh [BUDGET_SECONDS] [OUT_DIR]
 # The steps run in order of importance, each backend in turn: the comparison with flex, the
 # gpu preset's bench in f32 and bf16, bf16 training against f32 training, the quick experiment
-# in f32 and bf16, then the rest. Each
+# in f32 and bf16, then the rest (the quick preset's bench, the host's cost per step). Each
 # step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
 # (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
@@ -71,6 +71,9 @@ each bf16-training $((budget / 10)) "$bin" check-backend --backend {B} --bf16-tr
 each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
 each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"
 each bench-quick $((budget / 10)) "$bin" bench --backend {B} --preset quick --steps 10 --output "$logs/{B}-bench-quick.json"
+# The host's cost per step: the gpu preset's depth at almost no width (docs/performance.md#host-cost-per-step-what-a-gpu-waits-for).
+printf 'd_model = 24\nn_layers = 12\nn_heads = 12\nseq_len = 8\nbatch_size = 1\n' > "$work/host.toml"
+each bench-host $((budget / 10)) "$bin" bench --backend {B} --config "$work/host.toml" --steps 50 --output "$logs/{B}-bench-host.json"
 case " $backends " in *" tch-cuda "*)
   step tch-cuda-bench-gpu-tf32 $((budget / 6)) env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$bin" bench --backend tch-cuda --preset gpu --precision tf32 --steps 5 --output "$logs/tch-cuda-bench-gpu-tf32.json"
 esac
