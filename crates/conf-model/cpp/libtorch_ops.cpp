@@ -4,12 +4,15 @@
 // `free`: an exception must not unwind into Rust.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <vector>
 
 extern "C" {
 
@@ -38,6 +41,24 @@ char *lookahead_fused_adamw(at::Tensor *param, const at::Tensor *grad, at::Tenso
     at::_fused_adamw_({*param}, {grad->contiguous()}, {*moment_1}, {*moment_2}, {}, {*step_tensor},
                       learning_rate, beta_1, beta_2, weight_decay, epsilon,
                       /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+
+// Multiplies each of `count` tensors in place by the one-element `factor` on their device:
+// `torch._foreach_mul_`, a few kernels for all of them where a product each launches one per
+// tensor.
+char *lookahead_foreach_mul_(at::Tensor *const *tensors, std::size_t count,
+                             const at::Tensor *factor) {
+  try {
+    std::vector<at::Tensor> list;
+    list.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      list.push_back(*tensors[i]);
+    }
+    at::_foreach_mul_(list, factor->reshape({}));
     return nullptr;
   } catch (const std::exception &e) {
     return strdup(e.what());

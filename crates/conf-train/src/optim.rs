@@ -6,7 +6,7 @@ use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{
     AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer,
     Optimizer,
@@ -191,59 +191,64 @@ fn clip_global_norm_reading<M: Module>(
     max_norm: f64,
     read_on_host: bool,
 ) -> Option<Tensor<1>> {
-    struct Flatten<'a> {
-        grads: &'a GradientsParams,
-        found: Vec<Tensor<1>>,
-    }
-    impl ModuleVisitor for Flatten<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.get::<D>(param.id) {
-                self.found.push(g.flatten(0, D - 1));
-            }
-        }
-    }
-    struct Scale<'a> {
+    /// Takes every gradient out flattened (a view), noting its parameter and shape.
+    struct Take<'a> {
         grads: &'a mut GradientsParams,
-        factor: Factor,
+        shapes: Vec<(ParamId, Vec<usize>)>,
+        flat: Vec<Tensor<1>>,
     }
-    enum Factor {
-        Host(f64),
-        Device(Box<Tensor<1>>),
-    }
-    impl ModuleVisitor for Scale<'_> {
+    impl ModuleVisitor for Take<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                let scaled = match &self.factor {
-                    Factor::Host(factor) => g * *factor,
-                    Factor::Device(factor) => g * (**factor).clone().unsqueeze::<D>(),
-                };
-                self.grads.register(param.id, scaled);
+                self.shapes.push((param.id, g.dims().to_vec()));
+                self.flat.push(g.flatten(0, D - 1));
             }
         }
     }
-    let mut flatten = Flatten {
+    /// Puts them back, in the same order, in their shapes.
+    struct Put<'a, I: Iterator<Item = ((ParamId, Vec<usize>), Tensor<1>)>> {
+        grads: &'a mut GradientsParams,
+        taken: std::iter::Peekable<I>,
+    }
+    impl<I: Iterator<Item = ((ParamId, Vec<usize>), Tensor<1>)>> ModuleVisitor for Put<'_, I> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(((id, dims), g)) = self.taken.next_if(|((id, _), _)| *id == param.id) {
+                let dims: [usize; D] = dims
+                    .try_into()
+                    .expect("a gradient has its parameter's rank");
+                self.grads.register(id, g.reshape(dims));
+            }
+        }
+    }
+    let mut take = Take {
         grads,
-        found: Vec::new(),
+        shapes: Vec::new(),
+        flat: Vec::new(),
     };
-    module.visit(&mut flatten);
-    if flatten.found.is_empty() {
+    module.visit(&mut take);
+    let (shapes, flat) = (take.shapes, take.flat);
+    if flat.is_empty() {
         return None;
     }
     // One reduction over all gradients side by side: a copy of them, where a norm per
     // parameter would be a few operations each (on a GPU, kernel launches).
-    let norm = Tensor::cat(flatten.found, 0).powi_scalar(2).sum().sqrt();
-    let factor = if read_on_host {
+    let norm = Tensor::cat(flat.clone(), 0).powi_scalar(2).sum().sqrt();
+    let flat = if read_on_host {
         let value = norm.clone().into_scalar::<f64>();
-        if value <= max_norm {
-            return Some(norm);
+        if value > max_norm {
+            let factor = max_norm / (value + 1e-6);
+            flat.into_iter().map(|g| g * factor).collect()
+        } else {
+            flat
         }
-        Factor::Host(max_norm / (value + 1e-6))
     } else {
-        Factor::Device(Box::new(
-            (norm.clone().add_scalar(1e-6).recip() * max_norm).clamp_max(1.0),
-        ))
+        let factor = (norm.clone().add_scalar(1e-6).recip() * max_norm).clamp_max(1.0);
+        fused::scale_all(flat, factor)
     };
-    module.visit(&mut Scale { grads, factor });
+    module.visit(&mut Put {
+        grads,
+        taken: shapes.into_iter().zip(flat).peekable(),
+    });
     Some(norm)
 }
 

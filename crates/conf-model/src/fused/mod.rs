@@ -130,6 +130,20 @@ pub fn adamw<const D: usize>(
     }
 }
 
+/// Each tensor times the one-element `factor` (all on one device, without autodiff): on
+/// libtorch one multi-tensor kernel for all of them, elsewhere a product each.
+pub fn scale_all(tensors: Vec<Tensor<1>>, factor: Tensor<1>) -> Vec<Tensor<1>> {
+    #[cfg(feature = "tch")]
+    if tensors
+        .iter()
+        .chain([&factor])
+        .all(|t| torch::on_libtorch(t) && !t.device().is_autodiff())
+    {
+        return torch::scale_all(tensors, factor);
+    }
+    tensors.into_iter().map(|t| t * factor.clone()).collect()
+}
+
 /// Exact (erf) GELU, element-wise.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "flex")]

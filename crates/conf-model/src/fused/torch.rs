@@ -16,8 +16,9 @@
 //! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
 //!   with the own key merged in by the rows' log-sum-exp.
 //!
-//! Besides: AdamW's update in place on every libtorch device, as PyTorch's fused kernel
-//! (`cpp/libtorch_ops.cpp`, compiled by the build script, as tch does not wrap it), and the switch that turns libtorch's oneDNN off.
+//! Besides: AdamW's update in place on every libtorch device, as PyTorch's fused kernel, and
+//! the gradient clipping's scaling as one multi-tensor product (both in
+//! `cpp/libtorch_ops.cpp`, compiled by the build script, as tch wraps neither), and the switch that turns libtorch's oneDNN off.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -27,7 +28,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::libtorch::{LibTorchDevice, TchTensor};
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, LibTorch, backend_extension};
+use burn::backend::{
+    Autodiff, Backend, BackendTensor, Dispatch, DispatchAutodiffContext, DispatchDevice,
+    DispatchTensor, DispatchTensorKind, LibTorch, backend_extension,
+};
 use burn::prelude::*;
 use burn::tensor::DType;
 use std::ffi::{c_char, c_void};
@@ -211,6 +215,45 @@ pub fn adamw<const D: usize>(
     [param, moment_1, moment_2].map(Tensor::from_dispatch)
 }
 
+/// [`super::scale_all`] on libtorch: one multi-tensor kernel (`torch._foreach_mul_`), in place
+/// where nothing else reads a tensor's storage (else on a copy).
+pub fn scale_all(tensors: Vec<Tensor<1>>, factor: Tensor<1>) -> Vec<Tensor<1>> {
+    let mut handles: Vec<tch::Tensor> = tensors
+        .into_iter()
+        .map(|t| owned(libtorch_tensor(t)))
+        .collect();
+    let factor = libtorch_tensor(factor).tensor;
+    let mut pointers: Vec<*mut c_void> =
+        handles.iter_mut().map(|t| t.as_mut_ptr().cast()).collect();
+    // SAFETY: every pointer is a tch tensor's `torch::Tensor*`, alive for the call; the scaled
+    // ones are owned here.
+    let error = unsafe {
+        lookahead_foreach_mul_(
+            pointers.as_mut_ptr(),
+            pointers.len(),
+            factor.as_ptr().cast(),
+        )
+    };
+    check(error, "multi-tensor product");
+    handles
+        .into_iter()
+        .map(|t| {
+            Tensor::from_dispatch(DispatchTensor {
+                kind: DispatchTensorKind::LibTorch(BackendTensor::Float(TchTensor::new(t))),
+                autodiff: DispatchAutodiffContext::Disabled,
+            })
+        })
+        .collect()
+}
+
+/// The libtorch tensor of an f32 tensor on libtorch without autodiff.
+fn libtorch_tensor(x: Tensor<1>) -> TchTensor {
+    match x.into_dispatch().kind {
+        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => t,
+        _ => panic!("expected a float tensor on libtorch without autodiff"),
+    }
+}
+
 #[backend_extension(LibTorch)]
 pub trait TorchNoGradOps: Backend {
     fn torch_prefix_and_self_attention(
@@ -382,6 +425,13 @@ unsafe extern "C" {
         weight_decay: f64,
         epsilon: f64,
         step: f64,
+    ) -> *mut c_char;
+
+    /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
+    fn lookahead_foreach_mul_(
+        tensors: *mut *mut c_void,
+        count: usize,
+        factor: *const c_void,
     ) -> *mut c_char;
 }
 
@@ -1135,6 +1185,28 @@ mod tests {
                 "{name}: the gradients differ by {difference}"
             );
         }
+    }
+
+    /// The multi-tensor product equals a product each (three tensors of different lengths, one
+    /// of them non-contiguous), and a tensor that shares another's storage keeps its values.
+    #[test]
+    fn scale_all_equals_a_product_each_and_leaves_a_shared_storage_alone() {
+        let device = Device::libtorch();
+        let values = |t: &Tensor<1>| t.to_data().to_vec::<f32>().unwrap();
+        let a = Tensor::<1>::from_floats([1.0, -2.0, 3.0], &device);
+        let b = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], &device)
+            .transpose()
+            .flatten::<1>(0, 1);
+        let c = Tensor::<1>::from_floats([0.5; 70], &device);
+        let shared = c.clone();
+        let factor = Tensor::<1>::from_floats([0.25], &device);
+        let expected: Vec<Vec<f32>> = [&a, &b, &c]
+            .iter()
+            .map(|t| values(&((*t).clone() * factor.clone())))
+            .collect();
+        let scaled = scale_all(vec![a, b, c], factor);
+        assert_eq!(scaled.iter().map(values).collect::<Vec<_>>(), expected);
+        assert_eq!(values(&shared), vec![0.5; 70]);
     }
 
     /// The CPU's row kernels against the libtorch operations the GPU runs: output and all four
