@@ -82,8 +82,8 @@ pub fn adamw<M: Module>(module: &M, settings: &OptimizerSettings) -> ModuleOptim
 }
 
 /// Burn's AdamW (β (0.9, 0.95), ε 1e-8), with each parameter's update one fused pass on flex
-/// and a few in-place libtorch operations on tch-cpu and tch-cuda (`conf_model::fused::adamw`);
-/// the state is Burn's, so checkpoints are the same either way.
+/// and PyTorch's fused kernel on tch-cpu and tch-cuda (`conf_model::fused::adamw`); the state
+/// is Burn's, so checkpoints are the same either way.
 #[derive(Clone)]
 pub struct AdamW {
     burn: burn::optim::AdamW,

@@ -16,9 +16,10 @@
 //! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
 //!   with the own key merged in by the rows' log-sum-exp.
 //!
-//! Besides: AdamW's update in place on every libtorch device, as PyTorch's fused kernel, and
-//! the gradient clipping's scaling as one multi-tensor product (both in
-//! `cpp/libtorch_ops.cpp`, compiled by the build script, as tch wraps neither), and the switch that turns libtorch's oneDNN off.
+//! Besides: AdamW's update in place on every libtorch device as PyTorch's fused kernel, the
+//! gradient clipping's scaling as one multi-tensor product (both in `cpp/libtorch_ops.cpp`,
+//! which the build script compiles, as tch wraps neither), and the switch that turns
+//! libtorch's oneDNN off.
 
 // burn-tch is deprecated upstream; this module exists for the tch backends while Burn has them.
 #![allow(deprecated)]
@@ -195,7 +196,7 @@ pub fn sample_tokens(logits: Tensor<3>, uniforms: Tensor<2>) -> Tensor<2, Int> {
     ))
 }
 
-/// AdamW's update of one parameter (`fused::adamw`) in nine libtorch operations, in place on
+/// AdamW's update of one parameter (`fused::adamw`) in PyTorch's fused kernel, in place on
 /// the parameter and moments where Burn holds no other reference to them: the new parameter
 /// and moments.
 pub fn adamw<const D: usize>(
