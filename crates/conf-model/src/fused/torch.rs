@@ -374,9 +374,8 @@ impl TorchNoGradOps for LibTorch {
         TchTensor::new(draws)
     }
 
-    /// `m ← β₁m + (1 − β₁)g`, `v ← β₂v + (1 − β₂)g²` (each one `lerp_`, PyTorch's own form),
-    /// `p ← keep · p − lr · (m / c₁) / (√(v / c₂) + ε)`, the last as one `addcdiv_` with the
-    /// denominator scaled by `−c₁ / lr`.
+    /// `m ← β₁m + (1 − β₁)g`, `v ← β₂v + (1 − β₂)g²`, `p ← keep · p − lr · (m / c₁) /
+    /// (√(v / c₂) + ε)`, all in one kernel: PyTorch's fused AdamW (`torch._fused_adamw_`).
     fn torch_adamw(
         param: TchTensor,
         grad: TchTensor,
