@@ -4,8 +4,8 @@
 # --kit gpu-kit` packed here.
 #   bash bench/gpu-check.sh [BUDGET_SECONDS] [OUT_DIR]
 # The steps run in order of importance, each backend in turn: the comparison with flex, the
-# gpu preset's bench in f32 and bf16, bf16 training against f32 training, the quick experiment
-# in f32 and bf16, then the rest (the quick preset's bench, the host's cost per step). Each
+# gpu preset's bench in f32 and bf16, a profile of its bf16 steps, bf16 training against f32
+# training, the quick experiment in f32 and bf16, then the rest (the quick preset's bench, the host's cost per step). Each
 # step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
 # (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
@@ -35,9 +35,14 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$logs/gpu.txt"
 backends=${BACKENDS:-$(sed "s/\bflex\b//g" "$kit/backends")}  # BACKENDS=flex tries the script on a CPU
 
-pack() {  # everything so far, without checkpoints, into one file (the device tool returns few)
-  tar -C "$work" --exclude=checkpoints -czf "$out/gpu-check.tar.gz.part" gpu-check &&
-    mv "$out/gpu-check.tar.gz.part" "$out/gpu-check.tar.gz"
+pack() {  # everything so far, without checkpoints, into one file (the device tool returns few,
+  # of at most 16 MiB: the profiles' Chrome traces are left out if they would pass that)
+  local part="$out/gpu-check.tar.gz.part"
+  tar -C "$work" --exclude=checkpoints -czf "$part" gpu-check &&
+    if [ "$(stat -c %s "$part")" -gt 15000000 ]; then
+      tar -C "$work" --exclude=checkpoints --exclude='*.trace.json' -czf "$part" gpu-check
+    fi &&
+    mv "$part" "$out/gpu-check.tar.gz"
 }
 
 step() {  # step NAME CAP COMMAND...: run under min(CAP, time left), log to NAME.log
@@ -67,6 +72,14 @@ each check-backend $((budget / 10)) "$bin" check-backend --backend {B}
 each bench-gpu $((budget / 6)) "$bin" bench --backend {B} --preset gpu --steps 5 --output "$logs/{B}-bench-gpu.json"
 # bf16 products (docs/backends.md#precision): speed at the gpu preset, eval loss against f32.
 each bench-gpu-bf16 $((budget / 6)) "$bin" bench --backend {B} --preset gpu --precision bf16 --steps 5 --output "$logs/{B}-bench-gpu-bf16.json"
+# Where a bf16 step's time goes: libtorch's profiler on tch-cuda (Chrome traces and a summary in
+# the JSON), CubeCL's kernel timing on cuda (one line per kernel, a summary per step).
+case " $backends " in *" tch-cuda "*)
+  step tch-cuda-profile-gpu-bf16 $((budget / 10)) "$bin" bench --backend tch-cuda --preset gpu --precision bf16 --warmup-steps 2 --steps 1 --profile "$logs/tch-cuda-profile" --output "$logs/tch-cuda-profile-gpu-bf16.json"
+esac
+case " $backends " in *" cuda "*)
+  step cuda-profile-gpu-bf16 $((budget / 10)) env CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG="$logs/cuda-profile-gpu-bf16.txt" "$bin" bench --backend cuda --preset gpu --precision bf16 --warmup-steps 2 --steps 1 --objectives standard,seed
+esac
 each bf16-training $((budget / 10)) "$bin" check-backend --backend {B} --bf16-training
 each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
 each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"

@@ -563,6 +563,17 @@ fn bench_times_every_objective_and_writes_its_figures() {
         2,
         &["--turn-steps"],
     );
+    // The profile is libtorch's: flex refuses it before any step, naming the flag.
+    let profile_dir = dir.path().join("profile");
+    fails_with(
+        &lookahead(
+            &["bench", "--profile", profile_dir.to_str().unwrap()],
+            cache.path(),
+        ),
+        2,
+        &["--profile", "tch-cpu"],
+    );
+    assert!(!profile_dir.exists(), "nothing written");
     // bf16 products: recorded as such, and a finite loss.
     let bf16_output = dir.path().join("bench-bf16.json");
     let mut bf16_args = args.to_vec();

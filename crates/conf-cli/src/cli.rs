@@ -424,6 +424,15 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// After the timed steps, run --profile-steps more of each objective under libtorch's
+    /// profiler (tch backends) and write each one's Chrome trace (OBJECTIVE.trace.json) to this
+    /// folder; a summary goes to the table and the JSON. On cuda, CubeCL times its kernels
+    /// instead: CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG=FILE.
+    #[arg(long, value_name = "DIR")]
+    pub profile: Option<PathBuf>,
+    /// Steps each objective runs under the profiler.
+    #[arg(long, default_value_t = 2)]
+    pub profile_steps: usize,
     /// Data parallel as in training: each step's batch split across these devices (on a CPU
     /// backend, workers sharing the CPU).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]

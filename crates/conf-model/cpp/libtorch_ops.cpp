@@ -7,11 +7,15 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <set>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -59,6 +63,39 @@ char *lookahead_foreach_mul_(at::Tensor *const *tensors, std::size_t count,
       list.push_back(*tensors[i]);
     }
     at::_foreach_mul_(list, factor->reshape({}));
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+
+// Starts libtorch's profiler as `torch.profiler.profile` does (Kineto): the operations libtorch
+// runs on this thread and, with `cuda`, the kernels the GPU runs (CUPTI).
+char *lookahead_profiler_start(bool cuda) {
+  try {
+    using torch::profiler::impl::ActivityType;
+    const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda) {
+      activities.insert(ActivityType::CUDA);
+    }
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+
+// Stops the profiler and, unless `path` is null, writes what it recorded there as a Chrome
+// trace (the JSON that `torch.profiler`'s `export_chrome_trace` writes).
+char *lookahead_profiler_stop(const char *path) {
+  try {
+    std::unique_ptr<torch::autograd::profiler::ProfilerResult> result =
+        torch::autograd::profiler::disableProfiler();
+    if (path != nullptr && result) {
+      result->save(std::string(path));
+    }
     return nullptr;
   } catch (const std::exception &e) {
     return strdup(e.what());

@@ -9,6 +9,7 @@ pub mod init;
 pub mod layers;
 mod mini_gpt;
 mod precision;
+pub mod profiler;
 
 pub use attention::{AttentionMask, CausalSelfAttention, LayerKv, causal_mask, softmax_attention};
 pub use confidence_gpt::{ConfidenceAwareGpt, ConfidenceOutput, MetaAwareBlock, StateOutput};

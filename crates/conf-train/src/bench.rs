@@ -16,6 +16,7 @@ use crate::cost::flops_per_token;
 use crate::loader::TrainBatches;
 use crate::objective::{ConfidenceSettings, Objective, ObjectiveKind};
 use crate::optim::{OptimizerSettings, adamw};
+use crate::profile::{ProfileError, ProfileRequest, ProfileSummary, profile_steps};
 use crate::trainee::{ObjectiveTrainee, Trainee};
 use crate::training::Execution;
 
@@ -36,6 +37,15 @@ pub struct BenchSettings {
     pub precision: Precision,
     /// Timed steps an objective runs before the next takes its turn.
     pub turn_steps: usize,
+    /// Steps each objective runs under libtorch's profiler after its timed ones (tch backends).
+    pub profile: Option<ProfileRequest>,
+}
+
+impl BenchSettings {
+    /// Every step an objective runs: warm-up, timed and profiled.
+    fn steps(&self) -> usize {
+        self.warmup_steps + self.timed_steps + self.profile.as_ref().map_or(0, |p| p.steps)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,13 +64,17 @@ pub struct ObjectiveTiming {
     /// Training FLOPs per token (see [`crate::cost`]).
     pub flops_per_token: f64,
     pub timing: StepTiming,
+    /// The profiled steps, when asked for.
+    pub profile: Option<ProfileSummary>,
 }
 
 /// Times each of `objectives`' training steps, the objectives taking turns: after each one's
 /// warm-up, every objective runs `turn_steps` timed steps, then the next, round the list until
 /// each has run `timed_steps`. A slow spell of a shared host then falls on all of them alike,
 /// so their ratios to one another keep to the code's. Each model is built from the device's
-/// generator seeded with `settings.seed`, and trains as it would alone.
+/// generator seeded with `settings.seed`, and trains as it would alone. With
+/// `settings.profile`, each objective then runs its profiled steps, its trace written to
+/// `OBJECTIVE.trace.json` in the request's folder.
 pub fn time_objectives(
     objectives: &[ObjectiveKind],
     model: &ConfidenceGptConfig,
@@ -69,7 +83,7 @@ pub fn time_objectives(
     split: &Split,
     settings: &BenchSettings,
     device: &Device,
-) -> Vec<ObjectiveTiming> {
+) -> Result<Vec<ObjectiveTiming>, ProfileError> {
     let device = settings.execution.training_device(device);
     let start = |objective| {
         device.seed(settings.seed);
@@ -112,7 +126,23 @@ pub fn time_objectives(
             run.timed(turn);
         }
     }
-    runs.into_iter().map(|run| run.timing(settings)).collect()
+    let mut profiles = Vec::with_capacity(runs.len());
+    for (run, objective) in runs.iter_mut().zip(objectives) {
+        profiles.push(match &settings.profile {
+            Some(request) => {
+                let trace = request.dir.join(format!("{}.trace.json", objective.name()));
+                Some(profile_steps(&device, request.steps, &trace, || {
+                    run.step()
+                })?)
+            }
+            None => None,
+        });
+    }
+    Ok(runs
+        .into_iter()
+        .zip(profiles)
+        .map(|(run, profile)| run.timing(settings, profile))
+        .collect())
 }
 
 /// The length of each turn when `timed` steps are run `turn_steps` at a time.
@@ -149,7 +179,7 @@ impl StepRun {
         self.timed_steps += steps;
     }
 
-    fn timing(self, settings: &BenchSettings) -> ObjectiveTiming {
+    fn timing(self, settings: &BenchSettings, profile: Option<ProfileSummary>) -> ObjectiveTiming {
         let tokens = (self.timed_steps * settings.batch_size * settings.seq_len) as f64;
         ObjectiveTiming {
             parameters: self.parameters,
@@ -160,6 +190,7 @@ impl StepRun {
                 tokens_per_second: tokens / self.seconds,
                 last_lm_loss: self.last_lm_loss,
             },
+            profile,
         }
     }
 }
@@ -182,7 +213,7 @@ where
         split,
         settings.seq_len,
         settings.batch_size,
-        settings.warmup_steps + settings.timed_steps,
+        settings.steps(),
         settings.seed,
         device.clone(),
     );

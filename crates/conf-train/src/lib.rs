@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod pipeline;
+pub mod profile;
 pub mod renderer;
 pub mod step;
 pub mod stop;

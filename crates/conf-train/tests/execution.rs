@@ -247,6 +247,7 @@ fn objectives_timed_in_turns_train_as_each_would_alone() {
         execution: Execution::default(),
         precision: Precision::F32,
         turn_steps,
+        profile: None,
     };
     let confidence = ConfidenceSettings {
         alpha: 1.0,
@@ -262,6 +263,7 @@ fn objectives_timed_in_turns_train_as_each_would_alone() {
             &settings(turn_steps),
             &Device::flex(),
         )
+        .expect("nothing to profile")
     };
     let together = time(&[ObjectiveKind::Standard, ObjectiveKind::Dense], 2);
     let standard = time(&[ObjectiveKind::Standard], 5);

@@ -5,6 +5,7 @@ use anyhow::anyhow;
 use conf_data::write_atomic;
 use conf_train::ObjectiveKind;
 use conf_train::bench::{BenchSettings, StepTiming, time_objectives};
+use conf_train::profile::{ProfileRequest, ProfileSummary};
 use conf_train::training::Execution;
 use serde::Serialize;
 
@@ -24,6 +25,8 @@ struct BenchRow {
     tflops: f64,
     /// `tflops` over the device's dense peak, when known.
     mfu: Option<f64>,
+    /// The steps run under libtorch's profiler (`--profile`).
+    profile: Option<ProfileSummary>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,13 +57,29 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), Failure> {
-    for (flag, value) in [("--steps", args.steps), ("--turn-steps", args.turn_steps)] {
+    for (flag, value) in [
+        ("--steps", args.steps),
+        ("--turn-steps", args.turn_steps),
+        ("--profile-steps", args.profile_steps),
+    ] {
         if value == 0 {
             return Err(Failure::BadInput(anyhow!("{flag} must be at least 1")));
         }
     }
     let config = super::config(&args.common, None, None)?;
     let (device, devices) = super::open_devices(&args.common.target, args.devices.as_deref())?;
+    let profile = match &args.profile {
+        Some(dir) => {
+            conf_model::profiler::available(&device)
+                .map_err(|e| Failure::BadInput(anyhow!("--profile: {e}")))?;
+            std::fs::create_dir_all(dir).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+            Some(ProfileRequest {
+                dir: dir.clone(),
+                steps: args.profile_steps,
+            })
+        }
+        None => None,
+    };
     let (corpus, split) = super::load_corpus_and_split(&config, &args.common.corpus)?;
     let model = config.model(corpus.vocab_size());
     let settings = BenchSettings {
@@ -76,6 +95,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         },
         precision: config.precision,
         turn_steps: args.turn_steps,
+        profile,
     };
     settings
         .execution
@@ -90,7 +110,8 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
         &split,
         &settings,
         &device,
-    );
+    )
+    .map_err(|e| anyhow!("--profile: {e}"))?;
     let mut rows: Vec<BenchRow> = Vec::new();
     for (&objective, timed) in args.objectives.iter().zip(timings) {
         let tflops = timed.flops_per_token * timed.timing.tokens_per_second / 1e12;
@@ -102,6 +123,7 @@ pub fn run(args: BenchArgs) -> Result<(), Failure> {
             tflops,
             mfu: crate::peak::mfu(tflops, peak_tflops),
             timing: timed.timing,
+            profile: timed.profile,
         };
         eprintln!(
             "{:<9} {:>9.1} ms/step {:>10.0} tokens/s {:>8.3} TFLOP/s  (loss {:.3})",
@@ -187,6 +209,39 @@ fn print_table(report: &BenchReport) {
         mib(report.peak_host_mib),
         mib(report.gpu_mib)
     );
+    for row in &report.rows {
+        if let Some(profile) = &row.profile {
+            print_profile(row.objective.name(), profile);
+        }
+    }
+}
+
+/// A profile's figures per step and its heaviest kernels and host operations.
+fn print_profile(objective: &str, p: &ProfileSummary) {
+    println!(
+        "\n{objective}, profiled over {} steps ({}), per step: {:.2} ms wall, {:.0} host operations, {:.0} kernel launches, {:.0} GPU kernels, GPU busy {:.2} ms ({:.0}%)",
+        p.steps,
+        p.trace.display(),
+        p.wall_ms,
+        p.host_operations,
+        p.kernel_launches,
+        p.gpu_kernels,
+        p.gpu_busy_ms,
+        100.0 * p.gpu_busy_share
+    );
+    for (what, rows) in [
+        ("GPU kernel", &p.top_kernels),
+        ("host operation", &p.top_host_operations),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
+        println!("| {what} | calls/step | ms/step |\n|---|---:|---:|");
+        for row in rows {
+            let name: String = row.name.chars().take(90).collect();
+            println!("| {name} | {:.1} | {:.3} |", row.calls, row.ms);
+        }
+    }
 }
 
 /// VmHWM of /proc/self/status (Linux).

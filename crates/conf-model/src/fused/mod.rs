@@ -37,6 +37,8 @@ use burn::tensor::activation;
 pub use pool::on_cpu_pool;
 #[cfg(feature = "tch")]
 pub use torch::disable_onednn;
+#[cfg(feature = "tch")]
+pub(crate) use torch::{libtorch_on_cuda, start_profiler, stop_profiler};
 
 /// Whether `x` takes the fused path (an f32 tensor on flex without gradient checkpointing, in
 /// a build with the `flex` feature); elsewhere the functions here run Burn's own operations.
@@ -58,7 +60,7 @@ pub fn on_cpu(device: &Device) -> bool {
         return true;
     }
     #[cfg(feature = "tch")]
-    if torch::is_libtorch_cpu(device) {
+    if torch::libtorch_on_cuda(device) == Some(false) {
         return true;
     }
     let _ = device;

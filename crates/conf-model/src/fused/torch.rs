@@ -89,14 +89,6 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
     ))
 }
 
-/// Whether `device` is libtorch's CPU, with or without autodiff.
-pub fn is_libtorch_cpu(device: &Device) -> bool {
-    matches!(
-        device.clone().without_autodiff().as_dispatch(),
-        DispatchDevice::LibTorch(LibTorchDevice::Cpu)
-    )
-}
-
 /// Whether `x` is an f32 tensor on libtorch (any device).
 pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == DType::F32 && on_libtorch_device(x)
@@ -433,22 +425,56 @@ unsafe extern "C" {
         count: usize,
         factor: *const c_void,
     ) -> *mut c_char;
+
+    /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
+    fn lookahead_profiler_start(cuda: bool) -> *mut c_char;
+
+    /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
+    fn lookahead_profiler_stop(path: *const c_char) -> *mut c_char;
+}
+
+/// Starts libtorch's profiler (Kineto) on this thread; with `cuda`, also the GPU's kernels.
+pub fn start_profiler(cuda: bool) -> Result<(), String> {
+    // SAFETY: no arguments to keep alive; the result is checked.
+    libtorch_result(unsafe { lookahead_profiler_start(cuda) })
+}
+
+/// Stops libtorch's profiler; writes what it recorded to `trace` as a Chrome trace, if given.
+pub fn stop_profiler(trace: Option<&std::ffi::CStr>) -> Result<(), String> {
+    let path = trace.map_or(std::ptr::null(), |p| p.as_ptr());
+    // SAFETY: `path` is null or a NUL-terminated string that outlives the call.
+    libtorch_result(unsafe { lookahead_profiler_stop(path) })
+}
+
+/// Whether `device` (with or without autodiff) is libtorch's, and then whether a CUDA one.
+pub fn libtorch_on_cuda(device: &Device) -> Option<bool> {
+    match device.clone().without_autodiff().as_dispatch() {
+        DispatchDevice::LibTorch(LibTorchDevice::Cpu) => Some(false),
+        DispatchDevice::LibTorch(_) => Some(true),
+        _ => None,
+    }
 }
 
 /// Panics with libtorch's message if a call of `cpp/libtorch_ops.cpp` returned one.
 fn check(error: *mut c_char, operation: &str) {
+    if let Err(message) = libtorch_result(error) {
+        panic!("libtorch's {operation}: {message}");
+    }
+}
+
+/// The result of a call of `cpp/libtorch_ops.cpp`: libtorch's message if it returned one.
+fn libtorch_result(error: *mut c_char) -> Result<(), String> {
     if error.is_null() {
-        return;
+        return Ok(());
     }
     // SAFETY: a non-null result is a NUL-terminated string from `strdup`, freed here once.
-    let message = unsafe {
+    Err(unsafe {
         let message = std::ffi::CStr::from_ptr(error)
             .to_string_lossy()
             .into_owned();
         libc::free(error.cast());
         message
-    };
-    panic!("libtorch's {operation}: {message}");
+    })
 }
 
 /// A tensor to update in place: its own storage where nothing else reads it (as Burn's own
