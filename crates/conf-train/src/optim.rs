@@ -236,8 +236,8 @@ fn clip_global_norm_reading<M: Module>(
     let flat = if read_on_host {
         let value = norm.clone().into_scalar::<f64>();
         if value > max_norm {
-            let factor = max_norm / (value + 1e-6);
-            flat.into_iter().map(|g| g * factor).collect()
+            let factor = Tensor::from_floats([(max_norm / (value + 1e-6)) as f32], &norm.device());
+            fused::scale_all(flat, factor)
         } else {
             flat
         }
