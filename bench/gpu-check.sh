@@ -4,8 +4,9 @@
 # --kit gpu-kit` packed here.
 #   bash bench/gpu-check.sh [BUDGET_SECONDS] [OUT_DIR]
 # The steps run in order of importance, each backend in turn: the comparison with flex, the
-# gpu preset's bench in f32 and bf16, a profile of its bf16 steps, bf16 training against f32
-# training, the quick experiment in f32 and bf16, then the rest (the quick preset's bench, the host's cost per step). Each
+# gpu preset's bench in f32 and bf16, a profile of its bf16 steps, PyTorch's own bf16 steps at
+# that shape, bf16 training against f32 training, the quick experiment in f32 and bf16, then
+# the rest (the quick preset's bench, the host's cost per step). Each
 # step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
 # (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
@@ -80,9 +81,20 @@ esac
 case " $backends " in *" cuda "*)
   step cuda-profile-gpu-bf16 $((budget / 10)) env CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG="$logs/cuda-profile-gpu-bf16.txt" "$bin" bench --backend cuda --preset gpu --precision bf16 --warmup-steps 2 --steps 1 --objectives standard,seed
 esac
+# PyTorch itself on the same shapes and GPU (bench/reference.py, this machine's python3): the
+# side-by-side figures. The vocabulary is the gpu preset's corpus's, as a bench reported it.
+vocab=$(python3 -c 'import glob, json, sys; print(json.load(open(sorted(glob.glob(sys.argv[1] + "/*-bench-gpu*.json"))[0]))["vocab_size"])' "$logs" 2>/dev/null || echo 32)
+pytorch() {  # pytorch PRECISION: the reference's bench at the gpu preset's shape, with a GPU backend
+  case " $backends " in *cuda*)
+    step "pytorch-bench-gpu-$1" $((budget / 10)) python3 bench/reference.py bench --device cuda --precision "$1" \
+      --d-model 768 --n-layers 12 --n-heads 12 --seq-len 512 --batch-size 32 --vocab "$vocab" --steps 5 --warmup-steps 3 --turn-steps 5
+  esac
+}
+pytorch bf16
 each bf16-training $((budget / 10)) "$bin" check-backend --backend {B} --bf16-training
 each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
 each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"
+pytorch f32
 each bench-quick $((budget / 10)) "$bin" bench --backend {B} --preset quick --steps 10 --output "$logs/{B}-bench-quick.json"
 # The host's cost per step: the gpu preset's depth at almost no width (docs/performance.md#host-cost-per-step-what-a-gpu-waits-for).
 printf 'd_model = 24\nn_layers = 12\nn_heads = 12\nseq_len = 8\nbatch_size = 1\n' > "$work/host.toml"

@@ -6,9 +6,11 @@ models compute (docs/models.md, docs/training.md) on the same weights and batch.
 
     python bench/reference.py check DUMP.json          # compare with the Rust models (see the test)
     python bench/reference.py bench --d-model 128 ...   # ms/step per objective, JSON on stdout
+    python bench/reference.py bench --device cuda --precision bf16 ...   # on a GPU, as bench/gpu-check.sh
 """
 
 import argparse
+import contextlib
 import json
 import math
 import resource
@@ -247,8 +249,10 @@ def adamw(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def train_step(model, optimizer, objective, tokens, uniforms, alpha=1.0, self_conditioned=True):
-    out = STEPS[objective](model, tokens, uniforms, alpha, self_conditioned)
+def train_step(model, optimizer, objective, tokens, uniforms, alpha=1.0, self_conditioned=True, autocast=contextlib.nullcontext):
+    """One optimizer step; the forward passes under `autocast()` (mixed precision), the backward not."""
+    with autocast():
+        out = STEPS[objective](model, tokens, uniforms, alpha, self_conditioned)
     out["total"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -327,6 +331,16 @@ def bench(a):
     # f32 on the CPU runs no oneDNN kernel, but with oneDNN on every small product (those inside
     # SDPA's CPU kernel too) first looks up whether to run it in bf16; tch-cpu switches it off too.
     torch.backends.mkldnn.enabled = False
+    device = torch.device(a.device)
+    # As `lookahead --precision`: f32 strict, tf32 products on CUDA, bf16 products under autocast
+    # with f32 weights, optimizer state, softmax statistics and losses.
+    if a.precision == "tf32":
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # PyTorch ≥ 2.9
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.precision == "bf16" else contextlib.nullcontext
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
     runs = []
@@ -337,11 +351,11 @@ def bench(a):
             model = MiniGPT(a.vocab, a.seq_len, a.d_model, a.n_layers, a.n_heads, hidden)
         else:
             model = ConfidenceGPT(a.vocab, a.seq_len, a.d_model, a.n_layers, a.n_heads, hidden)
-        init_weights(model)
+        init_weights(model).to(device)
         batches = [
             (
-                torch.randint(0, a.vocab, (a.batch_size, a.seq_len + 2), generator=gen),
-                torch.rand(a.batch_size, a.seq_len, generator=gen),
+                torch.randint(0, a.vocab, (a.batch_size, a.seq_len + 2), generator=gen).to(device),
+                torch.rand(a.batch_size, a.seq_len, generator=gen).to(device),
             )
             for _ in range(a.warmup_steps + a.steps)
         ]
@@ -350,7 +364,9 @@ def bench(a):
     def run_steps(run, steps):
         for _ in range(steps):
             tokens, uniforms = next(run["batches"])
-            run["out"] = train_step(run["model"], run["optimizer"], run["objective"], tokens, uniforms)
+            run["out"] = train_step(run["model"], run["optimizer"], run["objective"], tokens, uniforms, autocast=autocast)
+            if device.type == "cuda":  # as `lookahead bench`, which waits for each step
+                torch.cuda.synchronize()
 
     # As `lookahead bench`: after the warm-up, the objectives take turns of --turn-steps timed
     # steps, so that a busy spell of the host slows them alike.
@@ -373,7 +389,11 @@ def bench(a):
         for run in runs
     ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB on Linux
-    json.dump({"torch": torch.__version__, "threads": a.threads, "rows": rows, "peak_host_mib": peak}, sys.stdout)
+    report = {"torch": torch.__version__, "device": a.device, "precision": a.precision, "threads": a.threads, "rows": rows, "peak_host_mib": peak}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        report["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    json.dump(report, sys.stdout)
     print()
 
 
@@ -386,6 +406,8 @@ def main():
     for name, default in [("d-model", 128), ("n-layers", 4), ("n-heads", 4), ("seq-len", 128), ("batch-size", 16), ("vocab", 32), ("threads", 2), ("steps", 10), ("warmup-steps", 3), ("turn-steps", 5), ("seed", 42)]:
         b.add_argument(f"--{name}", type=int, default=default)
     b.add_argument("--objectives", default="standard,seed,dense,teacher")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    b.add_argument("--precision", choices=["f32", "tf32", "bf16"], default="f32")
     a = parser.parse_args()
     if a.command == "check":
         check(a.dump)
