@@ -73,9 +73,16 @@ pub fn rows(linear: &Linear, x: Tensor<3>, precision: Precision) -> Tensor<3> {
     y.reshape([batch, seq, d_out])
 }
 
-/// Burn's `Linear` on `[N, d_in]` rows, its product through [`fused::matmul`] where that
-/// applies (elsewhere Burn's own, which some backends run as one fused kernel).
+/// Burn's `Linear` on `[N, d_in]` rows: on libtorch one operation ([`fused::linear`]), on
+/// flex its product through [`fused::matmul`], elsewhere Burn's own (which some backends run
+/// as one fused kernel).
 fn apply_linear(linear: &Linear, x: Tensor<2>, precision: Precision) -> Tensor<2> {
+    if let Some(bias) = &linear.bias
+        && fused::linear_takes(&x)
+    {
+        let bf16 = precision == Precision::Bf16;
+        return fused::linear(x, linear.weight.val(), bias.val(), bf16);
+    }
     if precision != Precision::Bf16 && !fused::applies(&x) {
         return linear.forward(x);
     }

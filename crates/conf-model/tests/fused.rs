@@ -572,3 +572,60 @@ fn libtorch_prefix_and_self_attention_in_bf16_equals_the_plain_form_within_round
             .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(1e-2 * largest));
     }
 }
+
+/// The Linear as one libtorch operation (`fused::linear`: `addmm` in f32; in bf16 the product
+/// of bf16 operands with the f32 bias added as it converts back) against Burn's product and
+/// bias on libtorch: the output and the gradients of x, the weight and the bias. In f32 within
+/// 1e-5; in bf16 against Burn's product of the same bf16 operands, within 1% of the largest
+/// value (both round the products to bf16; a missing bias or a wrong transpose is off by far
+/// more).
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend
+fn libtorch_linear_equals_burns_product_and_bias_in_f32_and_bf16() {
+    use burn::tensor::DType;
+    let device = Device::libtorch().autodiff();
+    device.seed(9);
+    let assert_close = |bf16: bool, ours: Tensor<2>, theirs: Tensor<2>, what: &str| {
+        let largest = theirs.clone().abs().max().into_scalar::<f32>();
+        assert!(largest > 1e-1, "{what}: a small tensor proves little");
+        let tolerance = if bf16 { 1e-2 * largest } else { 1e-5 };
+        ours.into_data()
+            .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(tolerance));
+    };
+    for bf16 in [false, true] {
+        let x = normal([40, 24], 0.0, 1.0, &device).require_grad();
+        let weight = normal([24, 17], 0.0, 0.5, &device).require_grad();
+        let bias = normal([17], 1.0, 1.0, &device).require_grad();
+        assert!(fused::linear_takes(&x));
+        let ours = fused::linear(x.clone(), weight.clone(), bias.clone(), bf16);
+        let product = if bf16 {
+            x.clone()
+                .cast(DType::BF16)
+                .matmul(weight.clone().cast(DType::BF16))
+                .cast(DType::F32)
+        } else {
+            x.clone().matmul(weight.clone())
+        };
+        let theirs = product + bias.clone().unsqueeze::<2>();
+        assert_eq!(ours.dtype(), DType::F32);
+        assert_close(bf16, ours.clone(), theirs.clone(), "output");
+        let weights = normal([40, 17], 0.0, 1.0, &device);
+        let g_ours = (ours * weights.clone()).sum().backward();
+        let g_theirs = (theirs * weights).sum().backward();
+        assert_close(
+            bf16,
+            x.grad(&g_ours).unwrap(),
+            x.grad(&g_theirs).unwrap(),
+            "x",
+        );
+        assert_close(
+            bf16,
+            weight.grad(&g_ours).unwrap(),
+            weight.grad(&g_theirs).unwrap(),
+            "weight",
+        );
+        let bias_grad = |g| bias.grad(g).unwrap().unsqueeze::<2>();
+        assert_close(bf16, bias_grad(&g_ours), bias_grad(&g_theirs), "bias");
+    }
+}

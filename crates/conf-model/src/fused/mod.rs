@@ -179,6 +179,32 @@ pub fn layer_norm_applies<const D: usize>(x: &Tensor<D>) -> bool {
     applies(x)
 }
 
+/// Whether [`linear`] takes `x`: an f32 tensor on libtorch (in a build with the `tch`
+/// feature).
+pub fn linear_takes(x: &Tensor<2>) -> bool {
+    #[cfg(feature = "tch")]
+    return torch::on_libtorch(x);
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// `x · weight + bias` on `[N, d_in]` rows with `weight: [d_in, d_out]` (Burn's `Linear`), f32
+/// out, the product's operands in bf16 with `bf16`: on libtorch one operation with its own
+/// backward, the bias in the product's epilogue (f32) or in the pass that converts the bf16
+/// product back (bf16), where Burn adds it in a pass of its own. Only where [`linear_takes`].
+pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, bf16: bool) -> Tensor<2> {
+    #[cfg(feature = "tch")]
+    return torch::linear(x, weight, bias, bf16);
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = (x, weight, bias, bf16);
+        unreachable!("linear_takes holds only with the tch feature")
+    }
+}
+
 /// `normalise(x) · gamma + beta` over the last dimension (Burn's `LayerNorm`).
 pub fn layer_norm<const D: usize>(
     x: Tensor<D>,

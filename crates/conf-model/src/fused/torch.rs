@@ -8,6 +8,9 @@
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
 //!   `native_layer_norm`; its backward on the CPU one pass over the rows (flex's row kernel),
 //!   on the GPU a few libtorch operations;
+//! - the Linear on rows as one `addmm` (f32), the bias in the product's epilogue, or in bf16
+//!   the product of bf16 operands with the f32 bias added as it converts back, with its own
+//!   backward; Burn makes the product, then a pass over the output for the bias;
 //! - the AdaptiveLayer, forward and backward: on the CPU one pass over the rows each (flex's
 //!   row kernels on libtorch's memory); on the GPU that normalisation, its `Linear(1 → 2d)`
 //!   modulation as one `addcmul` per half and the modulation as one more, where Burn records a
@@ -118,6 +121,17 @@ pub fn layer_norm<const D: usize>(
         gamma.into_dispatch(),
         beta.into_dispatch(),
         eps,
+    ))
+}
+
+/// `x · weight + bias` on rows (`fused::linear`), f32 out; with `bf16` the product's operands
+/// in bf16.
+pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, bf16: bool) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        bf16,
     ))
 }
 
@@ -533,6 +547,72 @@ pub trait TorchOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        bf16: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// The output of `x · weight + bias` (`[N, d_in] · [d_in, d_out]`) and what its backward
+/// reads. In f32 one `addmm`, the bias in the product's epilogue, where Burn's Linear makes a
+/// product and a pass over the output to add it. With `bf16` the product of bf16 operands,
+/// its conversion back to f32 and the f32 bias in one pass (`bf16 + f32` is an f32 sum),
+/// where Burn makes a conversion and then the bias's pass; the backward keeps the bf16
+/// operands, so the gradients' products run in bf16 as Burn's would.
+fn linear_forward(
+    x: &TchTensor,
+    weight: &TchTensor,
+    bias: &TchTensor,
+    bf16: bool,
+) -> (TchTensor, LinearSaved) {
+    let (output, x, weight) = if bf16 {
+        let [x, weight] = [x, weight].map(|t| t.tensor.to_kind(tch::Kind::BFloat16));
+        (
+            x.mm(&weight) + &bias.tensor,
+            TchTensor::new(x),
+            TchTensor::new(weight),
+        )
+    } else {
+        let output = bias.tensor.addmm(&x.tensor, &weight.tensor);
+        (output, x.clone(), weight.clone())
+    };
+    (TchTensor::new(output), LinearSaved { x, weight })
+}
+
+/// What the Linear's backward reads: its operands, in the product's precision.
+#[derive(Debug, Clone)]
+struct LinearSaved {
+    x: TchTensor,
+    weight: TchTensor,
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<LibTorch, 3> for LinearBackward {
+    type State = LinearSaved;
+
+    fn backward(self, ops: Ops<LinearSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        register_gradients(ops, grads, linear_backward);
+    }
+}
+
+/// `dx = g · Wᵀ`, `dW = xᵀ · g` (their products in the operands' precision, the results f32)
+/// and `db = Σ g` over the rows, those `needed`.
+fn linear_backward(
+    s: &LinearSaved,
+    grad: &tch::Tensor,
+    [need_x, need_weight, need_bias]: [bool; 3],
+) -> [Option<tch::Tensor>; 3] {
+    let g = grad.to_kind(s.x.tensor.kind());
+    let f32 = |t: tch::Tensor| t.to_kind(tch::Kind::Float);
+    [
+        need_x.then(|| f32(g.mm(&s.weight.tensor.tr()))),
+        need_weight.then(|| f32(s.x.tensor.tr().mm(&g))),
+        need_bias.then(|| grad.sum_dim_intlist(&[0i64][..], false, None)),
+    ]
 }
 
 /// The output, and what the backward reads: the input and each row's mean and `1 / std`.
@@ -950,6 +1030,10 @@ impl TorchOps for LibTorch {
     fn torch_cross_entropy(logits: TchTensor, targets: TchTensor) -> TchTensor {
         TchTensor::new(cross_entropy_forward(&logits.tensor, &targets.tensor).0)
     }
+
+    fn torch_linear(x: TchTensor, weight: TchTensor, bias: TchTensor, bf16: bool) -> TchTensor {
+        linear_forward(&x, &weight, &bias, bf16).0
+    }
 }
 
 /// What the cross-entropy's backward reads: the logits (shared), each row's log-sum-exp and
@@ -1147,6 +1231,29 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
                 logits.into_primitive(),
                 targets,
             )),
+        }
+    }
+
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        bf16: bool,
+    ) -> FloatTensor<Self> {
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [x, weight, bias] = [x, weight, bias].map(|t| t.into_primitive());
+                let (output, saved) = linear_forward(&x, &weight, &bias, bf16);
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [x, weight, bias] = [x, weight, bias].map(|t| t.into_primitive());
+                prep.finish(LibTorch::torch_linear(x, weight, bias, bf16))
+            }
         }
     }
 
