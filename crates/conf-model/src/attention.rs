@@ -8,7 +8,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::layers::rows;
+use crate::layers::{rows, rows_for_bf16};
 use crate::{Precision, fused, init};
 
 /// Which keys each query may attend to.
@@ -95,23 +95,26 @@ impl CausalSelfAttention {
         past: Option<&LayerKv>,
     ) -> (Tensor<3>, LayerKv) {
         let [batch, seq, d_model] = x.dims();
-        let q = self.split_heads(rows(&self.query, x.clone(), self.precision)); // [B, H, S, dh]
-        let own = LayerKv {
-            key: self.split_heads(rows(&self.key, x.clone(), self.precision)),
-            value: self.split_heads(rows(&self.value, x, self.precision)),
-        };
         // bf16 q, k, v where the backend's fused attention takes them (an explicit mask goes
-        // through Burn's softmax); the context in f32.
+        // through Burn's softmax): on libtorch the products' own bf16 outputs, and the bf16
+        // context straight into the output's product, whose output is f32.
         let in_bf16 = self.precision == Precision::Bf16
             && !matches!(mask, AttentionMask::Explicit(_))
-            && fused::attends_in_bf16(&q);
+            && fused::attends_in_bf16(&x);
+        let project = |linear: &Linear, x: Tensor<3>| {
+            self.split_heads(if in_bf16 {
+                rows_for_bf16(linear, x, self.precision)
+            } else {
+                rows(linear, x, self.precision)
+            })
+        };
+        let q = project(&self.query, x.clone()); // [B, H, S, dh]
+        let own = LayerKv {
+            key: project(&self.key, x.clone()),
+            value: project(&self.value, x),
+        };
         let operand = |t: Tensor<4>| if in_bf16 { t.cast(DType::BF16) } else { t };
         let context_rows = |context: Tensor<4>| {
-            let context = if in_bf16 {
-                context.cast(DType::F32)
-            } else {
-                context
-            };
             rows(
                 &self.output,
                 context.swap_dims(1, 2).reshape([batch, seq, d_model]),

@@ -27,7 +27,9 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let hidden = fused::gelu(rows(&self.fc, x, self.precision));
+        // In bf16 on libtorch the hidden layer stays bf16 (libtorch's GELU computes in f32
+        // and rounds its output), as under PyTorch's autocast.
+        let hidden = fused::gelu(rows_for_bf16(&self.fc, x, self.precision));
         rows(&self.proj, hidden, self.precision)
     }
 }
@@ -65,23 +67,35 @@ impl AdaptiveLayer {
 /// `linear` on `x: [B, T, d_in]` as one `[B·T, d_in]` matrix: one gemm (and one for the
 /// weight's gradient) instead of a broadcast batched product over B that the backward pass
 /// reduces from a `[B, d_in, d_out]` temporary. The same values, computed faster. The product
-/// in `precision`, the bias added in f32.
+/// in `precision`, the bias added in f32, the output f32.
 pub fn rows(linear: &Linear, x: Tensor<3>, precision: Precision) -> Tensor<3> {
+    rows_to(linear, x, precision, false)
+}
+
+/// [`rows`] for a consumer that takes bf16 operands (the attention, the MLP's GELU and second
+/// product): in bf16 on libtorch the output stays bf16, one bf16 product with the bias in its
+/// epilogue, where an f32 output would be written, read back and converted again (on the GPU
+/// these passes are memory-bound, docs/backends.md#precision). Elsewhere as [`rows`].
+pub fn rows_for_bf16(linear: &Linear, x: Tensor<3>, precision: Precision) -> Tensor<3> {
+    rows_to(linear, x, precision, true)
+}
+
+fn rows_to(linear: &Linear, x: Tensor<3>, precision: Precision, keep_bf16: bool) -> Tensor<3> {
     let [batch, seq, d_in] = x.dims();
-    let y = apply_linear(linear, x.reshape([batch * seq, d_in]), precision); // [B·T, d_out]
+    let y = apply_linear(linear, x.reshape([batch * seq, d_in]), precision, keep_bf16); // [B·T, d_out]
     let d_out = y.dims()[1];
     y.reshape([batch, seq, d_out])
 }
 
-/// Burn's `Linear` on `[N, d_in]` rows: on libtorch one operation ([`fused::linear`]), on
-/// flex its product through [`fused::matmul`], elsewhere Burn's own (which some backends run
-/// as one fused kernel).
-fn apply_linear(linear: &Linear, x: Tensor<2>, precision: Precision) -> Tensor<2> {
+/// Burn's `Linear` on `[N, d_in]` rows: on libtorch one operation ([`fused::linear`], its
+/// output bf16 with `keep_bf16` in bf16), on flex its product through [`fused::matmul`],
+/// elsewhere Burn's own (which some backends run as one fused kernel).
+fn apply_linear(linear: &Linear, x: Tensor<2>, precision: Precision, keep_bf16: bool) -> Tensor<2> {
     if let Some(bias) = &linear.bias
         && fused::linear_takes(&x)
     {
         let bf16 = precision == Precision::Bf16;
-        return fused::linear(x, linear.weight.val(), bias.val(), bf16);
+        return fused::linear(x, linear.weight.val(), bias.val(), bf16, bf16 && keep_bf16);
     }
     if precision != Precision::Bf16 && !fused::applies(&x) {
         return linear.forward(x);

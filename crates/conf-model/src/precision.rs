@@ -2,7 +2,8 @@
 //!
 //! Parameters, their gradients and the optimizer's state are f32 in every precision, as are
 //! the LayerNorms and AdaptiveLayers, the losses and the confidence head. `bf16` gives the
-//! Linears' and the tied LM head's products bf16 operands and returns their results as f32:
+//! Linears' and the tied LM head's products bf16 operands and returns their results as f32
+//! (on libtorch bf16 where the consumer takes bf16: q, k, v, and the MLP's hidden layer):
 //! these products are the bulk of the model's FLOPs (`12·d²` per token and layer against the
 //! attention's `2·L·d`), and on a GPU their bf16 operands run on the tensor cores, which
 //! accumulate in f32. On libtorch `bf16` gives the attention bf16 q, k and v too: PyTorch's

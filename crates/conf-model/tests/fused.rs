@@ -574,11 +574,11 @@ fn libtorch_prefix_and_self_attention_in_bf16_equals_the_plain_form_within_round
 }
 
 /// The Linear as one libtorch operation (`fused::linear`: `addmm` in f32; in bf16 the product
-/// of bf16 operands with the f32 bias added as it converts back) against Burn's product and
-/// bias on libtorch: the output and the gradients of x, the weight and the bias. In f32 within
-/// 1e-5; in bf16 against Burn's product of the same bf16 operands, within 1% of the largest
-/// value (both round the products to bf16; a missing bias or a wrong transpose is off by far
-/// more).
+/// of bf16 operands with the f32 bias added as it converts back, or a bf16 `addmm` with a bf16
+/// output, here from a bf16 input as the attention's context) against Burn's product and bias
+/// on libtorch: the output and the gradients of x, the weight and the bias. In f32 within 1e-5;
+/// in bf16 against Burn's product of the same bf16 operands, within 1% of the largest value
+/// (both round to bf16; a missing bias or a wrong transpose is off by far more).
 #[cfg(feature = "tch")]
 #[test]
 #[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend
@@ -593,22 +593,36 @@ fn libtorch_linear_equals_burns_product_and_bias_in_f32_and_bf16() {
         ours.into_data()
             .assert_approx_eq::<f32>(&theirs.into_data(), Tolerance::absolute(tolerance));
     };
-    for bf16 in [false, true] {
+    for (bf16, out_bf16) in [(false, false), (true, false), (true, true)] {
         let x = normal([40, 24], 0.0, 1.0, &device).require_grad();
         let weight = normal([24, 17], 0.0, 0.5, &device).require_grad();
         let bias = normal([17], 1.0, 1.0, &device).require_grad();
-        assert!(fused::linear_takes(&x));
-        let ours = fused::linear(x.clone(), weight.clone(), bias.clone(), bf16);
-        let product = if bf16 {
-            x.clone()
-                .cast(DType::BF16)
-                .matmul(weight.clone().cast(DType::BF16))
-                .cast(DType::F32)
-        } else {
-            x.clone().matmul(weight.clone())
+        // One graph each: the first backward consumes the nodes it passes.
+        let input = || {
+            if out_bf16 {
+                x.clone().cast(DType::BF16)
+            } else {
+                x.clone()
+            }
         };
-        let theirs = product + bias.clone().unsqueeze::<2>();
-        assert_eq!(ours.dtype(), DType::F32);
+        assert!(fused::linear_takes(&input()));
+        let ours = fused::linear(input(), weight.clone(), bias.clone(), bf16, out_bf16);
+        assert_eq!(
+            ours.dtype(),
+            if out_bf16 { DType::BF16 } else { DType::F32 }
+        );
+        let theirs = if out_bf16 {
+            let product = input().matmul(weight.clone().cast(DType::BF16));
+            (product + bias.clone().cast(DType::BF16).unsqueeze::<2>()).cast(DType::F32)
+        } else if bf16 {
+            let product = input()
+                .cast(DType::BF16)
+                .matmul(weight.clone().cast(DType::BF16));
+            product.cast(DType::F32) + bias.clone().unsqueeze::<2>()
+        } else {
+            input().matmul(weight.clone()) + bias.clone().unsqueeze::<2>()
+        };
+        let ours = ours.cast(DType::F32);
         assert_close(bf16, ours.clone(), theirs.clone(), "output");
         let weights = normal([40, 17], 0.0, 1.0, &device);
         let g_ours = (ours * weights.clone()).sum().backward();

@@ -179,11 +179,14 @@ pub fn layer_norm_applies<const D: usize>(x: &Tensor<D>) -> bool {
     applies(x)
 }
 
-/// Whether [`linear`] takes `x`: an f32 tensor on libtorch (in a build with the `tch`
+/// Whether [`linear`] takes `x`: an f32 or bf16 tensor on libtorch (in a build with the `tch`
 /// feature).
 pub fn linear_takes(x: &Tensor<2>) -> bool {
     #[cfg(feature = "tch")]
-    return torch::on_libtorch(x);
+    return matches!(
+        x.dtype(),
+        burn::tensor::DType::F32 | burn::tensor::DType::BF16
+    ) && torch::on_libtorch_device(x);
     #[cfg(not(feature = "tch"))]
     {
         let _ = x;
@@ -191,16 +194,24 @@ pub fn linear_takes(x: &Tensor<2>) -> bool {
     }
 }
 
-/// `x · weight + bias` on `[N, d_in]` rows with `weight: [d_in, d_out]` (Burn's `Linear`), f32
-/// out, the product's operands in bf16 with `bf16`: on libtorch one operation with its own
-/// backward, the bias in the product's epilogue (f32) or in the pass that converts the bf16
-/// product back (bf16), where Burn adds it in a pass of its own. Only where [`linear_takes`].
-pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, bf16: bool) -> Tensor<2> {
+/// `x · weight + bias` on `[N, d_in]` rows with `weight: [d_in, d_out]` (Burn's `Linear`), the
+/// product's operands in bf16 with `bf16`, its output f32 unless `out_bf16` (with `bf16`): on
+/// libtorch one operation with its own backward, the bias in the product's epilogue (f32, or
+/// bf16 out) or in the pass that converts the bf16 product back to f32, where Burn adds it in
+/// a pass of its own. Only where [`linear_takes`].
+pub fn linear(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    bf16: bool,
+    out_bf16: bool,
+) -> Tensor<2> {
+    assert!(bf16 || !out_bf16, "a bf16 output is that of a bf16 product");
     #[cfg(feature = "tch")]
-    return torch::linear(x, weight, bias, bf16);
+    return torch::linear(x, weight, bias, bf16, out_bf16);
     #[cfg(not(feature = "tch"))]
     {
-        let _ = (x, weight, bias, bf16);
+        let _ = (x, weight, bias, bf16, out_bf16);
         unreachable!("linear_takes holds only with the tch feature")
     }
 }
@@ -298,7 +309,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool) -> Tens
 /// Whether `x`'s backend has a fused attention that takes bf16 operands and keeps its softmax
 /// statistics in f32: libtorch's ([`attention`]). Elsewhere bf16 operands would go through
 /// Burn's decomposed softmax in bf16.
-pub fn attends_in_bf16(x: &Tensor<4>) -> bool {
+pub fn attends_in_bf16<const D: usize>(x: &Tensor<D>) -> bool {
     #[cfg(feature = "tch")]
     return torch::on_libtorch_device(x);
     #[cfg(not(feature = "tch"))]

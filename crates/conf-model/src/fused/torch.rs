@@ -9,8 +9,9 @@
 //!   `native_layer_norm`; its backward on the CPU one pass over the rows (flex's row kernel),
 //!   on the GPU a few libtorch operations;
 //! - the Linear on rows as one `addmm` (f32), the bias in the product's epilogue, or in bf16
-//!   the product of bf16 operands with the f32 bias added as it converts back, with its own
-//!   backward; Burn makes the product, then a pass over the output for the bias;
+//!   the product of bf16 operands with the f32 bias added as it converts back (or one bf16
+//!   `addmm` for a consumer that takes bf16), with its own backward; Burn makes the product,
+//!   then a pass over the output for the bias;
 //! - the AdaptiveLayer, forward and backward: on the CPU one pass over the rows each (flex's
 //!   row kernels on libtorch's memory); on the GPU that normalisation, its `Linear(1 → 2d)`
 //!   modulation as one `addcmul` per half and the modulation as one more, where Burn records a
@@ -124,14 +125,21 @@ pub fn layer_norm<const D: usize>(
     ))
 }
 
-/// `x · weight + bias` on rows (`fused::linear`), f32 out; with `bf16` the product's operands
-/// in bf16.
-pub fn linear(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>, bf16: bool) -> Tensor<2> {
+/// `x · weight + bias` on rows (`fused::linear`); with `bf16` the product's operands in bf16,
+/// and with `out_bf16` its output too.
+pub fn linear(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+    bf16: bool,
+    out_bf16: bool,
+) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as TorchOps>::torch_linear(
         x.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
         bf16,
+        out_bf16,
     ))
 }
 
@@ -552,40 +560,50 @@ pub trait TorchOps: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         bf16: bool,
+        out_bf16: bool,
     ) -> FloatTensor<Self>;
 }
 
-/// The output of `x · weight + bias` (`[N, d_in] · [d_in, d_out]`) and what its backward
-/// reads. In f32 one `addmm`, the bias in the product's epilogue, where Burn's Linear makes a
-/// product and a pass over the output to add it. With `bf16` the product of bf16 operands,
-/// its conversion back to f32 and the f32 bias in one pass (`bf16 + f32` is an f32 sum),
-/// where Burn makes a conversion and then the bias's pass; the backward keeps the bf16
-/// operands, so the gradients' products run in bf16 as Burn's would.
+/// The output of `x · weight + bias` (`[N, d_in] · [d_in, d_out]`, x f32 or bf16, the
+/// parameters f32) and what its backward reads. In f32 one `addmm`, the bias in the product's
+/// epilogue, where Burn's Linear makes a product and a pass over the output to add it. With
+/// `bf16` the product of bf16 operands: with `out_bf16` one bf16 `addmm`, the bias in its
+/// epilogue, for a consumer that takes bf16; else the product's conversion back to f32 and the
+/// f32 bias in one pass (`bf16 + f32` is an f32 sum), where Burn makes a conversion and then
+/// the bias's pass. The backward keeps the bf16 operands, so the gradients' products run in
+/// bf16 as Burn's would.
 fn linear_forward(
     x: &TchTensor,
     weight: &TchTensor,
     bias: &TchTensor,
     bf16: bool,
+    out_bf16: bool,
 ) -> (TchTensor, LinearSaved) {
+    let x_kind = x.tensor.kind();
     let (output, x, weight) = if bf16 {
-        let [x, weight] = [x, weight].map(|t| t.tensor.to_kind(tch::Kind::BFloat16));
-        (
-            x.mm(&weight) + &bias.tensor,
-            TchTensor::new(x),
-            TchTensor::new(weight),
-        )
+        let bf16 = |t: &tch::Tensor| t.to_kind(tch::Kind::BFloat16);
+        let (x, weight) = (bf16(&x.tensor), bf16(&weight.tensor));
+        let output = if out_bf16 {
+            bf16(&bias.tensor).addmm(&x, &weight)
+        } else {
+            x.mm(&weight) + &bias.tensor
+        };
+        (output, TchTensor::new(x), TchTensor::new(weight))
     } else {
         let output = bias.tensor.addmm(&x.tensor, &weight.tensor);
         (output, x.clone(), weight.clone())
     };
-    (TchTensor::new(output), LinearSaved { x, weight })
+    let saved = LinearSaved { x, weight, x_kind };
+    (TchTensor::new(output), saved)
 }
 
-/// What the Linear's backward reads: its operands, in the product's precision.
+/// What the Linear's backward reads: its operands, in the product's precision, and the input's
+/// own type, that of its gradient.
 #[derive(Debug, Clone)]
 struct LinearSaved {
     x: TchTensor,
     weight: TchTensor,
+    x_kind: tch::Kind,
 }
 
 #[derive(Debug)]
@@ -599,19 +617,18 @@ impl Backward<LibTorch, 3> for LinearBackward {
     }
 }
 
-/// `dx = g · Wᵀ`, `dW = xᵀ · g` (their products in the operands' precision, the results f32)
-/// and `db = Σ g` over the rows, those `needed`.
+/// `dx = g · Wᵀ` (in x's type), `dW = xᵀ · g` (f32), their products in the operands'
+/// precision, and `db = Σ g` over the rows (summed in f32), those `needed`.
 fn linear_backward(
     s: &LinearSaved,
     grad: &tch::Tensor,
     [need_x, need_weight, need_bias]: [bool; 3],
 ) -> [Option<tch::Tensor>; 3] {
     let g = grad.to_kind(s.x.tensor.kind());
-    let f32 = |t: tch::Tensor| t.to_kind(tch::Kind::Float);
     [
-        need_x.then(|| f32(g.mm(&s.weight.tensor.tr()))),
-        need_weight.then(|| f32(s.x.tensor.tr().mm(&g))),
-        need_bias.then(|| grad.sum_dim_intlist(&[0i64][..], false, None)),
+        need_x.then(|| g.mm(&s.weight.tensor.tr()).to_kind(s.x_kind)),
+        need_weight.then(|| s.x.tensor.tr().mm(&g).to_kind(tch::Kind::Float)),
+        need_bias.then(|| grad.sum_dim_intlist(&[0i64][..], false, tch::Kind::Float)),
     ]
 }
 
@@ -1031,8 +1048,14 @@ impl TorchOps for LibTorch {
         TchTensor::new(cross_entropy_forward(&logits.tensor, &targets.tensor).0)
     }
 
-    fn torch_linear(x: TchTensor, weight: TchTensor, bias: TchTensor, bf16: bool) -> TchTensor {
-        linear_forward(&x, &weight, &bias, bf16).0
+    fn torch_linear(
+        x: TchTensor,
+        weight: TchTensor,
+        bias: TchTensor,
+        bf16: bool,
+        out_bf16: bool,
+    ) -> TchTensor {
+        linear_forward(&x, &weight, &bias, bf16, out_bf16).0
     }
 }
 
@@ -1239,6 +1262,7 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         bf16: bool,
+        out_bf16: bool,
     ) -> FloatTensor<Self> {
         match LinearBackward
             .prepare::<C>([x.node(), weight.node(), bias.node()])
@@ -1247,12 +1271,12 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         {
             OpsKind::Tracked(prep) => {
                 let [x, weight, bias] = [x, weight, bias].map(|t| t.into_primitive());
-                let (output, saved) = linear_forward(&x, &weight, &bias, bf16);
+                let (output, saved) = linear_forward(&x, &weight, &bias, bf16, out_bf16);
                 prep.finish(saved, output)
             }
             OpsKind::UnTracked(prep) => {
                 let [x, weight, bias] = [x, weight, bias].map(|t| t.into_primitive());
-                prep.finish(LibTorch::torch_linear(x, weight, bias, bf16))
+                prep.finish(LibTorch::torch_linear(x, weight, bias, bf16, out_bf16))
             }
         }
     }
