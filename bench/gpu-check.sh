@@ -34,7 +34,10 @@ if [ -f "$kit/torch-version" ]; then
   export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$logs/gpu.txt"
-backends=${BACKENDS:-$(sed "s/\bflex\b//g" "$kit/backends")}  # BACKENDS=flex tries the script on a CPU
+# The kit's GPU backends, tch-cuda first: PyTorch's kernels, the likelier to reach the MFU
+# target, while burn-cuda first compiles and autotunes its kernels. BACKENDS=flex tries the
+# script on a CPU.
+backends=${BACKENDS:-$(tr ' ' '\n' < "$kit/backends" | grep -vx flex | sort -r | tr '\n' ' ')}
 
 pack() {  # everything so far, without checkpoints, into one file (the device tool returns few,
   # of at most 16 MiB: the profiles' Chrome traces are left out if they would pass that)
