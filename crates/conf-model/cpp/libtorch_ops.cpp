@@ -7,6 +7,7 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/native_layer_norm_backward.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cstddef>
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -63,6 +65,43 @@ char *lookahead_foreach_mul_(at::Tensor *const *tensors, std::size_t count,
       list.push_back(*tensors[i]);
     }
     at::_foreach_mul_(list, factor->reshape({}));
+    return nullptr;
+  } catch (const std::exception &e) {
+    return strdup(e.what());
+  }
+}
+
+// LayerNorm's backward over the last dimension as libtorch's own kernels run it
+// (`native_layer_norm_backward`, what PyTorch's autograd calls): from the output's gradient,
+// the input, and each row's mean and `1 / std` that `native_layer_norm` returned: one kernel
+// for the input's gradient and one for the gain's and bias's, where the same maths in separate
+// operations makes about ten passes over `[N, d]`. `weight` and `bias` may be null (no affine
+// part; libtorch sizes the bias's gradient by `bias`, so it must be given when that is needed).
+// Writes the gradients asked for (`need`: input, weight, bias) to `out` as new tensors, the
+// others as null.
+char *lookahead_layer_norm_backward(const at::Tensor *grad, const at::Tensor *input,
+                                    const at::Tensor *mean, const at::Tensor *rstd,
+                                    const at::Tensor *weight, const at::Tensor *bias,
+                                    const bool *need, at::Tensor **out) {
+  try {
+    const auto optional = [](const at::Tensor *t) {
+      return t != nullptr ? std::optional<at::Tensor>(*t) : std::nullopt;
+    };
+    auto gradients = at::native_layer_norm_backward(
+        grad->contiguous(), input->contiguous(), {input->size(-1)}, *mean, *rstd,
+        optional(weight), optional(bias),
+        {need[0], need[1], need[2]});
+    at::Tensor *computed[3] = {nullptr, nullptr, nullptr};
+    const at::Tensor *parts[3] = {&std::get<0>(gradients), &std::get<1>(gradients),
+                                  &std::get<2>(gradients)};
+    for (int i = 0; i < 3; ++i) {
+      if (need[i] && parts[i]->defined()) {
+        computed[i] = new at::Tensor(*parts[i]);
+      }
+    }
+    for (int i = 0; i < 3; ++i) {
+      out[i] = computed[i];
+    }
     return nullptr;
   } catch (const std::exception &e) {
     return strdup(e.what());

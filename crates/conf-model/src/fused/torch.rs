@@ -449,6 +449,18 @@ unsafe extern "C" {
     ) -> *mut c_char;
 
     /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
+    fn lookahead_layer_norm_backward(
+        grad: *const c_void,
+        input: *const c_void,
+        mean: *const c_void,
+        rstd: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        need: *const bool,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+
+    /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
     fn lookahead_profiler_start(cuda: bool) -> *mut c_char;
 
     /// `cpp/libtorch_ops.cpp`: returns null, or libtorch's error message (`malloc`ed).
@@ -648,6 +660,7 @@ fn layer_norm_forward(
         mean: TchTensor::new(mean),
         rstd: TchTensor::new(rstd),
         gamma: gamma.clone(),
+        beta: beta.clone(),
     };
     (TchTensor::new(output), saved)
 }
@@ -682,7 +695,7 @@ fn adaptive_norm_forward_ops(
     // Unit gain and zero bias given explicitly: libtorch's LayerNorm kernel vectorises its
     // output only when it has both (without them, one value at a time: 1.8× the time).
     let options = (x.tensor.kind(), x.tensor.device());
-    let (normalised, _, rstd) = x.tensor.native_layer_norm(
+    let (normalised, mean, rstd) = x.tensor.native_layer_norm(
         [width],
         Some(&tch::Tensor::ones([width], options)),
         Some(&tch::Tensor::zeros([width], options)),
@@ -700,7 +713,11 @@ fn adaptive_norm_forward_ops(
     let saved = AdaptiveSaved {
         normalised: TchTensor::new(normalised),
         rstd: TchTensor::new(rstd),
-        gain: Some(TchTensor::new(gain)),
+        ops: Some(AdaptiveOpsSaved {
+            gain: TchTensor::new(gain),
+            x: x.clone(),
+            mean: TchTensor::new(mean),
+        }),
         c: c.clone(),
         weight: weight.clone(),
         bias: bias.clone(),
@@ -708,39 +725,28 @@ fn adaptive_norm_forward_ops(
     (TchTensor::new(output), saved)
 }
 
-/// `rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))`: the gradient of the normalisation's input from
-/// `ĝ`, the gradient of its output `x̂`.
-fn normalise_backward(
-    mut scaled: tch::Tensor,
-    xhat: &tch::Tensor,
-    rstd: &tch::Tensor,
-) -> tch::Tensor {
-    let last = [-1i64];
-    let mean = scaled.mean_dim(&last[..], true, None);
-    let mut projection = (&scaled * xhat).mean_dim(&last[..], true, None);
-    // In place on `ĝ`, which the caller made for this: three passes without new buffers
-    // where four operations each wrote one (−22% at [1024, 64], 1 thread).
-    let _ = projection.neg_();
-    let _ = scaled
-        .g_sub_(&mean)
-        .addcmul_(xhat, &projection)
-        .g_mul_(rstd);
-    scaled
-}
-
 /// What the AdaptiveLayer's backward reads.
 #[derive(Debug, Clone)]
 struct AdaptiveSaved {
     normalised: TchTensor,
     rstd: TchTensor,
-    /// `1 + scale`, from the libtorch operations' forward (the CPU's backward recomputes it
-    /// per row).
-    gain: Option<TchTensor>,
+    /// From the libtorch operations' forward (the CPU's backward recomputes `1 + scale` per
+    /// row from its own state).
+    ops: Option<AdaptiveOpsSaved>,
     c: TchTensor,
     weight: TchTensor,
     /// Read by the CPU's row kernels (built with flex's).
     #[cfg_attr(not(feature = "flex"), allow(dead_code))]
     bias: TchTensor,
+}
+
+/// What the AdaptiveLayer's backward reads on the libtorch operations' path: `1 + scale`, and
+/// the input and each row's mean for libtorch's normalisation backward.
+#[derive(Debug, Clone)]
+struct AdaptiveOpsSaved {
+    gain: TchTensor,
+    x: TchTensor,
+    mean: TchTensor,
 }
 
 #[derive(Debug)]
@@ -783,7 +789,7 @@ fn adaptive_norm_backward(
     grad: &tch::Tensor,
     needed: [bool; 4],
 ) -> [Option<tch::Tensor>; 4] {
-    let Some(gain) = &s.gain else {
+    let Some(ops) = &s.ops else {
         #[cfg(feature = "flex")]
         return rows::adaptive_norm_backward(s, grad).map(Some);
         #[cfg(not(feature = "flex"))]
@@ -796,7 +802,19 @@ fn adaptive_norm_backward(
     let d_modulation = tch::Tensor::cat(&[rows(&(grad * xhat)), rows(grad)], 1);
     let c = s.c.tensor.reshape([-1, 1]);
     [
-        need_x.then(|| normalise_backward(grad * &gain.tensor, xhat, &s.rstd.tensor)),
+        need_x.then(|| {
+            // The normalisation's backward from `ĝ = g · (1 + scale)`.
+            let [dx, _, _] = native_layer_norm_backward(
+                &(grad * &ops.gain.tensor),
+                &ops.x.tensor,
+                &ops.mean.tensor,
+                &s.rstd.tensor,
+                None,
+                None,
+                [true, false, false],
+            );
+            dx.expect("the input's gradient, asked for")
+        }),
         need_c.then(|| {
             d_modulation
                 .mm(&s.weight.tensor.tr())
@@ -862,7 +880,7 @@ mod rows {
         let saved = AdaptiveSaved {
             normalised: TchTensor::new(normalised),
             rstd: TchTensor::new(rstd),
-            gain: None,
+            ops: None,
             c: TchTensor::new(c),
             weight: TchTensor::new(w),
             bias: TchTensor::new(b),
@@ -1096,6 +1114,8 @@ struct NormSaved {
     mean: TchTensor,
     rstd: TchTensor,
     gamma: TchTensor,
+    /// Read by libtorch's backward (the GPU's path), which sizes β's gradient by it.
+    beta: TchTensor,
 }
 
 #[derive(Debug)]
@@ -1125,21 +1145,58 @@ fn layer_norm_backward(
     layer_norm_backward_ops(s, grad, needed)
 }
 
-/// [`layer_norm_backward`] in libtorch operations (its GPU path).
+/// [`layer_norm_backward`] in libtorch's own kernels (its GPU path).
 fn layer_norm_backward_ops(
     s: &NormSaved,
     grad: &tch::Tensor,
-    [need_x, need_gamma, need_beta]: [bool; 3],
+    needed: [bool; 3],
 ) -> [Option<tch::Tensor>; 3] {
-    let rstd = &s.rstd.tensor;
-    let xhat = (&s.x.tensor - &s.mean.tensor) * rstd;
-    let rows = |t: &tch::Tensor| t.reshape([-1, *t.size().last().unwrap()]);
-    let column_sum = |t: &tch::Tensor| rows(t).sum_dim_intlist(&[0i64][..], false, None);
-    [
-        need_x.then(|| normalise_backward(grad * &s.gamma.tensor, &xhat, rstd)),
-        need_gamma.then(|| column_sum(&(grad * &xhat))),
-        need_beta.then(|| column_sum(grad)),
-    ]
+    native_layer_norm_backward(
+        grad,
+        &s.x.tensor,
+        &s.mean.tensor,
+        &s.rstd.tensor,
+        Some(&s.gamma.tensor),
+        Some(&s.beta.tensor),
+        needed,
+    )
+}
+
+/// LayerNorm's backward over the last dimension as PyTorch's autograd runs it
+/// (`native_layer_norm_backward`, `cpp/libtorch_ops.cpp`): one kernel for x's gradient and one
+/// for γ's and β's, where the same maths in libtorch operations made about ten passes over
+/// `[N, d]`, memory-bound on a GPU. From the output's gradient, the input and each row's mean
+/// and `1 / std` as `native_layer_norm` returned them; without `gamma` and `beta`, the
+/// normalisation alone.
+fn native_layer_norm_backward(
+    grad: &tch::Tensor,
+    x: &tch::Tensor,
+    mean: &tch::Tensor,
+    rstd: &tch::Tensor,
+    gamma: Option<&tch::Tensor>,
+    beta: Option<&tch::Tensor>,
+    needed: [bool; 3],
+) -> [Option<tch::Tensor>; 3] {
+    let pointer = |t: Option<&tch::Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr().cast());
+    let mut out = [std::ptr::null_mut::<c_void>(); 3];
+    // SAFETY: the tensors are tch's `torch::Tensor*`, alive for the call (gamma and beta may
+    // be null); `needed` and `out` hold three entries each.
+    let error = unsafe {
+        lookahead_layer_norm_backward(
+            grad.as_ptr().cast(),
+            x.as_ptr().cast(),
+            mean.as_ptr().cast(),
+            rstd.as_ptr().cast(),
+            pointer(gamma),
+            pointer(beta),
+            needed.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
+    check(error, "LayerNorm backward");
+    // SAFETY: a non-null entry is a `new`ed `torch::Tensor`, owned from here by tch's Tensor,
+    // which deletes it.
+    out.map(|t| (!t.is_null()).then(|| unsafe { tch::Tensor::from_ptr(t.cast()) }))
 }
 
 /// What the attention's backward reads: libtorch's own graph of the forward, from leaves that
@@ -1377,7 +1434,7 @@ mod tests {
         let grad = tch::Tensor::randn([3, 5, 24], options);
         let (out_rows, saved_rows) = rows::adaptive_norm_forward(&x, &c, &weight, &bias, 1e-5);
         let (out_ops, saved_ops) = adaptive_norm_forward_ops(&x, &c, &weight, &bias, 1e-5);
-        assert!(saved_rows.gain.is_none() && saved_ops.gain.is_some());
+        assert!(saved_rows.ops.is_none() && saved_ops.ops.is_some());
         assert!(max_difference(&out_rows.tensor, &out_ops.tensor) < 1e-5);
         let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]).map(Option::unwrap);
         let from_ops = adaptive_norm_backward(&saved_ops, &grad, [true; 4]);
