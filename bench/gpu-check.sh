@@ -40,11 +40,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$log
 backends=${BACKENDS:-$(tr ' ' '\n' < "$kit/backends" | grep -vx flex | sort -r | tr '\n' ' ')}
 
 pack() {  # everything so far, without checkpoints, into one file (the device tool returns few,
-  # of at most 16 MiB: the profiles' Chrome traces are left out if they would pass that)
-  local part="$out/gpu-check.tar.gz.part"
+  # of at most 16 MiB: the profiles' traces and CubeCL's kernel log are left out if they would
+  # pass that)
+  local part="$out/gpu-check.tar.gz.part" limit=15000000
   tar -C "$work" --exclude=checkpoints -czf "$part" gpu-check &&
-    if [ "$(stat -c %s "$part")" -gt 15000000 ]; then
-      tar -C "$work" --exclude=checkpoints --exclude='*.trace.json' -czf "$part" gpu-check
+    if [ "$(stat -c %s "$part")" -gt "$limit" ]; then
+      tar -C "$work" --exclude=checkpoints --exclude='*.trace.json' --exclude='cuda-profile-*.txt' -czf "$part" gpu-check
+      [ "$(stat -c %s "$part")" -le "$limit" ] || echo "warning: $part is still over $limit bytes" >&2
     fi &&
     mv "$part" "$out/gpu-check.tar.gz"
 }
@@ -86,9 +88,13 @@ case " $backends " in *" cuda "*)
 esac
 # PyTorch itself on the same shapes and GPU (bench/reference.py, this machine's python3): the
 # side-by-side figures. The vocabulary is the gpu preset's corpus's, as a bench reported it.
-vocab=$(python3 -c 'import glob, json, sys; print(json.load(open(sorted(glob.glob(sys.argv[1] + "/*-bench-gpu*.json"))[0]))["vocab_size"])' "$logs" 2>/dev/null || echo 32)
+vocab=$(python3 -c 'import glob, json, sys; print(json.load(open(sorted(glob.glob(sys.argv[1] + "/*-bench-gpu*.json"))[0]))["vocab_size"])' "$logs" 2>/dev/null)
 pytorch() {  # pytorch PRECISION: the reference's bench at the gpu preset's shape, with a GPU backend
   case " $backends " in *cuda*)
+    if [ -z "$vocab" ]; then
+      echo "-- pytorch-bench-gpu-$1: skipped, no bench reported the gpu preset's vocabulary" | tee -a "$logs/summary.txt"
+      return
+    fi
     step "pytorch-bench-gpu-$1" $((budget / 10)) python3 bench/reference.py bench --device cuda --precision "$1" \
       --d-model 768 --n-layers 12 --n-heads 12 --seq-len 512 --batch-size 32 --vocab "$vocab" --steps 5 --warmup-steps 3 --turn-steps 5
   esac

@@ -573,6 +573,20 @@ fn bench_times_every_objective_and_writes_its_figures() {
         2,
         &["--profile", "tch-cpu"],
     );
+    fails_with(
+        &lookahead(
+            &[
+                "bench",
+                "--profile",
+                profile_dir.to_str().unwrap(),
+                "--devices",
+                "0,1",
+            ],
+            cache.path(),
+        ),
+        2,
+        &["--profile", "--devices"],
+    );
     assert!(!profile_dir.exists(), "nothing written");
     // bf16 products: recorded as such, and a finite loss.
     let bf16_output = dir.path().join("bench-bf16.json");

@@ -3,6 +3,7 @@
 //! as a Chrome trace (Perfetto, `chrome://tracing`). The cuda backend has CubeCL's own timing
 //! instead (`CUBECL_DEBUG_OPTION=profile`, docs/performance.md).
 
+use std::marker::PhantomData;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -19,10 +20,11 @@ pub fn available(device: &Device) -> Result<(), String> {
 }
 
 /// A running profile: [`LibtorchProfile::save`] ends it; dropped unsaved, it ends without a
-/// trace.
+/// trace. It records the thread that started it, so it stays on that thread (not `Send`).
 #[derive(Debug)]
 pub struct LibtorchProfile {
     running: bool,
+    _this_thread: PhantomData<*const ()>,
 }
 
 impl LibtorchProfile {
@@ -31,16 +33,20 @@ impl LibtorchProfile {
         available(device)?;
         #[cfg(feature = "tch")]
         crate::fused::start_profiler(crate::fused::libtorch_on_cuda(device) == Some(true))?;
-        Ok(Self { running: true })
+        Ok(Self {
+            running: true,
+            _this_thread: PhantomData,
+        })
     }
 
     /// Ends the profile and writes its Chrome trace to `trace`.
     pub fn save(mut self, trace: &Path) -> Result<(), String> {
-        self.running = false;
+        // A path libtorch cannot take leaves the profile running, for `Drop` to end.
         let path = trace
             .to_str()
             .and_then(|p| std::ffi::CString::new(p).ok())
             .ok_or_else(|| format!("{}: not a UTF-8 path", trace.display()))?;
+        self.running = false;
         stop(Some(&path))
     }
 }

@@ -16,7 +16,7 @@ use crate::cost::flops_per_token;
 use crate::loader::TrainBatches;
 use crate::objective::{ConfidenceSettings, Objective, ObjectiveKind};
 use crate::optim::{OptimizerSettings, adamw};
-use crate::profile::{ProfileError, ProfileRequest, ProfileSummary, profile_steps};
+use crate::profile::{ProfileRequest, ProfileSummary, profile_steps};
 use crate::trainee::{ObjectiveTrainee, Trainee};
 use crate::training::Execution;
 
@@ -74,7 +74,8 @@ pub struct ObjectiveTiming {
 /// so their ratios to one another keep to the code's. Each model is built from the device's
 /// generator seeded with `settings.seed`, and trains as it would alone. With
 /// `settings.profile`, each objective then runs its profiled steps, its trace written to
-/// `OBJECTIVE.trace.json` in the request's folder.
+/// `OBJECTIVE.trace.json` in the request's folder; a profile that fails is a warning, the
+/// timings stand.
 pub fn time_objectives(
     objectives: &[ObjectiveKind],
     model: &ConfidenceGptConfig,
@@ -83,7 +84,7 @@ pub fn time_objectives(
     split: &Split,
     settings: &BenchSettings,
     device: &Device,
-) -> Result<Vec<ObjectiveTiming>, ProfileError> {
+) -> Vec<ObjectiveTiming> {
     let device = settings.execution.training_device(device);
     let start = |objective| {
         device.seed(settings.seed);
@@ -128,21 +129,25 @@ pub fn time_objectives(
     }
     let mut profiles = Vec::with_capacity(runs.len());
     for (run, objective) in runs.iter_mut().zip(objectives) {
-        profiles.push(match &settings.profile {
-            Some(request) => {
-                let trace = request.dir.join(format!("{}.trace.json", objective.name()));
-                Some(profile_steps(&device, request.steps, &trace, || {
-                    run.step()
-                })?)
-            }
-            None => None,
-        });
+        let Some(request) = &settings.profile else {
+            profiles.push(None);
+            continue;
+        };
+        let trace = request.dir.join(format!("{}.trace.json", objective.name()));
+        // The reported loss stays the last timed step's.
+        let timed_loss = run.last_lm_loss;
+        let profile = profile_steps(&device, request.steps, &trace, || run.step());
+        run.last_lm_loss = timed_loss;
+        profiles.push(
+            profile
+                .inspect_err(|e| tracing::warn!("{}: no profile: {e}", objective.name()))
+                .ok(),
+        );
     }
-    Ok(runs
-        .into_iter()
+    runs.into_iter()
         .zip(profiles)
         .map(|(run, profile)| run.timing(settings, profile))
-        .collect())
+        .collect()
 }
 
 /// The length of each turn when `timed` steps are run `turn_steps` at a time.

@@ -263,7 +263,6 @@ fn objectives_timed_in_turns_train_as_each_would_alone() {
             &settings(turn_steps),
             &Device::flex(),
         )
-        .expect("nothing to profile")
     };
     let together = time(&[ObjectiveKind::Standard, ObjectiveKind::Dense], 2);
     let standard = time(&[ObjectiveKind::Standard], 5);

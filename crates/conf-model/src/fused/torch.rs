@@ -7,7 +7,7 @@
 //!   score;
 //! - LayerNorm (and the normalisation without gain and bias) through libtorch's fused
 //!   `native_layer_norm`; its backward on the CPU one pass over the rows (flex's row kernel),
-//!   on the GPU a few libtorch operations;
+//!   on the GPU libtorch's own `native_layer_norm_backward`;
 //! - the Linear on rows as one `addmm` (f32), the bias in the product's epilogue, or in bf16
 //!   the product of bf16 operands with the f32 bias added as it converts back (or one bf16
 //!   `addmm` for a consumer that takes bf16), with its own backward; Burn makes the product,
@@ -593,14 +593,19 @@ fn linear_forward(
 ) -> (TchTensor, LinearSaved) {
     let x_kind = x.tensor.kind();
     let (output, x, weight) = if bf16 {
-        let bf16 = |t: &tch::Tensor| t.to_kind(tch::Kind::BFloat16);
-        let (x, weight) = (bf16(&x.tensor), bf16(&weight.tensor));
-        let output = if out_bf16 {
-            bf16(&bias.tensor).addmm(&x, &weight)
-        } else {
-            x.mm(&weight) + &bias.tensor
+        let bf16 = |t: &TchTensor| match t.tensor.kind() {
+            // Burn's handle itself where x is bf16 already, so that Burn sees the backward's
+            // reference and never updates x in place.
+            tch::Kind::BFloat16 => t.clone(),
+            _ => TchTensor::new(t.tensor.to_kind(tch::Kind::BFloat16)),
         };
-        (output, TchTensor::new(x), TchTensor::new(weight))
+        let (x, weight) = (bf16(x), bf16(weight));
+        let output = if out_bf16 {
+            bf16(bias).tensor.addmm(&x.tensor, &weight.tensor)
+        } else {
+            x.tensor.mm(&weight.tensor) + &bias.tensor
+        };
+        (output, x, weight)
     } else {
         let output = bias.tensor.addmm(&x.tensor, &weight.tensor);
         (output, x.clone(), weight.clone())
@@ -1131,8 +1136,9 @@ impl Backward<LibTorch, 3> for LayerNormBackward {
 
 /// The gradients of x, γ and β (those `needed`) from the output's. With `x̂` the normalised
 /// input and `ĝ = g · γ`: `dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂))`, `dγ = Σ g · x̂`,
-/// `dβ = Σ g` (sums over every row). On the CPU one pass over the rows on this thread, where
-/// these are about ten libtorch operations (2.5× the time at `[1024, 64]`).
+/// `dβ = Σ g` (sums over every row). On the CPU one pass over the rows on this thread (flex's
+/// row kernel; the same maths in about ten libtorch operations took 2.5× its time at
+/// `[1024, 64]`), elsewhere libtorch's own backward kernels.
 fn layer_norm_backward(
     s: &NormSaved,
     grad: &tch::Tensor,
@@ -1385,8 +1391,8 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
-    /// Each of the row kernels' gradients within 1e-4 of the libtorch operations', which are
-    /// not trivially small.
+    /// Each of the row kernels' gradients within 1e-4 of the GPU path's (libtorch's), which
+    /// are not trivially small.
     fn assert_same_gradients(names: &[&str], rows: &[tch::Tensor], ops: &[Option<tch::Tensor>]) {
         assert_eq!((names.len(), rows.len()), (ops.len(), ops.len()));
         for ((name, a), b) in names.iter().zip(rows).zip(ops) {
@@ -1441,8 +1447,8 @@ mod tests {
         assert_same_gradients(&["x", "c", "weight", "bias"], &from_rows, &from_ops);
     }
 
-    /// LayerNorm's backward on the CPU's row kernel against the libtorch operations the GPU
-    /// runs: the gradients of x, γ and β.
+    /// LayerNorm's backward on the CPU's row kernel against libtorch's own backward, which the
+    /// GPU runs: the gradients of x, γ and β.
     #[test]
     fn the_layer_norm_backward_on_the_cpu_equals_its_libtorch_operations() {
         let options = (tch::Kind::Float, tch::Device::Cpu);
