@@ -6,7 +6,7 @@
 # The steps run in order of importance, each backend in turn: the comparison with flex, the
 # gpu preset's bench in f32 and bf16, a profile of its bf16 steps, PyTorch's own bf16 steps at
 # that shape, bf16 training against f32 training, the quick experiment in f32 and bf16, then
-# the rest (the quick preset's bench, the host's cost per step). Each
+# the rest (the quick preset's bench, PyTorch's compiled bf16 step, the host's cost per step). Each
 # step has a cap, and none starts past the budget. Everything lands in OUT_DIR/gpu-check.tar.gz
 # (rewritten after each step; checkpoints left out) and a summary on stdout.
 set -uo pipefail
@@ -89,22 +89,26 @@ esac
 # PyTorch itself on the same shapes and GPU (bench/reference.py, this machine's python3): the
 # side-by-side figures. The vocabulary is the gpu preset's corpus's, as a bench reported it.
 vocab=$(python3 -c 'import glob, json, sys; print(json.load(open(sorted(glob.glob(sys.argv[1] + "/*-bench-gpu*.json"))[0]))["vocab_size"])' "$logs" 2>/dev/null)
-pytorch() {  # pytorch PRECISION: the reference's bench at the gpu preset's shape, with a GPU backend
+pytorch() {  # pytorch NAME CAP PRECISION [ARGS...]: the reference's bench at the gpu preset's shape
+  local name=$1 cap=$2 precision=$3; shift 3
   case " $backends " in *cuda*)
     if [ -z "$vocab" ]; then
-      echo "-- pytorch-bench-gpu-$1: skipped, no bench reported the gpu preset's vocabulary" | tee -a "$logs/summary.txt"
+      echo "-- $name: skipped, no bench reported the gpu preset's vocabulary" | tee -a "$logs/summary.txt"
       return
     fi
-    step "pytorch-bench-gpu-$1" $((budget / 10)) python3 bench/reference.py bench --device cuda --precision "$1" \
-      --d-model 768 --n-layers 12 --n-heads 12 --seq-len 512 --batch-size 32 --vocab "$vocab" --steps 5 --warmup-steps 3 --turn-steps 5
+    step "$name" "$cap" python3 bench/reference.py bench --device cuda --precision "$precision" \
+      --d-model 768 --n-layers 12 --n-heads 12 --seq-len 512 --batch-size 32 --vocab "$vocab" --steps 5 --warmup-steps 3 --turn-steps 5 "$@"
   esac
 }
-pytorch bf16
+pytorch pytorch-bench-gpu-bf16 $((budget / 10)) bf16
 each bf16-training $((budget / 10)) "$bin" check-backend --backend {B} --bf16-training
 each experiment-quick $((budget / 5)) "$bin" experiment --backend {B} --no-tui --results-dir "$logs/{B}-experiment"
 each experiment-quick-bf16 $((budget / 5)) "$bin" experiment --backend {B} --precision bf16 --no-tui --results-dir "$logs/{B}-experiment-bf16"
-pytorch f32
+pytorch pytorch-bench-gpu-f32 $((budget / 10)) f32
 each bench-quick $((budget / 10)) "$bin" bench --backend {B} --preset quick --steps 10 --output "$logs/{B}-bench-quick.json"
+# What PyTorch's compiler (TorchInductor: element-wise chains fused into generated kernels, which
+# Burn's tch backend cannot reach) makes of the standard bf16 step: what fusing them is worth.
+pytorch pytorch-compiled-bench-gpu-bf16 $((budget / 5)) bf16 --compile --objectives standard
 # The host's cost per step: the gpu preset's depth at almost no width (docs/performance.md#host-cost-per-step-what-a-gpu-waits-for).
 printf 'd_model = 24\nn_layers = 12\nn_heads = 12\nseq_len = 8\nbatch_size = 1\n' > "$work/host.toml"
 each bench-host $((budget / 10)) "$bin" bench --backend {B} --config "$work/host.toml" --steps 50 --output "$logs/{B}-bench-host.json"

@@ -352,6 +352,8 @@ def bench(a):
         else:
             model = ConfidenceGPT(a.vocab, a.seq_len, a.d_model, a.n_layers, a.n_heads, hidden)
         init_weights(model).to(device)
+        if a.compile:  # the forward through TorchInductor: fused element-wise kernels
+            model.compile()
         batches = [
             (
                 torch.randint(0, a.vocab, (a.batch_size, a.seq_len + 2), generator=gen).to(device),
@@ -389,7 +391,7 @@ def bench(a):
         for run in runs
     ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB → MiB on Linux
-    report = {"torch": torch.__version__, "device": a.device, "precision": a.precision, "threads": a.threads, "rows": rows, "peak_host_mib": peak}
+    report = {"torch": torch.__version__, "device": a.device, "precision": a.precision, "compile": a.compile, "threads": a.threads, "rows": rows, "peak_host_mib": peak}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
         report["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -408,6 +410,7 @@ def main():
     b.add_argument("--objectives", default="standard,seed,dense,teacher")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     b.add_argument("--precision", choices=["f32", "tf32", "bf16"], default="f32")
+    b.add_argument("--compile", action="store_true", help="torch.compile each model (its forward; the warm-up steps compile)")
     a = parser.parse_args()
     if a.command == "check":
         check(a.dump)
