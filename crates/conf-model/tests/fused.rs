@@ -542,8 +542,9 @@ fn libtorch_attention_equals_its_plain_form_in_f32_and_within_rounding_in_bf16()
 }
 
 /// The attention of the no-gradient passes that extend cached keys on libtorch in bf16 (one
-/// call over `[past, own]` keys) against the plain form of the rounded operands, within 1% of
-/// the largest value: dense's causal form and seed's over every cached key.
+/// attention over the cached keys that returns the rows' log-sum-exp, the own key merged in by
+/// it) against the plain form of the rounded operands, within 1% of the largest value: dense's
+/// causal form and seed's over every cached key.
 #[cfg(feature = "tch")]
 #[test]
 #[allow(deprecated)] // burn-tch is deprecated upstream but is still Burn's libtorch backend

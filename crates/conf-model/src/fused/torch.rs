@@ -17,8 +17,9 @@
 //!   modulation as one `addcmul` per half and the modulation as one more, where Burn records a
 //!   product, a bias, two slices and three element-wise operations (and their backward
 //!   zero-fills and copies the slices);
-//! - dense pass 2's attention (no gradient) as the causal flash attention over the cached keys
-//!   with the own key merged in by the rows' log-sum-exp.
+//! - the pass-2 attention (no gradient) of dense (causal) and seed as one attention over the
+//!   cached keys that returns the rows' log-sum-exp (the CPU's flash kernel, CUDA's
+//!   memory-efficient one), with the own key merged in by it.
 //!
 //! Besides: AdamW's update in place on every libtorch device as PyTorch's fused kernel, the
 //! gradient clipping's scaling as one multi-tensor product (both in `cpp/libtorch_ops.cpp`,
@@ -307,13 +308,14 @@ pub trait TorchNoGradOps: Backend {
 }
 
 impl TorchNoGradOps for LibTorch {
-    /// f32 on the CPU: the flash attention over the cached keys (query i sees `0..=i` when
-    /// causal), then the own key merged in by the rows' log-sum-exp: with `s` its score and
-    /// `lse` the cached keys', the output moves toward the own value by `σ(s − lse)`, its
-    /// share of the softmax. Causal, one flash call that skips the hidden blocks, where one
-    /// over `[past, own]` keys under a mask computed every score (−32% at `[16, 4, 64, 16]`,
-    /// 1 thread); not causal, no concatenated copy of the cached keys. Elsewhere (CUDA, bf16),
-    /// where tch has no kernel that returns the log-sum-exp, that one call over `[past, own]`.
+    /// One attention over the cached keys (query i sees `0..=i` when causal) that also
+    /// returns each row's log-sum-exp, then the own key merged in by it: with `s` its score
+    /// and `lse` the cached keys', the output moves toward the own value by `σ(s − lse)`, its
+    /// share of the softmax. Causal, one call that skips the hidden blocks, where one over
+    /// `[past, own]` keys under a mask computed every score (−32% at `[16, 4, 64, 16]` on the
+    /// CPU, 1 thread) and copied the keys and values into one tensor each; not causal, no such
+    /// copy. Where libtorch returns no log-sum-exp (devices other than the CPU and CUDA), that
+    /// one call over `[past, own]`.
     fn torch_prefix_and_self_attention(
         q: TchTensor,
         own_key: TchTensor,
@@ -322,24 +324,26 @@ impl TorchNoGradOps for LibTorch {
         past_value: TchTensor,
         causal: bool,
     ) -> TchTensor {
-        if q.tensor.device() != tch::Device::Cpu || q.tensor.kind() != tch::Kind::Float {
+        let [q, own_key, own_value, past_key, past_value] =
+            [&q, &own_key, &own_value, &past_key, &past_value].map(|t| &t.tensor);
+        let mask = Mask::new(q, past_key, causal);
+        let Some((mut output, past_log_sum_exp)) =
+            attention_with_log_sum_exp(q, past_key, past_value, &mask)
+        else {
             return TchTensor::new(attention_over_past_and_own(
-                [&q, &own_key, &own_value, &past_key, &past_value].map(|t| &t.tensor),
+                [q, own_key, own_value, past_key, past_value],
                 causal,
             ));
-        }
-        let head_dim = *q.tensor.size().last().expect("a tensor with dimensions");
-        let mask = Mask::new(&q.tensor, &past_key.tensor, causal);
-        let (mut output, past_log_sum_exp) = cpu_flash_attention(&q, &past_key, &past_value, &mask);
-        let mut own_share = tch::Tensor::linalg_vecdot(&q.tensor, &own_key.tensor, -1);
+        };
+        let head_dim = *q.size().last().expect("a tensor with dimensions");
+        // The own key's share in f32, as the kernels keep the softmax's statistics.
+        let mut own_share = tch::Tensor::linalg_vecdot(q, own_key, -1).to_kind(tch::Kind::Float);
         let _ = own_share
             .g_mul_scalar_(1.0 / (head_dim as f64).sqrt())
-            .g_sub_(&past_log_sum_exp.tensor)
+            .g_sub_(&past_log_sum_exp)
             .sigmoid_();
-        let _ = output
-            .tensor
-            .lerp_tensor_(&own_value.tensor, &own_share.unsqueeze(-1));
-        output
+        let _ = output.lerp_tensor_(own_value, &own_share.unsqueeze(-1).to_kind(q.kind()));
+        TchTensor::new(output)
     }
 
     fn torch_token_statistics(
@@ -1019,23 +1023,58 @@ fn attention_over_past_and_own(tensors: [&tch::Tensor; 5], causal: bool) -> tch:
     )
 }
 
-/// The CPU's flash attention: the output and the rows' log-sum-exp.
-fn cpu_flash_attention(
-    q: &TchTensor,
-    k: &TchTensor,
-    v: &TchTensor,
+/// The attention's output and each query row's log-sum-exp of its scaled scores (f32), from
+/// the kernel that returns both: on the CPU its flash kernel (f32, bf16), on CUDA the
+/// memory-efficient one (tch does not bind CUDA's flash kernel with its statistics), whose
+/// log-sum-exp is padded to a multiple of 32 rows. `None` on other devices, and where CUDA's
+/// kernel refuses the inputs (the caller then makes one masked call; said once).
+fn attention_with_log_sum_exp(
+    q: &tch::Tensor,
+    k: &tch::Tensor,
+    v: &tch::Tensor,
     mask: &Mask,
-) -> (TchTensor, TchTensor) {
-    let (output, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
-        &q.tensor,
-        &k.tensor,
-        &v.tensor,
-        0.0,
-        mask.is_causal,
-        mask.bias(),
-        None::<f64>,
-    );
-    (TchTensor::new(output), TchTensor::new(logsumexp))
+) -> Option<(tch::Tensor, tch::Tensor)> {
+    match q.device() {
+        tch::Device::Cpu => Some(
+            tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
+                q,
+                k,
+                v,
+                0.0,
+                mask.is_causal,
+                mask.bias(),
+                None::<f64>,
+            ),
+        ),
+        tch::Device::Cuda(_) => {
+            let attention = tch::Tensor::f_internal_scaled_dot_product_efficient_attention(
+                q,
+                k,
+                v,
+                mask.bias(),
+                true,
+                0.0,
+                mask.is_causal,
+                None::<f64>,
+            );
+            match attention {
+                Ok((output, log_sum_exp, _, _)) => {
+                    Some((output, log_sum_exp.narrow(-1, 0, q.size()[2])))
+                }
+                Err(error) => {
+                    static REFUSED: std::sync::Once = std::sync::Once::new();
+                    REFUSED.call_once(|| {
+                        tracing::warn!(
+                            "libtorch's memory-efficient attention refused the prefix-and-self \
+                             attention ({error}); it runs as one masked attention instead"
+                        )
+                    });
+                    None
+                }
+            }
+        }
+        _ => None,
+    }
 }
 
 impl TorchOps for LibTorch {
@@ -1463,34 +1502,53 @@ mod tests {
         assert_same_gradients(&["x", "gamma", "beta"], &from_rows, &from_ops);
     }
 
-    /// The prefix-and-self attention as one call over `[past, own]` keys (CUDA's and bf16's
-    /// path) against the CPU's flash attention with the own key merged in: causal (one
-    /// cached key per query) and not (every cached key), to rounding.
+    /// The prefix-and-self attention as one call over `[past, own]` keys (the path of devices
+    /// without a log-sum-exp) against the attention over the cached keys with the own key
+    /// merged in: causal (one cached key per query) and not (every cached key). In f32 equal
+    /// to rounding; in bf16 about as far from f32's one call on the same inputs as bf16's own
+    /// one call is, with the merge's own rounding to bf16 (its share is computed in f32).
     #[test]
     fn the_attention_over_past_and_own_keys_equals_the_merged_flash_attention() {
-        let options = (tch::Kind::Float, tch::Device::Cpu);
         tch::manual_seed(3);
-        for (seq, cached, causal) in [(1, 1, true), (6, 6, true), (1, 7, false), (4, 7, false)] {
-            let heads = |rows| TchTensor::new(tch::Tensor::randn([2, 3, rows, 8], options) * 1.5);
-            let [q, own_key, own_value] = [heads(seq), heads(seq), heads(seq)];
-            let [past_key, past_value] = [heads(cached), heads(cached)];
-            let merged = LibTorch::torch_prefix_and_self_attention(
-                q.clone(),
-                own_key.clone(),
-                own_value.clone(),
-                past_key.clone(),
-                past_value.clone(),
-                causal,
-            );
-            let one_call = attention_over_past_and_own(
-                [&q, &own_key, &own_value, &past_key, &past_value].map(|t| &t.tensor),
-                causal,
-            );
-            let difference = max_difference(&one_call, &merged.tensor);
-            assert!(
-                difference < 1e-5,
-                "{seq} queries, {cached} cached: {difference}"
-            );
+        let f32 = |t: &tch::Tensor| t.to_kind(tch::Kind::Float);
+        for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
+            for (seq, cached, causal) in [(1, 1, true), (6, 6, true), (1, 7, false), (4, 7, false)]
+            {
+                let heads = |rows| {
+                    (tch::Tensor::randn([2, 3, rows, 8], (tch::Kind::Float, tch::Device::Cpu))
+                        * 1.5)
+                        .to_kind(kind)
+                };
+                let inputs = [
+                    heads(seq),
+                    heads(seq),
+                    heads(seq),
+                    heads(cached),
+                    heads(cached),
+                ];
+                let [q, own_key, own_value, past_key, past_value] =
+                    inputs.each_ref().map(|t| TchTensor::new(t.shallow_clone()));
+                let merged = LibTorch::torch_prefix_and_self_attention(
+                    q, own_key, own_value, past_key, past_value, causal,
+                );
+                assert_eq!(merged.tensor.kind(), kind);
+                let exact =
+                    attention_over_past_and_own(inputs.each_ref().map(f32).each_ref(), causal);
+                let difference = max_difference(&exact, &f32(&merged.tensor));
+                let tolerance = match kind {
+                    tch::Kind::Float => 1e-5,
+                    _ => {
+                        // bf16's one call, plus one more rounding to bf16 (the merge's).
+                        let one_call = attention_over_past_and_own(inputs.each_ref(), causal);
+                        let rounding = exact.abs().max().double_value(&[]) * 2f64.powi(-8);
+                        2.0 * max_difference(&exact, &f32(&one_call)) + rounding
+                    }
+                };
+                assert!(
+                    difference < tolerance,
+                    "{kind:?}, {seq} queries, {cached} cached: {difference} (at most {tolerance})"
+                );
+            }
         }
     }
 }
