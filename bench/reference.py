@@ -352,7 +352,7 @@ def bench(a):
         else:
             model = ConfidenceGPT(a.vocab, a.seq_len, a.d_model, a.n_layers, a.n_heads, hidden)
         init_weights(model).to(device)
-        if a.compile:  # the forward through TorchInductor: fused element-wise kernels
+        if a.compile:  # forward and backward through TorchInductor: fused element-wise kernels
             model.compile()
         batches = [
             (
@@ -410,7 +410,7 @@ def main():
     b.add_argument("--objectives", default="standard,seed,dense,teacher")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     b.add_argument("--precision", choices=["f32", "tf32", "bf16"], default="f32")
-    b.add_argument("--compile", action="store_true", help="torch.compile each model (its forward; the warm-up steps compile)")
+    b.add_argument("--compile", action="store_true", help="torch.compile each model (its forward and backward; the warm-up steps compile)")
     a = parser.parse_args()
     if a.command == "check":
         check(a.dump)
