@@ -15,9 +15,23 @@ use super::extension;
 /// runs hundreds of such loops (docs/performance.md), with serial work between them long
 /// enough for the pool's other threads to fall asleep, so they keep polling for work until
 /// `work` returns instead of waking for each loop.
+///
+/// One step at a time has pollers: a step called while another has them (data-parallel
+/// workers sharing the CPU, tests side by side) runs on the pool without. Two sets of pollers
+/// deadlock: a thread inside one step's work, waiting for a parallel loop, takes the other
+/// step's polling job and spins until that step ends, which can wait on what lies beneath.
 pub fn on_cpu_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     if extension::is_flex(device) && rayon::current_thread_index().is_none() {
+        static POLLED: AtomicBool = AtomicBool::new(false);
+        if POLLED
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return rayon::scope(|_| work());
+        }
+        // Cleared once the pollers have returned, also when `work` panics.
+        let _polled = StoreOnDrop(&POLLED, false);
         let done = AtomicBool::new(false);
         return rayon::scope(|scope| {
             let worker = rayon::current_thread_index();
@@ -28,7 +42,7 @@ pub fn on_cpu_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) ->
                 }
             });
             // Set also when `work` panics, or the scope would wait for the pollers forever.
-            let _finished = SetOnDrop(done);
+            let _finished = StoreOnDrop(done, true);
             work()
         });
     }
@@ -46,13 +60,14 @@ fn poll_until(done: &AtomicBool) {
     }
 }
 
+/// Stores its value in the flag when dropped.
 #[cfg(feature = "flex")]
-struct SetOnDrop<'a>(&'a AtomicBool);
+struct StoreOnDrop<'a>(&'a AtomicBool, bool);
 
 #[cfg(feature = "flex")]
-impl Drop for SetOnDrop<'_> {
+impl Drop for StoreOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.store(self.1, Ordering::Release);
     }
 }
 
@@ -84,5 +99,36 @@ mod tests {
         assert!(panicked.is_err());
         // The pool is free again afterwards.
         assert_eq!(on_cpu_pool(&Device::flex(), || 7), 7);
+    }
+
+    /// Steps on several threads at once (data-parallel workers sharing the CPU, tests run side
+    /// by side) with nested parallel loops inside each: every one completes, within a minute.
+    #[test]
+    fn steps_called_from_several_threads_at_once_all_complete() {
+        use rayon::prelude::*;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        for caller in 0..4u64 {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for round in 0..300u64 {
+                    let sum: u64 = on_cpu_pool(&Device::flex(), || {
+                        (0..64u64)
+                            .into_par_iter()
+                            .map(|i| (0..i + round % 7).into_par_iter().sum::<u64>())
+                            .sum()
+                    });
+                    let expected: u64 = (0..64u64).map(|i| (0..i + round % 7).sum::<u64>()).sum();
+                    assert_eq!(sum, expected, "caller {caller}, round {round}");
+                }
+                sender
+                    .send(caller)
+                    .expect("the test waits for every caller");
+            });
+        }
+        for _ in 0..4 {
+            receiver
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every caller's steps complete within a minute");
+        }
     }
 }
