@@ -16,8 +16,8 @@ use super::extension;
 /// enough for the pool's other threads to fall asleep, so they keep polling for work until
 /// `work` returns instead of waking for each loop.
 ///
-/// One step at a time has pollers: a step called while another has them (data-parallel
-/// workers sharing the CPU, tests side by side) runs on the pool without. Two sets of pollers
+/// One step at a time has pollers: a step called while another has them (from another
+/// thread: tests side by side) runs on the pool without. Two sets of pollers
 /// deadlock: a thread inside one step's work, waiting for a parallel loop, takes the other
 /// step's polling job and spins until that step ends, which can wait on what lies beneath.
 pub fn on_cpu_pool<R: Send>(device: &Device, work: impl FnOnce() -> R + Send) -> R {
@@ -101,8 +101,8 @@ mod tests {
         assert_eq!(on_cpu_pool(&Device::flex(), || 7), 7);
     }
 
-    /// Steps on several threads at once (data-parallel workers sharing the CPU, tests run side
-    /// by side) with nested parallel loops inside each: every one completes, within a minute.
+    /// Steps on several threads at once (as tests run side by side) with nested parallel
+    /// loops inside each: every one completes, within a minute.
     #[test]
     fn steps_called_from_several_threads_at_once_all_complete() {
         use rayon::prelude::*;
