@@ -13,6 +13,8 @@
 mod avx2;
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod avx512;
+#[cfg(feature = "tch")]
+mod cuda_kernels;
 #[cfg(feature = "flex")]
 mod extension;
 #[cfg(feature = "flex")]

@@ -13,10 +13,11 @@
 //!   `addmm` for a consumer that takes bf16), with its own backward; Burn makes the product,
 //!   then a pass over the output for the bias;
 //! - the AdaptiveLayer, forward and backward: on the CPU one pass over the rows each (flex's
-//!   row kernels on libtorch's memory); on the GPU that normalisation, its `Linear(1 → 2d)`
-//!   modulation as one `addcmul` per half and the modulation as one more, where Burn records a
-//!   product, a bias, two slices and three element-wise operations (and their backward
-//!   zero-fills and copies the slices);
+//!   row kernels on libtorch's memory); on CUDA one kernel each way of our own (`cuda_kernels`,
+//!   compiled at run time); elsewhere that normalisation, its `Linear(1 → 2d)` modulation as one
+//!   `addcmul` per half and the modulation as one more, where Burn records a product, a bias,
+//!   two slices and three element-wise operations (and their backward zero-fills and copies the
+//!   slices);
 //! - the pass-2 attention (no gradient) of dense (causal) and seed as one attention over the
 //!   cached keys that returns the rows' log-sum-exp (the CPU's flash kernel, CUDA's
 //!   memory-efficient one), with the own key merged in by it.
@@ -41,6 +42,8 @@ use burn::backend::{
 use burn::prelude::*;
 use burn::tensor::DType;
 use std::ffi::{c_char, c_void};
+
+use super::cuda_kernels;
 
 /// Turns libtorch's oneDNN (MKLDNN) paths off for the whole process, as PyTorch's
 /// `torch.backends.mkldnn.enabled = False` does; returns whether they are off now. f32 training
@@ -501,7 +504,7 @@ fn check(error: *mut c_char, operation: &str) {
 }
 
 /// The result of a call of `cpp/libtorch_ops.cpp`: libtorch's message if it returned one.
-fn libtorch_result(error: *mut c_char) -> Result<(), String> {
+pub(super) fn libtorch_result(error: *mut c_char) -> Result<(), String> {
     if error.is_null() {
         return Ok(());
     }
@@ -676,7 +679,8 @@ fn layer_norm_forward(
 
 /// The AdaptiveLayer's output, and what its backward reads. On the CPU one pass over the rows
 /// on this thread (`kernels::adaptive_norm_rows`, flex's kernel): normalised and modulated
-/// while in cache, where libtorch's operations make four passes and three temporaries.
+/// while in cache, where libtorch's operations make four passes and three temporaries. On CUDA
+/// our own kernel, one pass (`cuda_kernels`); libtorch's operations where it does not load.
 fn adaptive_norm_forward(
     x: &TchTensor,
     c: &TchTensor,
@@ -688,10 +692,25 @@ fn adaptive_norm_forward(
     if x.tensor.device() == tch::Device::Cpu {
         return rows::adaptive_norm_forward(x, c, weight, bias, eps);
     }
+    let inputs = [x, c, weight, bias].map(|t| &t.tensor);
+    if let Some(kernels) = cuda_kernels::adaptive_kernels(inputs) {
+        let [out, mean, rstd] = kernels.forward(inputs[0], inputs[1], inputs[2], inputs[3], eps);
+        let saved = AdaptiveSaved::Kernels {
+            kernels,
+            x: x.clone(),
+            mean: TchTensor::new(mean),
+            rstd: TchTensor::new(rstd),
+            c: c.clone(),
+            weight: weight.clone(),
+            bias: bias.clone(),
+        };
+        return (TchTensor::new(out), saved);
+    }
     adaptive_norm_forward_ops(x, c, weight, bias, eps)
 }
 
-/// [`adaptive_norm_forward`] in libtorch operations (its GPU path).
+/// [`adaptive_norm_forward`] in libtorch operations (the path of devices without a kernel of
+/// ours).
 fn adaptive_norm_forward_ops(
     x: &TchTensor,
     c: &TchTensor,
@@ -719,43 +738,51 @@ fn adaptive_norm_forward_ops(
     let shift = half(&bias.tensor, 1).addcmul(&c_rows, &half(&weight.tensor, 1));
     let (gain, mut output) = (gain.reshape(&size[..]), shift.reshape(&size[..]));
     let _ = output.addcmul_(&normalised, &gain);
-    let saved = AdaptiveSaved {
+    let saved = AdaptiveSaved::Ops {
         normalised: TchTensor::new(normalised),
         rstd: TchTensor::new(rstd),
-        ops: Some(AdaptiveOpsSaved {
-            gain: TchTensor::new(gain),
-            x: x.clone(),
-            mean: TchTensor::new(mean),
-        }),
+        gain: TchTensor::new(gain),
+        x: x.clone(),
+        mean: TchTensor::new(mean),
         c: c.clone(),
         weight: weight.clone(),
-        bias: bias.clone(),
     };
     (TchTensor::new(output), saved)
 }
 
-/// What the AdaptiveLayer's backward reads.
+/// What the AdaptiveLayer's backward reads, by the path its forward took.
 #[derive(Debug, Clone)]
-struct AdaptiveSaved {
-    normalised: TchTensor,
-    rstd: TchTensor,
-    /// From the libtorch operations' forward (the CPU's backward recomputes `1 + scale` per
-    /// row from its own state).
-    ops: Option<AdaptiveOpsSaved>,
-    c: TchTensor,
-    weight: TchTensor,
-    /// Read by the CPU's row kernels (built with flex's).
-    #[cfg_attr(not(feature = "flex"), allow(dead_code))]
-    bias: TchTensor,
-}
-
-/// What the AdaptiveLayer's backward reads on the libtorch operations' path: `1 + scale`, and
-/// the input and each row's mean for libtorch's normalisation backward.
-#[derive(Debug, Clone)]
-struct AdaptiveOpsSaved {
-    gain: TchTensor,
-    x: TchTensor,
-    mean: TchTensor,
+enum AdaptiveSaved {
+    /// The CPU's row kernels (flex's): `x̂` and each row's `1 / std`.
+    #[cfg(feature = "flex")]
+    Rows {
+        normalised: TchTensor,
+        rstd: TchTensor,
+        c: TchTensor,
+        weight: TchTensor,
+        bias: TchTensor,
+    },
+    /// libtorch's operations: `x̂`, `1 + scale`, and the input and each row's mean and
+    /// `1 / std` for libtorch's normalisation backward.
+    Ops {
+        normalised: TchTensor,
+        rstd: TchTensor,
+        gain: TchTensor,
+        x: TchTensor,
+        mean: TchTensor,
+        c: TchTensor,
+        weight: TchTensor,
+    },
+    /// Our CUDA kernels: the input and each row's mean and `1 / std` (no `[N, d]` besides x).
+    Kernels {
+        kernels: &'static cuda_kernels::AdaptiveKernels,
+        x: TchTensor,
+        mean: TchTensor,
+        rstd: TchTensor,
+        c: TchTensor,
+        weight: TchTensor,
+        bias: TchTensor,
+    },
 }
 
 #[derive(Debug)]
@@ -790,31 +817,70 @@ fn register_gradients<S, const N: usize>(
     }
 }
 
-/// The gradients of x, c, the weight and the bias (those `needed`) from the output's. With
-/// `m = [scale | shift]` the modulation: `dscale = g · x̂`, `dshift = g`, then `dW = cᵀ · dm`,
-/// `db = Σ dm`, `dc = dm · Wᵀ`, and `dx` through the normalisation from `g · (1 + scale)`.
-/// On libtorch's operations (the GPU's path) each half of `dm` is read by one product with
-/// `[c | 1]` for its parts of `dW` and `db` together, and by one for `dc`: no `[N, 2d]`
-/// concatenation of `g · x̂` and `g`, nor a separate sum (24 fewer bytes per element of
-/// `[N, d]` read or written than that form, memory-bound on a GPU).
+/// The gradients of x, c, the weight and the bias (those `needed`) from the output's, by the
+/// path the forward took.
 fn adaptive_norm_backward(
     s: &AdaptiveSaved,
     grad: &tch::Tensor,
     needed: [bool; 4],
 ) -> [Option<tch::Tensor>; 4] {
-    let Some(ops) = &s.ops else {
+    match s {
         #[cfg(feature = "flex")]
-        return rows::adaptive_norm_backward(s, grad).map(Some);
-        #[cfg(not(feature = "flex"))]
-        unreachable!("only the CPU's forward leaves the gain out");
-    };
+        AdaptiveSaved::Rows { .. } => rows::adaptive_norm_backward(s, grad).map(Some),
+        AdaptiveSaved::Ops {
+            normalised,
+            rstd,
+            gain,
+            x,
+            mean,
+            c,
+            weight,
+        } => adaptive_norm_backward_ops(
+            grad,
+            [normalised, rstd, gain, x, mean, c, weight].map(|t| &t.tensor),
+            needed,
+        ),
+        AdaptiveSaved::Kernels {
+            kernels,
+            x,
+            mean,
+            rstd,
+            c,
+            weight,
+            bias,
+        } => kernels.backward(
+            grad,
+            &x.tensor,
+            &mean.tensor,
+            &rstd.tensor,
+            &c.tensor,
+            &weight.tensor,
+            &bias.tensor,
+            needed,
+        ),
+    }
+}
+
+/// [`adaptive_norm_backward`] in libtorch's operations, from `[x̂, 1 / std, 1 + scale, x, mean,
+/// c, weight]`. With `m = [scale | shift]` the modulation: `dscale = g · x̂`, `dshift = g`, then
+/// `dW = cᵀ · dm`, `db = Σ dm`, `dc = dm · Wᵀ`, and `dx` through the normalisation from
+/// `g · (1 + scale)`. Each half of `dm` is read by one product with `[c | 1]` for its parts of
+/// `dW` and `db` together, and by one for `dc`: no `[N, 2d]` concatenation of `g · x̂` and `g`,
+/// nor a separate sum (24 fewer bytes per element of `[N, d]` read or written than that form).
+fn adaptive_norm_backward_ops(
+    grad: &tch::Tensor,
+    saved: [&tch::Tensor; 7],
+    needed: [bool; 4],
+) -> [Option<tch::Tensor>; 4] {
+    let [normalised, rstd, gain, x, mean, c, weight] = saved;
     let [need_x, need_c, need_w, need_b] = needed;
     let width = *grad.size().last().expect("a tensor with dimensions");
     let rows = |t: &tch::Tensor| t.reshape([-1, width]);
     let d_shift = rows(grad);
-    let d_scale = (need_c || need_w || need_b).then(|| &d_shift * rows(&s.normalised.tensor));
-    let c = s.c.tensor.reshape([-1, 1]);
-    let weight_half = |i: i64| s.weight.tensor.narrow(-1, i * width, width); // [1, d]
+    let d_scale = (need_c || need_w || need_b).then(|| &d_shift * rows(normalised));
+    let c_size = c.size();
+    let c = c.reshape([-1, 1]);
+    let weight_half = |i: i64| weight.narrow(-1, i * width, width); // [1, d]
     // `[c | 1]ᵀ · dm_half` for each half: row 0 its part of the weight's gradient, row 1 of
     // the bias's; each gradient is then a tensor of its own (two rows of `2d`).
     let halves = (need_w || need_b).then(|| {
@@ -830,10 +896,10 @@ fn adaptive_norm_backward(
         need_x.then(|| {
             // The normalisation's backward from `ĝ = g · (1 + scale)`.
             let [dx, _, _] = native_layer_norm_backward(
-                &(grad * &ops.gain.tensor),
-                &ops.x.tensor,
-                &ops.mean.tensor,
-                &s.rstd.tensor,
+                &(grad * gain),
+                x,
+                mean,
+                rstd,
                 None,
                 None,
                 [true, false, false],
@@ -845,7 +911,7 @@ fn adaptive_norm_backward(
             d_shift
                 .mm(&weight_half(1).tr())
                 .addmm(d_scale, &weight_half(0).tr())
-                .reshape(&s.c.tensor.size()[..])
+                .reshape(&c_size[..])
         }),
         need_w.then(|| gradient(0).unsqueeze(0)),
         need_b.then(|| gradient(1)),
@@ -904,10 +970,9 @@ mod rows {
             &mut rstd,
         );
         let rstd = tch::Tensor::from_slice(&rstd).reshape(&c.size()[..]);
-        let saved = AdaptiveSaved {
+        let saved = AdaptiveSaved::Rows {
             normalised: TchTensor::new(normalised),
             rstd: TchTensor::new(rstd),
-            ops: None,
             c: TchTensor::new(c),
             weight: TchTensor::new(w),
             bias: TchTensor::new(b),
@@ -942,17 +1007,27 @@ mod rows {
         s: &AdaptiveSaved,
         grad: &tch::Tensor,
     ) -> [tch::Tensor; 4] {
+        let AdaptiveSaved::Rows {
+            normalised,
+            rstd,
+            c,
+            weight,
+            bias,
+        } = s
+        else {
+            unreachable!("the rows' backward reads what the rows' forward saved");
+        };
         let grad = grad.contiguous();
-        let (c, weight) = (&s.c.tensor, &s.weight.tensor);
+        let (c, weight) = (&c.tensor, &weight.tensor);
         let mut dx = empty(&grad.size());
         let mut dc = vec![0.0; c.numel()];
         let mut sums = vec![0.0; 2 * weight.numel()];
         kernels::adaptive_norm_backward_rows(
-            values(&s.normalised.tensor),
-            values(&s.rstd.tensor),
+            values(&normalised.tensor),
+            values(&rstd.tensor),
             values(c),
             values(weight),
-            values(&s.bias.tensor),
+            values(&bias.tensor),
             values(&grad),
             memory(&mut dx),
             &mut dc,
@@ -1498,7 +1573,10 @@ mod tests {
         let grad = tch::Tensor::randn([3, 5, 24], options);
         let (out_rows, saved_rows) = rows::adaptive_norm_forward(&x, &c, &weight, &bias, 1e-5);
         let (out_ops, saved_ops) = adaptive_norm_forward_ops(&x, &c, &weight, &bias, 1e-5);
-        assert!(saved_rows.ops.is_none() && saved_ops.ops.is_some());
+        assert!(matches!(
+            (&saved_rows, &saved_ops),
+            (AdaptiveSaved::Rows { .. }, AdaptiveSaved::Ops { .. })
+        ));
         assert!(max_difference(&out_rows.tensor, &out_ops.tensor) < 1e-5);
         let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]).map(Option::unwrap);
         let from_ops = adaptive_norm_backward(&saved_ops, &grad, [true; 4]);
