@@ -115,5 +115,8 @@ each bench-host $((budget / 10)) "$bin" bench --backend {B} --config "$work/host
 case " $backends " in *" tch-cuda "*)
   step tch-cuda-bench-gpu-tf32 $((budget / 6)) env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$bin" bench --backend tch-cuda --preset gpu --precision tf32 --steps 5 --output "$logs/tch-cuda-bench-gpu-tf32.json"
 esac
+# Whether tch-cuda's AdaptiveLayer ran as the project's CUDA kernels (compiled by NVRTC on first
+# use) or as libtorch's operations (a warning says why).
+grep -h "AdaptiveLayer's CUDA kernels" "$logs"/*.log 2>/dev/null | sed 's/^.*\(the AdaptiveLayer\)/\1/' | sort | uniq -c >> "$logs/summary.txt"
 pack
 echo "== summary"; cat "$logs/summary.txt"

@@ -17,8 +17,8 @@ const SOURCE: &str = include_str!("../../cpp/adaptive_norm.cuh");
 const THREADS: u32 = 256;
 /// Columns per thread at most (`PER_THREAD` in the source): rows up to 2048 wide.
 const PER_THREAD: i64 = 8;
-/// Blocks of the backward per multiprocessor: all resident at once (2048 threads), each
-/// summing the parameters' gradients over a share of the rows.
+/// Blocks of the backward per multiprocessor, each summing the parameters' gradients over a
+/// share of the rows: a few waves of them (more blocks, more sums to add; fewer, an idle GPU).
 const BLOCKS_PER_PROCESSOR: i64 = 8;
 
 unsafe extern "C" {
