@@ -67,11 +67,13 @@ inline float warp_xor(float v, int mask) {
 #include "adaptive_norm.cuh"
 #undef __shared__
 
-// Runs `kernel` on `grid` blocks of `threads` threads. One launch at a time: the kernels'
-// shared memory is a `static` of each.
+// Held by a launch: one at a time, since the kernels' shared memory is a `static` of each and
+// the grid's dimensions are shared by all threads.
+std::mutex one_launch;
+
+// Runs `kernel` on `grid` blocks of `threads` threads.
 template <typename Kernel>
 void launch(unsigned grid, unsigned threads, const Kernel &kernel) {
-  static std::mutex one_launch;
   std::lock_guard<std::mutex> lock(one_launch);
   blockDim = {threads, 1, 1};
   gridDim = {grid, 1, 1};

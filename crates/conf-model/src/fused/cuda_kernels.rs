@@ -321,6 +321,17 @@ impl AdaptiveKernels {
     }
 }
 
+/// The kernels as the tests run them: on the host, at the launch geometry of a GPU with one
+/// multiprocessor (the backward's blocks then each sum more than one row).
+#[cfg(test)]
+pub(super) fn on_the_host() -> &'static AdaptiveKernels {
+    static HOST: AdaptiveKernels = AdaptiveKernels {
+        on: Target::Host,
+        processors: 1,
+    };
+    &HOST
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,15 +344,6 @@ mod tests {
             threads: u32,
             args: *mut *mut c_void,
         ) -> *mut c_char;
-    }
-
-    /// The kernels as the tests run them: on the host, at the launch geometry of a GPU with one
-    /// multiprocessor (the backward's blocks then each sum more than one row).
-    fn on_the_host() -> AdaptiveKernels {
-        AdaptiveKernels {
-            on: Target::Host,
-            processors: 1,
-        }
     }
 
     /// The AdaptiveLayer in libtorch's operations, its gradients by libtorch's autograd: the

@@ -692,21 +692,33 @@ fn adaptive_norm_forward(
     if x.tensor.device() == tch::Device::Cpu {
         return rows::adaptive_norm_forward(x, c, weight, bias, eps);
     }
-    let inputs = [x, c, weight, bias].map(|t| &t.tensor);
-    if let Some(kernels) = cuda_kernels::adaptive_kernels(inputs) {
-        let [out, mean, rstd] = kernels.forward(inputs[0], inputs[1], inputs[2], inputs[3], eps);
-        let saved = AdaptiveSaved::Kernels {
-            kernels,
-            x: x.clone(),
-            mean: TchTensor::new(mean),
-            rstd: TchTensor::new(rstd),
-            c: c.clone(),
-            weight: weight.clone(),
-            bias: bias.clone(),
-        };
-        return (TchTensor::new(out), saved);
+    match cuda_kernels::adaptive_kernels([x, c, weight, bias].map(|t| &t.tensor)) {
+        Some(kernels) => adaptive_norm_forward_kernels(kernels, x, c, weight, bias, eps),
+        None => adaptive_norm_forward_ops(x, c, weight, bias, eps),
     }
-    adaptive_norm_forward_ops(x, c, weight, bias, eps)
+}
+
+/// [`adaptive_norm_forward`] through our CUDA kernels.
+fn adaptive_norm_forward_kernels(
+    kernels: &'static cuda_kernels::AdaptiveKernels,
+    x: &TchTensor,
+    c: &TchTensor,
+    weight: &TchTensor,
+    bias: &TchTensor,
+    eps: f64,
+) -> (TchTensor, AdaptiveSaved) {
+    let [out, mean, rstd] =
+        kernels.forward(&x.tensor, &c.tensor, &weight.tensor, &bias.tensor, eps);
+    let saved = AdaptiveSaved::Kernels {
+        kernels,
+        x: x.clone(),
+        mean: TchTensor::new(mean),
+        rstd: TchTensor::new(rstd),
+        c: c.clone(),
+        weight: weight.clone(),
+        bias: bias.clone(),
+    };
+    (TchTensor::new(out), saved)
 }
 
 /// [`adaptive_norm_forward`] in libtorch operations (the path of devices without a kernel of
@@ -1562,25 +1574,35 @@ mod tests {
         assert_eq!(values(&shared), vec![0.5; 70]);
     }
 
-    /// The CPU's row kernels against the libtorch operations the GPU runs: output and all four
-    /// gradients, at a width that is not a multiple of the vector lanes.
+    /// The CPU's row kernels and the CUDA kernels (run on the host) against the libtorch
+    /// operations of other devices, each through the forward and backward the autodiff calls:
+    /// output and all four gradients, at a width that is not a multiple of the vector lanes.
     #[test]
-    fn the_adaptive_layer_on_the_cpu_equals_its_libtorch_operations() {
+    fn the_adaptive_layer_on_the_cpu_and_cuda_equals_its_libtorch_operations() {
         let options = (tch::Kind::Float, tch::Device::Cpu);
         tch::manual_seed(7);
         let [x, c, weight, bias] = [vec![3, 5, 24], vec![3, 5, 1], vec![1, 48], vec![48]]
             .map(|size| TchTensor::new(tch::Tensor::randn(size, options)));
         let grad = tch::Tensor::randn([3, 5, 24], options);
-        let (out_rows, saved_rows) = rows::adaptive_norm_forward(&x, &c, &weight, &bias, 1e-5);
         let (out_ops, saved_ops) = adaptive_norm_forward_ops(&x, &c, &weight, &bias, 1e-5);
-        assert!(matches!(
-            (&saved_rows, &saved_ops),
-            (AdaptiveSaved::Rows { .. }, AdaptiveSaved::Ops { .. })
-        ));
-        assert!(max_difference(&out_rows.tensor, &out_ops.tensor) < 1e-5);
-        let from_rows = adaptive_norm_backward(&saved_rows, &grad, [true; 4]).map(Option::unwrap);
         let from_ops = adaptive_norm_backward(&saved_ops, &grad, [true; 4]);
-        assert_same_gradients(&["x", "c", "weight", "bias"], &from_rows, &from_ops);
+        let (out_rows, saved_rows) = rows::adaptive_norm_forward(&x, &c, &weight, &bias, 1e-5);
+        let host = cuda_kernels::on_the_host();
+        let (out_kernels, saved_kernels) =
+            adaptive_norm_forward_kernels(host, &x, &c, &weight, &bias, 1e-5);
+        assert!(matches!(
+            (&saved_ops, &saved_rows, &saved_kernels),
+            (
+                AdaptiveSaved::Ops { .. },
+                AdaptiveSaved::Rows { .. },
+                AdaptiveSaved::Kernels { .. }
+            )
+        ));
+        for (out, saved) in [(out_rows, saved_rows), (out_kernels, saved_kernels)] {
+            assert!(max_difference(&out.tensor, &out_ops.tensor) < 1e-5);
+            let gradients = adaptive_norm_backward(&saved, &grad, [true; 4]).map(Option::unwrap);
+            assert_same_gradients(&["x", "c", "weight", "bias"], &gradients, &from_ops);
+        }
     }
 
     /// LayerNorm's backward on the CPU's row kernel against libtorch's own backward, which the
